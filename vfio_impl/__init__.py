@@ -1,0 +1,1 @@
+"""A userspace VFIO driver library, testable against real or fake kernels."""

@@ -1,0 +1,56 @@
+"""One Layout per struct of the two headers, in header order.
+
+Named exactly as in C so call sites read like the kernel documentation.
+"""
+
+from .layout import Layout as _Layout
+
+# <linux/vfio.h>
+vfio_info_cap_header = _Layout("vfio_info_cap_header")
+vfio_group_status = _Layout("vfio_group_status")
+vfio_device_info = _Layout("vfio_device_info")
+vfio_region_info = _Layout("vfio_region_info")
+vfio_region_sparse_mmap_area = _Layout("vfio_region_sparse_mmap_area")
+vfio_region_info_cap_sparse_mmap = _Layout("vfio_region_info_cap_sparse_mmap")
+vfio_region_info_cap_type = _Layout("vfio_region_info_cap_type")
+vfio_region_gfx_edid = _Layout("vfio_region_gfx_edid")
+vfio_device_migration_info = _Layout("vfio_device_migration_info")
+vfio_region_info_cap_nvlink2_ssatgt = _Layout("vfio_region_info_cap_nvlink2_ssatgt")
+vfio_region_info_cap_nvlink2_lnkspd = _Layout("vfio_region_info_cap_nvlink2_lnkspd")
+vfio_irq_info = _Layout("vfio_irq_info")
+vfio_irq_set = _Layout("vfio_irq_set")
+vfio_pci_dependent_device = _Layout("vfio_pci_dependent_device")
+vfio_pci_hot_reset_info = _Layout("vfio_pci_hot_reset_info")
+vfio_pci_hot_reset = _Layout("vfio_pci_hot_reset")
+vfio_device_gfx_plane_info = _Layout("vfio_device_gfx_plane_info")
+vfio_device_ioeventfd = _Layout("vfio_device_ioeventfd")
+vfio_device_feature = _Layout("vfio_device_feature")
+vfio_device_feature_migration = _Layout("vfio_device_feature_migration")
+vfio_device_feature_mig_state = _Layout("vfio_device_feature_mig_state")
+vfio_device_low_power_entry_with_wakeup = _Layout("vfio_device_low_power_entry_with_wakeup")
+vfio_device_feature_dma_logging_control = _Layout("vfio_device_feature_dma_logging_control")
+vfio_device_feature_dma_logging_range = _Layout("vfio_device_feature_dma_logging_range")
+vfio_device_feature_dma_logging_report = _Layout("vfio_device_feature_dma_logging_report")
+vfio_iommu_type1_info = _Layout("vfio_iommu_type1_info")
+vfio_iova_range = _Layout("vfio_iova_range")
+vfio_iommu_type1_info_cap_iova_range = _Layout("vfio_iommu_type1_info_cap_iova_range")
+vfio_iommu_type1_info_cap_migration = _Layout("vfio_iommu_type1_info_cap_migration")
+vfio_iommu_type1_info_dma_avail = _Layout("vfio_iommu_type1_info_dma_avail")
+vfio_iommu_type1_dma_map = _Layout("vfio_iommu_type1_dma_map")
+vfio_bitmap = _Layout("vfio_bitmap")
+vfio_iommu_type1_dma_unmap = _Layout("vfio_iommu_type1_dma_unmap")
+vfio_iommu_type1_dirty_bitmap = _Layout("vfio_iommu_type1_dirty_bitmap")
+vfio_iommu_type1_dirty_bitmap_get = _Layout("vfio_iommu_type1_dirty_bitmap_get")
+vfio_iommu_spapr_tce_ddw_info = _Layout("vfio_iommu_spapr_tce_ddw_info")
+vfio_iommu_spapr_tce_info = _Layout("vfio_iommu_spapr_tce_info")
+vfio_eeh_pe_err = _Layout("vfio_eeh_pe_err")
+vfio_eeh_pe_op = _Layout("vfio_eeh_pe_op")
+vfio_iommu_spapr_register_memory = _Layout("vfio_iommu_spapr_register_memory")
+vfio_iommu_spapr_tce_create = _Layout("vfio_iommu_spapr_tce_create")
+vfio_iommu_spapr_tce_remove = _Layout("vfio_iommu_spapr_tce_remove")
+
+# <linux/vfio_ccw.h>
+ccw_io_region = _Layout("ccw_io_region")
+ccw_cmd_region = _Layout("ccw_cmd_region")
+ccw_schib_region = _Layout("ccw_schib_region")
+ccw_crw_region = _Layout("ccw_crw_region")
