@@ -1,4 +1,4 @@
-"""The VFIO userspace ABI: ioctl numbers, constants, struct layouts.
+"""The VFIO userspace ABI: ioctl numbers, constants, struct layouts, capability chains.
 
 The one place <linux/vfio.h> and <linux/vfio_ccw.h> are spelled out, so the
 driver and the fake kernel cannot drift apart on the ABI; the test suite
@@ -10,6 +10,8 @@ from ._cdef import ffi
 from ._constants import *  # noqa: F403
 from ._ioctls import *  # noqa: F403
 from ._structs import *  # noqa: F403
+from .caps import *  # noqa: F403
+from .caps import __all__ as _caps_all
 from .layout import Layout
 
 
@@ -23,4 +25,4 @@ IOCTLS: dict[str, int] = _public(_ioctls, int)
 STRUCTS: dict[str, Layout] = _public(_structs, Layout)
 
 __all__ = ["CONSTANTS", "IOCTLS", "STRUCTS", "Layout", "ffi",
-           *CONSTANTS, *IOCTLS, *STRUCTS]
+           *CONSTANTS, *IOCTLS, *STRUCTS, *_caps_all]
