@@ -133,11 +133,12 @@ class Layout:
         self.struct.pack_into(buf, 0, *self._values(fields))
         return buf
 
-    def pack_into(self, buf, offset: int = 0, **fields) -> None:
-        self.struct.pack_into(buf, offset, *self._values(fields))
+    def pack_into(self, buf, at: int = 0, /, **fields) -> None:
+        """`at` is positional-only: vfio_region_info has a field named offset."""
+        self.struct.pack_into(buf, at, *self._values(fields))
 
-    def unpack(self, buf, offset: int = 0):
-        return self._make(self._unpack_from(buf, offset))
+    def unpack(self, buf, at: int = 0, /):
+        return self._make(self._unpack_from(buf, at))
 
     def __repr__(self) -> str:
         return f"<Layout struct {self.name} size={self.size} fields={self.fields}>"

@@ -1,0 +1,675 @@
+"""FakeKernel: one object owning all fake state, driven through the same Host methods as Linux."""
+
+from __future__ import annotations
+
+import errno
+import mmap as _mmap
+import os
+import re
+import selectors
+import struct
+import threading
+import weakref
+from typing import Callable
+
+from pyfakefs import fake_filesystem, fake_open, fake_os
+
+from vfio_impl import uapi
+from vfio_impl.host import EventfdMixin
+
+from . import devices as _devices
+from .iommu import PAGE_SIZE, Type1IOMMU
+from .profile import Profile
+from .sysfs import Sysfs
+from .topology import PciDeviceSpec, Topology
+from .vfio_pci import VfioPciDevice
+
+_GROUP_RE = re.compile(r"^/dev/vfio/(\d+)$")
+_INT = struct.Struct("=i")
+PAGE_MASK = ~(PAGE_SIZE - 1)
+
+
+def _err(code: int, what: str) -> OSError:
+    return OSError(code, f"{os.strerror(code)} ({what})")
+
+
+class File:
+    """An open fake file; `fd` is a real placeholder fd so numbers stay unique in the process."""
+
+    kind = "file"
+
+    def __init__(self, kernel: "FakeKernel"):
+        self.kernel = kernel
+        self.fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+
+    def ioctl(self, request: int, arg) -> int:
+        raise _err(errno.ENOTTY, f"unknown ioctl {request:#x} on a {self.kind}")
+
+    def release(self) -> None:
+        pass
+
+
+class IommuGroup:
+    """Kernel state of one IOMMU group: its open file, its container, its open devices."""
+
+    def __init__(self, number: int):
+        self.number = number
+        self.opened: GroupFile | None = None
+        self.container: ContainerFile | None = None
+        self.device_fds = 0
+
+
+class ContainerFile(File):
+    kind = "container"
+
+    def __init__(self, kernel: "FakeKernel"):
+        super().__init__(kernel)
+        self.groups: list[IommuGroup] = []
+        self.iommu: Type1IOMMU | None = None
+        self.v2 = False
+        self.closed = False
+
+    def check_extension(self, arg: int) -> int:
+        p = self.kernel.profile
+        if arg in p.type1_extensions:
+            return 1
+        if self.iommu is not None:
+            if arg == uapi.VFIO_UPDATE_VADDR:
+                return 1
+            if arg == uapi.VFIO_DMA_CC_IOMMU:
+                return int(p.dma_cc_iommu)
+        return 0
+
+    def ioctl(self, request: int, arg) -> int:
+        if request == uapi.VFIO_GET_API_VERSION:
+            return uapi.VFIO_API_VERSION
+        if request == uapi.VFIO_CHECK_EXTENSION:
+            return self.check_extension(_int_arg(arg))
+        if request == uapi.VFIO_SET_IOMMU:
+            return self.set_iommu(_int_arg(arg))
+        if self.iommu is None:
+            raise _err(errno.EINVAL, "no IOMMU set on the container")
+        if request == uapi.VFIO_IOMMU_GET_INFO:
+            return self.get_info(_buf_arg(arg))
+        if request == uapi.VFIO_IOMMU_MAP_DMA:
+            return self.map_dma(_buf_arg(arg))
+        if request == uapi.VFIO_IOMMU_UNMAP_DMA:
+            return self.unmap_dma(_buf_arg(arg))
+        raise _err(errno.ENOTTY, f"type1 has no ioctl {request:#x}")
+
+    def set_iommu(self, arg: int) -> int:
+        if not self.groups or self.iommu is not None:
+            raise _err(errno.EINVAL, "SET_IOMMU needs a group and no IOMMU set yet")
+        if not self.check_extension(arg):
+            raise _err(errno.ENODEV, f"no IOMMU driver for type {arg}")
+        if arg not in (uapi.VFIO_TYPE1_IOMMU, uapi.VFIO_TYPE1v2_IOMMU):
+            raise _err(errno.EINVAL, f"type1 cannot open type {arg}")
+        self.iommu = Type1IOMMU(self.kernel.profile.dma_entry_limit)
+        self.v2 = arg == uapi.VFIO_TYPE1v2_IOMMU
+        return 0
+
+    def get_info(self, buf: bytearray) -> int:
+        layout = uapi.vfio_iommu_type1_info
+        minsz = layout.offsetof("iova_pgsizes") + 8
+        info = _unpack_min(layout, buf, minsz)
+        if info.argsz < minsz:
+            raise _err(errno.EINVAL, "argsz below vfio_iommu_type1_info's minimum")
+        p = self.kernel.profile
+        caps = [uapi.MigrationCap(0, p.iova_pgsizes & -p.iova_pgsizes, p.max_dirty_bitmap_size),
+                uapi.DmaAvailCap(self.iommu.dma_avail),
+                uapi.IovaRangeCap(p.iova_ranges)]
+        flags = uapi.VFIO_IOMMU_INFO_PGSIZES | uapi.VFIO_IOMMU_INFO_CAPS
+        argsz, cap_offset = info.argsz, 0
+        chain = uapi.build_chain(caps, layout.size, "iommu")
+        if argsz < layout.size + len(chain):
+            argsz = layout.size + len(chain)
+        else:
+            buf[layout.size:layout.size + len(chain)] = chain
+            cap_offset = layout.size
+        out = layout.pack(argsz=argsz, flags=flags, iova_pgsizes=p.iova_pgsizes, cap_offset=cap_offset)
+        n = min(info.argsz, layout.offsetof("cap_offset") + 4) if info.argsz >= layout.offsetof("cap_offset") + 4 else minsz
+        buf[:n] = out[:n]
+        return 0
+
+    def map_dma(self, buf: bytearray) -> int:
+        layout = uapi.vfio_iommu_type1_dma_map
+        minsz = layout.offsetof("size") + 8
+        m = _unpack_min(layout, buf, minsz)
+        rw = uapi.VFIO_DMA_MAP_FLAG_READ | uapi.VFIO_DMA_MAP_FLAG_WRITE
+        if m.argsz < minsz or m.flags & ~(rw | uapi.VFIO_DMA_MAP_FLAG_VADDR):
+            raise _err(errno.EINVAL, "bad argsz or flags in vfio_iommu_type1_dma_map")
+        vaddr_only = bool(m.flags & uapi.VFIO_DMA_MAP_FLAG_VADDR)
+        if bool(m.flags & rw) == vaddr_only:
+            raise _err(errno.EINVAL, "MAP_DMA needs READ/WRITE or VADDR, not both")
+        pgsize = self.kernel.profile.min_pgsize
+        if not m.size or (m.size | m.iova | m.vaddr) & (pgsize - 1):
+            raise _err(errno.EINVAL, "size 0 or iova/size/vaddr not page aligned")
+        if m.iova + m.size - 1 > uapi_u64_max or m.vaddr + m.size - 1 > uapi_u64_max:
+            raise _err(errno.EINVAL, "iova or vaddr range wraps")
+        if vaddr_only:
+            raise _err(errno.ENOENT if not self.iommu.overlaps(m.iova, m.size) else errno.EINVAL,
+                       "no invalidated mapping to update")
+        if self.iommu.overlaps(m.iova, m.size):
+            raise _err(errno.EEXIST, "DMA mapping overlaps an existing one")
+        if not self.iommu.dma_avail:
+            raise _err(errno.ENOSPC, "dma_entry_limit reached")
+        if not self.kernel.profile.iova_valid(m.iova, m.iova + m.size - 1):
+            raise _err(errno.EINVAL, "iova range outside the valid IOVA ranges")
+        self.iommu.map(m.iova, m.size, m.vaddr, bool(m.flags & uapi.VFIO_DMA_MAP_FLAG_READ),
+                       bool(m.flags & uapi.VFIO_DMA_MAP_FLAG_WRITE))
+        return 0
+
+    def unmap_dma(self, buf: bytearray) -> int:
+        layout = uapi.vfio_iommu_type1_dma_unmap
+        minsz = layout.offsetof("size") + 8
+        u = _unpack_min(layout, buf, minsz)
+        allowed = uapi.VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP | uapi.VFIO_DMA_UNMAP_FLAG_ALL | uapi.VFIO_DMA_UNMAP_FLAG_VADDR
+        if u.argsz < minsz or u.flags & ~allowed:
+            raise _err(errno.EINVAL, "bad argsz or flags in vfio_iommu_type1_dma_unmap")
+        if u.flags & uapi.VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP:
+            if u.flags & (uapi.VFIO_DMA_UNMAP_FLAG_ALL | uapi.VFIO_DMA_UNMAP_FLAG_VADDR):
+                raise _err(errno.EINVAL, "dirty bitmap with ALL or VADDR")
+            raise _err(errno.EINVAL, "dirty page tracking is not enabled")
+        pgsize = self.kernel.profile.min_pgsize
+        if u.iova & (pgsize - 1):
+            raise _err(errno.EINVAL, "iova not page aligned")
+        iommu = self.iommu
+        if u.flags & uapi.VFIO_DMA_UNMAP_FLAG_ALL:
+            if u.iova or u.size:
+                raise _err(errno.EINVAL, "UNMAP_ALL takes iova 0 and size 0")
+            unmapped = 0 if u.flags & uapi.VFIO_DMA_UNMAP_FLAG_VADDR else iommu.unmap_all()
+        else:
+            if not u.size or u.size & (pgsize - 1) or u.iova + u.size - 1 > uapi_u64_max:
+                raise _err(errno.EINVAL, "size 0, unaligned or wrapping")
+            if u.flags & uapi.VFIO_DMA_UNMAP_FLAG_VADDR:
+                raise _err(errno.EINVAL, "vaddr invalidation is not supported by the fake")
+            if self.v2:
+                if iommu.first_partial(u.iova, u.size):
+                    raise _err(errno.EINVAL, "unmap would split a mapping")
+                unmapped = iommu.unmap(u.iova, u.size)
+            elif _starts_inside(iommu, u.iova):
+                unmapped = 0
+            else:
+                unmapped = iommu.unmap(u.iova, u.size)
+        layout.pack_into(buf, 0, argsz=u.argsz, flags=u.flags, iova=u.iova, size=unmapped)
+        return 0
+
+    def detach(self, group: IommuGroup) -> None:
+        self.groups.remove(group)
+        group.container = None
+        if not self.groups and self.iommu is not None:
+            self.iommu.unmap_all()
+            self.iommu = None
+            self.v2 = False
+
+
+uapi_u64_max = (1 << 64) - 1
+
+
+def _starts_inside(iommu: Type1IOMMU, iova: int) -> bool:
+    """v1 unmaps nothing when the range starts inside a mapping; a range covering a
+    mapping's first byte removes it whole."""
+    i = iommu._find(iova)
+    return i >= 0 and iommu._maps[i].iova != iova
+
+
+class GroupFile(File):
+    kind = "group"
+
+    def __init__(self, kernel: "FakeKernel", group: IommuGroup):
+        super().__init__(kernel)
+        self.group = group
+        self.released = False
+
+    def ioctl(self, request: int, arg) -> int:
+        g = self.group
+        if request == uapi.VFIO_GROUP_GET_STATUS:
+            buf = _buf_arg(arg)
+            status = _unpack_min(uapi.vfio_group_status, buf, 8)
+            if status.argsz < 8:
+                raise _err(errno.EINVAL, "argsz below vfio_group_status")
+            if g.container:
+                flags = uapi.VFIO_GROUP_FLAGS_VIABLE | uapi.VFIO_GROUP_FLAGS_CONTAINER_SET
+            else:
+                flags = uapi.VFIO_GROUP_FLAGS_VIABLE if self.kernel.sysfs.viable(g.number) else 0
+            uapi.vfio_group_status.pack_into(buf, 0, argsz=status.argsz, flags=flags)
+            return 0
+        if request == uapi.VFIO_GROUP_SET_CONTAINER:
+            buf = _buf_arg(arg)
+            if len(buf) < 4:
+                raise _err(errno.EFAULT, "SET_CONTAINER takes a pointer to an int")
+            fd = _INT.unpack_from(buf)[0]
+            target = self.kernel.files.get(fd)
+            if target is None and not _is_open(fd):
+                raise _err(errno.EBADF, f"fd {fd} is not open")
+            if g.container:
+                raise _err(errno.EINVAL, "group already has a container")
+            if not isinstance(target, ContainerFile):
+                raise _err(errno.EINVAL, f"fd {fd} is not a VFIO container")
+            if not self.kernel.sysfs.viable(g.number):
+                raise _err(errno.EPERM, "a device in the group is bound to a non-vfio driver")
+            target.groups.append(g)
+            g.container = target
+            return 0
+        if request == uapi.VFIO_GROUP_UNSET_CONTAINER:
+            if not g.container:
+                raise _err(errno.EINVAL, "group has no container")
+            if g.device_fds:
+                raise _err(errno.EBUSY, "device fds are still open")
+            g.container.detach(g)
+            return 0
+        if request == uapi.VFIO_GROUP_GET_DEVICE_FD:
+            return self.get_device_fd(arg)
+        return super().ioctl(request, arg)
+
+    def get_device_fd(self, arg) -> int:
+        if isinstance(arg, int):
+            raise _err(errno.EFAULT, "GET_DEVICE_FD takes a pointer to a name")
+        raw = bytes(arg)
+        nul = raw.find(b"\0")
+        if nul < 0 or nul >= PAGE_SIZE:
+            raise _err(errno.EINVAL, "device name is not NUL-terminated within a page")
+        name = raw[:nul].decode("ascii", "replace")
+        bdf, _, options = name.partition(" ")
+        spec = next((d for d in self.kernel.topology.group_members(self.group.number)
+                     if d.bdf == bdf and d.driver == "vfio-pci"), None)
+        if spec is None:
+            raise _err(errno.ENODEV, f"no device {name!r} in group {self.group.number}")
+        if options.strip():
+            raise _err(errno.EINVAL, f"unknown device options {options.strip()!r}")
+        container = self.group.container
+        if container is None or container.iommu is None:
+            raise _err(errno.EINVAL, "the group's container has no IOMMU set")
+        device = self.kernel.vfio_devices[bdf]
+        device.open_device()
+        self.group.device_fds += 1
+        return self.kernel._install(DeviceFile(self.kernel, device, self.group))
+
+    def release(self) -> None:
+        """Device fds hold the group file, so detaching waits for the last of them."""
+        self.released = True
+        if not self.group.device_fds:
+            self.finish_release()
+
+    def finish_release(self) -> None:
+        g = self.group
+        if g.container:
+            container = g.container
+            container.detach(g)
+            self.kernel._maybe_free_container(container)
+        g.opened = None
+
+
+class DeviceFile(File):
+    kind = "device"
+
+    def __init__(self, kernel: "FakeKernel", device: VfioPciDevice, group: IommuGroup):
+        super().__init__(kernel)
+        self.device = device
+        self.group = group
+
+    def ioctl(self, request: int, arg) -> int:
+        dev = self.device
+        if request == uapi.VFIO_DEVICE_GET_INFO:
+            buf = _buf_arg(arg)
+            layout = uapi.vfio_device_info
+            minsz = layout.offsetof("num_irqs") + 4
+            info = _unpack_min(layout, buf, minsz)
+            if info.argsz < minsz:
+                raise _err(errno.EINVAL, "argsz below vfio_device_info's minimum")
+            flags = uapi.VFIO_DEVICE_FLAGS_PCI | (uapi.VFIO_DEVICE_FLAGS_RESET if dev.reset_works else 0)
+            out = layout.pack(argsz=info.argsz, flags=flags, num_regions=dev.num_regions,
+                              num_irqs=uapi.VFIO_PCI_NUM_IRQS, cap_offset=0)
+            n = layout.offsetof("cap_offset") + 4 if info.argsz >= layout.offsetof("cap_offset") + 4 else minsz
+            buf[:n] = out[:n]
+            return 0
+        if request == uapi.VFIO_DEVICE_GET_REGION_INFO:
+            return self.get_region_info(_buf_arg(arg))
+        if request == uapi.VFIO_DEVICE_GET_IRQ_INFO:
+            buf = _buf_arg(arg)
+            layout = uapi.vfio_irq_info
+            info = _unpack_min(layout, buf, layout.size)
+            if info.argsz < layout.size or info.index >= uapi.VFIO_PCI_NUM_IRQS:
+                raise _err(errno.EINVAL, "bad argsz or irq index")
+            flags, count = dev.irq_info(info.index)
+            layout.pack_into(buf, 0, argsz=info.argsz, flags=flags, index=info.index, count=count)
+            return 0
+        if request == uapi.VFIO_DEVICE_SET_IRQS:
+            return dev.set_irqs(_buf_arg(arg))
+        if request == uapi.VFIO_DEVICE_RESET:
+            dev.reset()
+            return 0
+        if request == uapi.VFIO_DEVICE_GET_PCI_HOT_RESET_INFO:
+            return self.hot_reset_info(_buf_arg(arg))
+        return super().ioctl(request, arg)
+
+    def get_region_info(self, buf: bytearray) -> int:
+        layout = uapi.vfio_region_info
+        info = _unpack_min(layout, buf, layout.size)
+        if info.argsz < layout.size:
+            raise _err(errno.EINVAL, "argsz below vfio_region_info")
+        flags, size, caps = self.device.region_info(info.index)
+        argsz, cap_offset = info.argsz, 0
+        if caps:
+            flags |= uapi.VFIO_REGION_INFO_FLAG_CAPS
+            chain = uapi.build_chain(caps, layout.size, "region")
+            if argsz < layout.size + len(chain):
+                argsz = layout.size + len(chain)
+            else:
+                buf[layout.size:layout.size + len(chain)] = chain
+                cap_offset = layout.size
+        layout.pack_into(buf, 0, argsz=argsz, flags=flags, index=info.index, cap_offset=cap_offset,
+                         size=size, offset=info.index << 40)
+        return 0
+
+    def hot_reset_info(self, buf: bytearray) -> int:
+        layout = uapi.vfio_pci_hot_reset_info
+        info = _unpack_min(layout, buf, layout.size)
+        if info.argsz < layout.size:
+            raise _err(errno.EINVAL, "argsz below vfio_pci_hot_reset_info")
+        affected = self.kernel.hot_reset_set(self.device.bdf)
+        if affected is None:
+            raise _err(errno.ENODEV, "no slot or bus reset for this device")
+        entry = uapi.vfio_pci_dependent_device
+        if info.argsz < layout.size + entry.size * len(affected):
+            layout.pack_into(buf, 0, argsz=info.argsz, flags=0, count=len(affected))
+            raise _err(errno.ENOSPC, f"{len(affected)} devices need more argsz")
+        for i, spec in enumerate(affected):
+            dom, bus, devfn = _split_bdf(spec.bdf)
+            entry.pack_into(buf, layout.size + i * entry.size, group_id=spec.group, segment=dom, bus=bus, devfn=devfn)
+        layout.pack_into(buf, 0, argsz=info.argsz, flags=0, count=len(affected))
+        return 0
+
+    def release(self) -> None:
+        self.device.close_device()
+        self.group.device_fds -= 1
+        opened = self.group.opened
+        if opened is not None and opened.released and not self.group.device_fds:
+            opened.finish_release()
+
+
+def _split_bdf(bdf: str) -> tuple[int, int, int]:
+    dom, bus, rest = bdf.split(":")
+    slot, fn = rest.split(".")
+    return int(dom, 16), int(bus, 16), (int(slot, 16) << 3) | int(fn, 16)
+
+
+def _int_arg(arg) -> int:
+    return arg if isinstance(arg, int) else 0
+
+
+def _buf_arg(arg) -> bytearray:
+    if isinstance(arg, int):
+        raise _err(errno.EFAULT, "the ioctl takes a pointer to a struct")
+    return arg
+
+
+def _unpack_min(layout, buf: bytearray, minsz: int):
+    """Read what copy_from_user would: EFAULT when the buffer is shorter than the kernel's minsz."""
+    if len(buf) < minsz:
+        raise _err(errno.EFAULT, f"{layout.name} buffer shorter than {minsz} bytes")
+    if len(buf) < layout.size:
+        return layout.unpack(bytes(buf) + bytes(layout.size - len(buf)))
+    return layout.unpack(buf)
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+class FakeKernel(EventfdMixin):
+    """A Linux VFIO kernel in one process: /dev/vfio, sysfs, vfio-pci, type1, emulated devices."""
+
+    kind = "fake"
+
+    def __init__(self, topology: Topology | str | None = None, profile: Profile | str | None = None):
+        if isinstance(topology, str):
+            topology = Topology.named(topology)
+        self.topology = topology or Topology.default()
+        self.profile = profile if isinstance(profile, Profile) else Profile.named(profile or "6.1")
+        self.functions = {d.bdf: _devices.CATALOG[d.model]() for d in self.topology.devices}
+        self.sysfs = Sysfs(self.topology, self.functions)
+        self.fs = self.sysfs.fs
+        self._os = fake_os.FakeOsModule(self.fs)
+        self._open = fake_open.FakeFileOpen(self.fs)
+        self.files: dict[int, File] = {}
+        self.groups = {n: IommuGroup(n) for n in self.topology.groups()}
+        self.vfio_devices = {bdf: VfioPciDevice(self, fn, bdf) for bdf, fn in self.functions.items()}
+        self._mappings: list[weakref.ref] = []
+        self._lock = threading.RLock()
+        self._virqfd: _Virqfd | None = None
+
+    # -- Host: files --------------------------------------------------------------------------
+    def _install(self, f: File) -> int:
+        self.files[f.fd] = f
+        return f.fd
+
+    def locked(self, fn: Callable, *args):
+        with self._lock:
+            return fn(*args)
+
+    def open(self, path: str, flags: int = os.O_RDWR) -> int:
+        with self._lock:
+            if not self._os.path.exists(path):
+                raise _err(errno.ENOENT, path)
+            if path == "/dev/vfio/vfio":
+                return self._install(ContainerFile(self))
+            m = _GROUP_RE.match(path)
+            if not m:
+                raise _err(errno.ENXIO, f"{path} is not a device the fake kernel drives")
+            group = self.groups[int(m.group(1))]
+            if group.opened is not None:
+                raise _err(errno.EBUSY, f"group {group.number} is already open")
+            f = GroupFile(self, group)
+            group.opened = f
+            return self._install(f)
+
+    def close(self, fd: int) -> None:
+        with self._lock:
+            f = self.files.pop(fd, None)
+            if f is None:
+                os.close(fd)
+                return
+            os.close(f.fd)
+            f.release()
+            if isinstance(f, ContainerFile):
+                f.closed = True
+                self._maybe_free_container(f)
+
+    def _maybe_free_container(self, container: ContainerFile) -> None:
+        """Groups keep a container alive after its fd is closed; the last one frees it."""
+        if container.closed and not container.groups and container.iommu is not None:
+            container.iommu.unmap_all()
+            container.iommu = None
+
+    def _file(self, fd: int) -> File:
+        f = self.files.get(fd)
+        if f is None:
+            raise _err(errno.EBADF if not _is_open(fd) else errno.ENOTTY, f"fd {fd} is not a VFIO file")
+        return f
+
+    def ioctl(self, fd: int, request: int, arg: int | bytearray | bytes = 0) -> int:
+        with self._lock:
+            f = self.files.get(fd)
+            if f is None:
+                raise _err(errno.EBADF if not _is_open(fd) else errno.ENOTTY, f"ioctl on fd {fd}")
+            return f.ioctl(request, arg)
+
+    def pread(self, fd: int, n: int, offset: int) -> bytes:
+        with self._lock:
+            f = self.files.get(fd)
+            if f is None:
+                return os.pread(fd, n, offset)
+            if not isinstance(f, DeviceFile):
+                raise _err(errno.EINVAL, f"read on a {f.kind}")
+            if n == 0:
+                return b""
+            return f.device.rw(offset, None, n)
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        with self._lock:
+            f = self.files.get(fd)
+            if f is None:
+                return os.pwrite(fd, data, offset)
+            if not isinstance(f, DeviceFile):
+                raise _err(errno.EINVAL, f"write on a {f.kind}")
+            if not data:
+                return 0
+            return f.device.rw(offset, bytes(data), len(data))
+
+    def mmap(self, fd: int, length: int, offset: int, prot: int = _mmap.PROT_READ | _mmap.PROT_WRITE):
+        with self._lock:
+            f = self._file(fd)
+            if not isinstance(f, DeviceFile):
+                raise _err(errno.ENODEV if isinstance(f, GroupFile) else errno.EINVAL, f"mmap of a {f.kind}")
+            if offset % PAGE_SIZE:
+                raise _err(errno.EINVAL, "mmap offset not page aligned")
+            m = f.device.mmap(offset, length, prot)
+            self._mappings.append(weakref.ref(m))
+            return m
+
+    def live_mappings(self) -> int:
+        """mmaps handed out and not yet closed: leaks show up here."""
+        self._mappings = [r for r in self._mappings if r() is not None and not r().closed]
+        return len(self._mappings)
+
+    # -- Host: sysfs --------------------------------------------------------------------------
+    def readlink(self, path: str) -> str:
+        return self._os.readlink(path)
+
+    def exists(self, path: str) -> bool:
+        return self._os.path.exists(path)
+
+    def listdir(self, path: str) -> list[str]:
+        return sorted(self._os.listdir(path))
+
+    def read_text(self, path: str) -> str:
+        with self._open(path) as f:
+            return f.read()
+
+    def write_text(self, path: str, text: str) -> None:
+        with self._lock:
+            if not self._os.path.exists(path):
+                raise _err(errno.ENOENT, path)
+            if path.endswith("/driver_override"):
+                with self._open(path, "w") as f:
+                    f.write(text.strip() + "\n" if text.strip() else "(null)\n")
+                return
+            m = re.match(r"^/sys/bus/pci/drivers/([^/]+)/(bind|unbind)$", path)
+            if not m:
+                raise _err(errno.EACCES, f"{path} is read-only in the fake sysfs")
+            spec = self._spec(text.strip())
+            if m.group(2) == "unbind":
+                if spec.driver != m.group(1):
+                    raise _err(errno.ENODEV, f"{spec.bdf} is not bound to {m.group(1)}")
+                self._unbind(spec)
+            else:
+                if spec.driver:
+                    raise _err(errno.EBUSY, f"{spec.bdf} is bound to {spec.driver}")
+                self.sysfs.set_driver(spec, m.group(1))
+
+    def _spec(self, bdf: str) -> PciDeviceSpec:
+        spec = next((d for d in self.topology.devices if d.bdf == bdf), None)
+        if spec is None:
+            raise _err(errno.ENODEV, f"no PCI device {bdf}")
+        return spec
+
+    def _unbind(self, spec: PciDeviceSpec) -> None:
+        group = self.groups.get(spec.group)
+        if spec.driver == "vfio-pci" and group and group.device_fds and self.vfio_devices[spec.bdf].open_count:
+            raise _err(errno.EBUSY, f"{spec.bdf} is in use through VFIO")
+        self.sysfs.set_driver(spec, None)
+
+    # -- kernel internals used by the drivers -------------------------------------------------
+    def group_of(self, bdf: str) -> IommuGroup | None:
+        spec = self._spec(bdf)
+        return self.groups.get(spec.group) if spec.group is not None else None
+
+    def hot_reset_set(self, bdf: str) -> list[PciDeviceSpec] | None:
+        """Functions a bus reset would hit; none on the root bus, as on q35's bus 0."""
+        bus = bdf[:7]
+        if bus.endswith(":00"):
+            return None
+        return [d for d in self.topology.devices if d.bdf[:7] == bus and d.group is not None]
+
+    def virqfd_add(self, ctx, handler: Callable[[], None]) -> None:
+        if self._virqfd is None:
+            self._virqfd = _Virqfd(self._lock)
+        self._virqfd.add(ctx, handler)
+
+    def virqfd_remove(self, ctx) -> None:
+        if self._virqfd:
+            self._virqfd.remove(ctx)
+
+    def open_files(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for f in self.files.values():
+            counts[f.kind] = counts.get(f.kind, 0) + 1
+        return counts
+
+    def close_all(self) -> None:
+        """Close every fake fd (devices first), stop the virqfd thread and free BAR memory."""
+        with self._lock:
+            for kind in (DeviceFile, GroupFile, ContainerFile):
+                for fd in [fd for fd, f in self.files.items() if isinstance(f, kind)]:
+                    self.close(fd)
+            for dev in self.vfio_devices.values():
+                dev.release()
+        if self._virqfd:
+            self._virqfd.stop()
+            self._virqfd = None
+
+    def __enter__(self) -> "FakeKernel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close_all()
+
+
+class _Virqfd:
+    """The kernel's virqfd worker: runs a handler when a user writes an unmask eventfd."""
+
+    def __init__(self, lock: threading.RLock):
+        self._lock = lock
+        self._sel = selectors.DefaultSelector()
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._sel.register(self._wake, selectors.EVENT_READ, None)
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="fake-virqfd", daemon=True)
+        self._thread.start()
+
+    def add(self, ctx, handler) -> None:
+        self._sel.register(ctx.fd, selectors.EVENT_READ, (ctx, handler))
+        os.eventfd_write(self._wake, 1)
+
+    def remove(self, ctx) -> None:
+        try:
+            self._sel.unregister(ctx.fd)
+        except (KeyError, ValueError):
+            pass
+        os.eventfd_write(self._wake, 1)
+
+    def _run(self) -> None:
+        while self._running:
+            for key, _ in self._sel.select():
+                if key.data is None:
+                    try:
+                        os.eventfd_read(self._wake)
+                    except BlockingIOError:
+                        pass
+                    continue
+                ctx, handler = key.data
+                with self._lock:
+                    if ctx.fd >= 0 and ctx.clear():
+                        handler()
+
+    def stop(self) -> None:
+        self._running = False
+        os.eventfd_write(self._wake, 1)
+        self._thread.join()
+        self._sel.close()
+        os.close(self._wake)
