@@ -1,0 +1,305 @@
+#!/bin/bash
+# Run a command against real vfio-pci devices: boot Debian's Linux 6.1 in a
+# QEMU q35 VM with a virtual Intel IOMMU, bind three emulated PCI devices to
+# vfio-pci, and run COMMAND inside a chroot of this machine's root (shared
+# read-only over 9p), so the host's Python and this clone run unchanged.
+#
+#   ci/real-vm.sh [--timeout SECONDS] [--results DIR] [--env NAME=VALUE]... [--] [COMMAND ...]
+#
+# Exit status: the guest command's. 124 on timeout; 125 when the VM ended
+# without reporting a status (see RESULTS/console.log). See ci/README.md.
+#
+# Environment: VFIO_CI_WORK (cache dir, default ci/.work), VFIO_CI_ACCEL
+# (auto|kvm|tcg, default auto), VFIO_CI_MEM (default 1G), VFIO_CI_APPEND
+# (extra guest kernel arguments).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
+root=$(cd "$here/.." && pwd -P)
+work=${VFIO_CI_WORK:-$here/.work}
+accel_mode=${VFIO_CI_ACCEL:-auto}
+mem=${VFIO_CI_MEM:-1G}
+
+timeout_s=300
+results=$root/results
+extra_env=()
+
+say() { echo "real-vm: $*" >&2; }
+fail() { say "$*"; exit 1; }
+usage() { sed -n '7p' "${BASH_SOURCE[0]}" | sed 's/^# *//' >&2; exit 2; }
+
+while [ $# -gt 0 ]; do
+    case $1 in
+        --timeout) [ $# -ge 2 ] || usage; timeout_s=$2; shift 2 ;;
+        --timeout=*) timeout_s=${1#*=}; shift ;;
+        --results) [ $# -ge 2 ] || usage; results=$2; shift 2 ;;
+        --results=*) results=${1#*=}; shift ;;
+        --env) [ $# -ge 2 ] || usage; extra_env+=("$2"); shift 2 ;;
+        --env=*) extra_env+=("${1#*=}"); shift ;;
+        -h|--help) usage ;;
+        --) shift; break ;;
+        -*) say "unknown option $1"; usage ;;
+        *) break ;;
+    esac
+done
+[[ $timeout_s =~ ^[0-9]+$ ]] && [ "$timeout_s" -gt 0 ] || fail "--timeout wants a positive number of seconds"
+for kv in "${extra_env[@]}"; do
+    [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || fail "--env wants NAME=VALUE, got '$kv'"
+done
+
+# Devices given to the guest, at fixed addresses (see ci/README.md).
+#   00:03.0 edu (1234:11e8), 00:04.0 ivshmem-plain (1af4:1110) on the q35
+#   root bus; 01:00.0 e1000e (8086:10d3) behind a pcie-root-port at 00:05.0.
+devices=(0000:00:03.0 0000:00:04.0 0000:01:00.0)
+
+# --- 1. host packages -------------------------------------------------------
+need_pkgs=(qemu-system-x86 busybox-static kmod cpio xz-utils)
+missing=()
+for p in "${need_pkgs[@]}"; do
+    st=$(dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null || true)
+    [[ $st == ii* ]] || missing+=("$p")
+done
+apt_updated=
+apt_update() {
+    [ -n "$apt_updated" ] && return 0
+    say "apt-get update"
+    apt-get update -q >&2 || fail "apt-get update failed"
+    apt_updated=1
+}
+if [ ${#missing[@]} -gt 0 ]; then
+    [ "$(id -u)" = 0 ] || fail "need root to install: ${missing[*]}"
+    say "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! apt-get install -y -q --no-install-recommends "${missing[@]}" >&2; then
+        apt_update
+        apt-get install -y -q --no-install-recommends "${missing[@]}" >&2 \
+            || fail "apt-get install ${missing[*]} failed"
+    fi
+fi
+
+# --- 2. guest kernel (never installed on the host) --------------------------
+mkdir -p "$work/kernel"
+# apt-cache is slow here (no binary cache), so the answer is remembered
+# until the package lists change.
+lists_stamp() { stat -c '%n %Y %s' /var/lib/apt/lists/*Packages* 2>/dev/null | md5sum | cut -c1-32; }
+kpkg_lookup() {
+    local memo=$work/kernel/lookup stamp
+    stamp=$(lists_stamp)
+    if [ -f "$memo" ] && read -r s kpkg kver < "$memo" && [ "$s" = "$stamp" ]; then
+        return 0
+    fi
+    kpkg_query || return 1
+    echo "$stamp $kpkg $kver" > "$memo"
+}
+kpkg_query() {
+    kpkg=$(apt-cache depends linux-image-amd64 2>/dev/null \
+        | awk '$1 == "Depends:" && $2 ~ /^linux-image-/ && !found {print $2; found = 1}')
+    kver=
+    [ -n "$kpkg" ] && kver=$(apt-cache policy "$kpkg" 2>/dev/null | awk '$1 == "Candidate:" && !found {print $2; found = 1}')
+    [ -n "$kver" ] && [ "$kver" != "(none)" ]
+}
+if ! kpkg_lookup; then
+    apt_update
+    kpkg_lookup || true
+fi
+if [ -n "${kver:-}" ] && [ "$kver" != "(none)" ]; then
+    kdir=$work/kernel/${kpkg}_$kver
+else
+    # No package index: fall back to whatever kernel is already cached.
+    kdir=$(ls -d "$work"/kernel/*/ 2>/dev/null | sort -V | tail -n1)
+    kdir=${kdir%/}
+    [ -n "$kdir" ] && [ -f "$kdir/.done" ] || fail "cannot find the linux-image-amd64 dependency with apt-cache"
+    say "apt-cache lookup failed; using cached kernel $(basename "$kdir")"
+fi
+if [ ! -f "$kdir/.done" ]; then
+    say "fetching guest kernel $kpkg $kver"
+    tmp=$(mktemp -d "$work/kernel/.fetch.XXXXXX")
+    (cd "$tmp" && apt-get download -q -o APT::Sandbox::User=root "$kpkg=$kver" >&2) || { rm -rf "$tmp"; fail "apt-get download $kpkg failed"; }
+    dpkg -x "$tmp"/*.deb "$tmp/tree"
+    vmlinuz=$(ls "$tmp"/tree/boot/vmlinuz-* | head -n1)
+    # The bzImage payload (xz here) is the ELF vmlinux; it has a PVH entry
+    # note, so QEMU boots it directly and skips the in-guest decompression.
+    setup_sects=$(od -An -tu1 -j $((0x1f1)) -N1 "$vmlinuz")
+    pl_off=$(od -An -tu4 -j $((0x248)) -N4 "$vmlinuz")
+    pl_len=$(od -An -tu4 -j $((0x24c)) -N4 "$vmlinuz")
+    start=$(( (setup_sects + 1) * 512 + pl_off ))
+    # The payload ends with a 4-byte uncompressed size; decompressors stop
+    # at the end of the first stream.
+    magic=$(od -An -tx1 -j "$start" -N6 "$vmlinuz" | tr -d ' \n')
+    case $magic in
+        fd377a585a00*) dec=(xz -dc --single-stream) ;;
+        28b52ffd*)     dec=(zstd -dcq) ;;
+        1f8b*)         dec=(gzip -dc) ;;
+        *) rm -rf "$tmp"; fail "unknown bzImage payload format (magic $magic)" ;;
+    esac
+    dd if="$vmlinuz" bs=1M iflag=skip_bytes,count_bytes skip="$start" count="$pl_len" status=none \
+        | "${dec[@]}" > "$tmp/tree/vmlinux" || true
+    [ "$(head -c 4 "$tmp/tree/vmlinux" | od -An -tx1 | tr -d ' \n')" = 7f454c46 ] \
+        || { rm -rf "$tmp"; fail "could not extract vmlinux from $vmlinuz"; }
+    rm -f "$tmp"/*.deb
+    rm -rf "$kdir"
+    mv "$tmp/tree" "$kdir"
+    rmdir "$tmp"
+    touch "$kdir/.done"
+fi
+kernel=$kdir/vmlinux
+moddir=$(ls -d "$kdir"/lib/modules/*/ | head -n1)
+moddir=${moddir%/}
+kernel_release=${moddir##*/}
+
+# --- 3. initramfs, cached by the hash of its inputs -------------------------
+key=$( { sha256sum "$here/vm/init" "$here/vm/build-initramfs.sh" /bin/busybox "$moddir/modules.order" \
+         | cut -d' ' -f1; echo "$kdir"; } | sha256sum | cut -c1-16)
+initrd=$work/initramfs-$key.cpio
+if [ ! -f "$initrd" ]; then
+    say "building initramfs"
+    "$here/vm/build-initramfs.sh" "$moddir" "$initrd"
+fi
+
+# --- 4. the run: results dir, guest command ---------------------------------
+mkdir -p "$results"
+results=$(cd "$results" && pwd -P)
+rm -f "$results/exit-status" "$results/exit-reason" "$results/console.log"
+[ $# -gt 0 ] || {
+    set -- python3 -m conformance.cli run --backend real \
+        --json "$results/real.json" --junit "$results/real.xml"
+    for d in "${devices[@]}"; do set -- "$@" --device "$d"; done
+}
+
+# The host's real interpreter (not a pyenv shim) goes first on the guest PATH;
+# byte-compile the project now, since imports under TCG are slow and the
+# guest sees the tree read-only.
+pybin=
+if py=$(command -v python3 2>/dev/null); then
+    real_py=$(python3 -c 'import sys; print(sys.executable)' 2>/dev/null || readlink -f "$py")
+    pybin=$(dirname "$real_py")
+    "$real_py" -m compileall -q -x '/(\.git|\.work|results|node_modules)/' "$root" >/dev/null 2>&1 || true
+fi
+
+q() { local s=$1; printf "'%s'" "${s//\'/\'\\\'\'}"; }   # POSIX sh quoting
+run=$(mktemp -d "$work/run.XXXXXX")
+qpid=
+cleanup() {
+    [ -n "$qpid" ] && kill "$qpid" 2>/dev/null || true
+    rm -rf "$run"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+{
+    echo "RESULTS_PATH=$(q "$results")"
+    echo "DEVICES=$(q "${devices[*]}")"
+} > "$run/config"
+{
+    echo "cd $(q "$root") || exit 126"
+    echo "export PATH=$(q "${pybin:+$pybin:}$PATH")"
+    echo "export HOME=/root LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1 PYTEST_DISABLE_PLUGIN_AUTOLOAD=1"
+    echo "export VFIO_REAL_RESULTS=$(q "$results")"
+    for kv in "${extra_env[@]}"; do echo "export ${kv%%=*}=$(q "${kv#*=}")"; done
+    printf 'exec'
+    for a in "$@"; do printf ' %s' "$(q "$a")"; done
+    echo
+} > "$run/cmd.sh"
+
+# --- 5. accelerator ---------------------------------------------------------
+kvm_works() {
+    [ -r /dev/kvm ] && [ -w /dev/kvm ] || return 1
+    # QEMU fails fast (before the guest runs) on hosts whose KVM cannot
+    # take the host CPU model; -S stops before the first instruction.
+    (echo quit | timeout 10 qemu-system-x86_64 -nodefaults -no-user-config -display none \
+        -machine q35,accel=kvm -cpu host -m 64 -S -monitor stdio -serial none) >/dev/null 2>&1
+}
+case $accel_mode in
+    tcg) accel=tcg ;;
+    kvm) accel=kvm ;;
+    auto) if kvm_works; then accel=kvm; else accel=tcg; fi ;;
+    *) fail "VFIO_CI_ACCEL must be auto, kvm or tcg" ;;
+esac
+
+# --- 6. boot ----------------------------------------------------------------
+log=$results/console.log
+run_vm() { # run_vm ACCEL -> sets vm_rc, vm_why
+    local acc=$1 machine cpu
+    if [ "$acc" = kvm ]; then
+        machine=q35,accel=kvm,kernel-irqchip=split; cpu=host
+    else
+        machine=q35,accel=tcg; cpu=max
+    fi
+    local cmd=(qemu-system-x86_64 -nodefaults -no-user-config -display none -no-reboot
+        -machine "$machine" -cpu "$cpu" -smp 1 -m "$mem"
+        -device intel-iommu,intremap=on
+        -kernel "$kernel" -initrd "$initrd"
+        -append "console=ttyS0 intel_iommu=on iommu=pt panic=-1 quiet ${VFIO_CI_APPEND:-}"
+        -chardev stdio,id=con,signal=off -serial chardev:con
+        -device edu,addr=0x3
+        -object memory-backend-memfd,id=shm0,size=1M,share=on
+        -device ivshmem-plain,memdev=shm0,addr=0x4
+        -device pcie-root-port,id=rp1,chassis=1,slot=1,addr=0x5
+        -device e1000e,romfile=,bus=rp1,addr=0x0
+        -fsdev local,id=fsroot,path=/,security_model=none,readonly=on,multidevs=remap
+        -device virtio-9p-pci,fsdev=fsroot,mount_tag=hostroot,addr=0x10
+        -fsdev local,id=fsres,path="$results",security_model=none
+        -device virtio-9p-pci,fsdev=fsres,mount_tag=results,addr=0x11
+        -fsdev local,id=fsctl,path="$run",security_model=none,readonly=on
+        -device virtio-9p-pci,fsdev=fsctl,mount_tag=ctl,addr=0x12)
+    say "booting $kernel_release ($acc, timeout ${timeout_s}s)"
+    local fifo=$run/console.fifo
+    rm -f "$fifo"; mkfifo "$fifo"
+    # Console: strip the serial line's CRs, stream to stdout, keep a copy.
+    sed -u 's/\r$//' < "$fifo" | tee -a "$log" &
+    local teepid=$!
+    "${cmd[@]}" < /dev/null > "$fifo" 2>&1 &
+    qpid=$!
+    local t0 now
+    t0=$(date +%s)
+    vm_why=
+    while kill -0 "$qpid" 2>/dev/null; do
+        now=$(date +%s)
+        if [ $((now - t0)) -ge "$timeout_s" ]; then
+            vm_why=timeout; break
+        fi
+        # A KVM emulation failure pauses the VM instead of ending QEMU.
+        if [ "$acc" = kvm ] && grep -q 'KVM internal error' "$log" 2>/dev/null; then
+            vm_why=kvm-error; break
+        fi
+        sleep 0.1
+    done
+    if [ -n "$vm_why" ]; then
+        kill "$qpid" 2>/dev/null || true
+        for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$qpid" 2>/dev/null || break; sleep 0.3; done
+        kill -9 "$qpid" 2>/dev/null || true
+    fi
+    vm_rc=0
+    wait "$qpid" || vm_rc=$?
+    qpid=
+    wait "$teepid" || true
+}
+
+t_start=$(date +%s%N)
+: > "$log"
+run_vm "$accel"
+if [ "$vm_why" = kvm-error ] && [ "$accel_mode" = auto ]; then
+    say "KVM failed inside the guest; retrying with TCG (set VFIO_CI_ACCEL=tcg to skip KVM)"
+    rm -f "$results/exit-status" "$results/exit-reason"
+    run_vm tcg
+fi
+ms=$(( ($(date +%s%N) - t_start) / 1000000 ))
+elapsed=$((ms / 1000)).$(printf %03d $((ms % 1000)))
+
+if [ "$vm_why" = timeout ]; then
+    say "real VM timed out after $timeout_s s (console: $log)"
+    exit 124
+fi
+[ "$vm_why" = kvm-error ] && { say "KVM internal error in the guest (try VFIO_CI_ACCEL=tcg)"; exit 125; }
+if [ ! -s "$results/exit-status" ]; then
+    grep -q 'Kernel panic' "$log" && say "the guest kernel panicked"
+    say "the VM ended without reporting the command's exit status (qemu exit $vm_rc; console: $log)"
+    exit 125
+fi
+status=$(tr -dc '0-9' < "$results/exit-status")
+[ -n "$status" ] || { say "unreadable exit-status file"; exit 125; }
+if [ -s "$results/exit-reason" ]; then
+    say "guest setup failed: $(cat "$results/exit-reason")"
+fi
+say "guest command exited with status $status (${elapsed}s in the VM)"
+exit "$status"
