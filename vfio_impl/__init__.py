@@ -1,1 +1,11 @@
-"""A userspace VFIO driver library, testable against real or fake kernels."""
+"""A userspace VFIO driver library: what QEMU's hw/vfio does, in Python, over a Host."""
+
+from .container import AddressSpace, Container, Group
+from .device import Device, IRQInfo
+from .errors import VFIOError
+from .host import Host, RealHost
+from .machine import Machine, RealClock, VirtualClock
+from .region import Region, RegionInfo
+
+__all__ = ["AddressSpace", "Container", "Device", "Group", "Host", "IRQInfo", "Machine", "RealClock",
+           "RealHost", "Region", "RegionInfo", "VFIOError", "VirtualClock"]

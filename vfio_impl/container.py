@@ -1,0 +1,276 @@
+"""Containers and groups, as QEMU's common code keeps them: a group is reused, a container is
+shared whenever SET_CONTAINER accepts it, and the last group out closes the container."""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from dataclasses import dataclass
+
+from . import uapi
+from .errors import VFIOError
+from .host import Host
+from .machine import Machine, RAMArea
+from .trace import trace
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(slots=True, frozen=True)
+class IOMMUInfo:
+    flags: int
+    iova_pgsizes: int
+    caps: tuple
+
+    def cap(self, cls):
+        return next((c for c in self.caps if isinstance(c, cls)), None)
+
+
+class Container:
+    """A /dev/vfio/vfio fd with its type1 IOMMU and the memory listener that fills it."""
+
+    def __init__(self, space: "AddressSpace", fd: int):
+        self.space = space
+        self.host = space.host
+        self.fd = fd
+        self.groups: list[Group] = []
+        self.iommu_type = 0
+        self.mappings: dict[int, int] = {}
+
+    @classmethod
+    def connect(cls, group: "Group") -> "Container":
+        """Join an existing container if the kernel allows it, else build a new one."""
+        space, host = group.space, group.space.host
+        fdbuf = bytearray(4)
+        for container in space.containers:
+            struct.pack_into("=i", fdbuf, 0, container.fd)
+            try:
+                host.ioctl(group.fd, uapi.VFIO_GROUP_SET_CONTAINER, fdbuf)
+            except OSError:
+                continue
+            container.groups.append(group)
+            trace("vfio_connect_existing_container", group=group.groupid, container=container.fd)
+            return container
+        try:
+            fd = host.open("/dev/vfio/vfio", os.O_RDWR)
+        except OSError as e:
+            raise VFIOError.from_oserror("vfio: failed to open /dev/vfio/vfio", e) from e
+        container = cls(space, fd)
+        try:
+            container._setup(group, fdbuf)
+        except BaseException:
+            host.close(fd)
+            raise
+        container.groups.append(group)
+        space.containers.append(container)
+        space.machine.register_listener(container)
+        trace("vfio_connect_new_container", group=group.groupid, container=fd)
+        return container
+
+    def _setup(self, group: "Group", fdbuf: bytearray) -> None:
+        host = self.host
+        version = host.ioctl(self.fd, uapi.VFIO_GET_API_VERSION, 0)
+        if version != uapi.VFIO_API_VERSION:
+            raise VFIOError(f"vfio: supported vfio version: {uapi.VFIO_API_VERSION}, reported version: {version}",
+                            errno.EINVAL)
+        for iommu_type in (uapi.VFIO_TYPE1v2_IOMMU, uapi.VFIO_TYPE1_IOMMU):
+            if host.ioctl(self.fd, uapi.VFIO_CHECK_EXTENSION, iommu_type) == 1:
+                break
+        else:
+            raise VFIOError("vfio: No available IOMMU models", errno.EINVAL)
+        struct.pack_into("=i", fdbuf, 0, self.fd)
+        try:
+            host.ioctl(group.fd, uapi.VFIO_GROUP_SET_CONTAINER, fdbuf)
+        except OSError as e:
+            raise VFIOError.from_oserror("vfio: failed to set group container", e) from e
+        try:
+            host.ioctl(self.fd, uapi.VFIO_SET_IOMMU, iommu_type)
+        except OSError as e:
+            try:
+                host.ioctl(group.fd, uapi.VFIO_GROUP_UNSET_CONTAINER, 0)
+            except OSError:
+                pass
+            raise VFIOError.from_oserror("vfio: failed to set iommu for container", e) from e
+        self.iommu_type = iommu_type
+
+    def disconnect(self, group: "Group") -> None:
+        try:
+            self.host.ioctl(group.fd, uapi.VFIO_GROUP_UNSET_CONTAINER, 0)
+        except OSError as e:
+            trace("warning", message=f"vfio: error disconnecting group {group.groupid} from container: {e}")
+        self.groups.remove(group)
+        if not self.groups:
+            self.space.machine.unregister_listener(self)
+            self.mappings.clear()
+            self.space.containers.remove(self)
+            self.host.close(self.fd)
+            trace("vfio_disconnect_container", container=self.fd)
+            self.fd = -1
+
+    # -- type1 --------------------------------------------------------------------------------
+    def get_info(self) -> IOMMUInfo:
+        """Ask once for the fixed part, then again with the argsz the kernel said the caps need."""
+        layout = uapi.vfio_iommu_type1_info
+        buf = layout.pack()
+        for _ in range(2):
+            try:
+                self.host.ioctl(self.fd, uapi.VFIO_IOMMU_GET_INFO, buf)
+            except OSError as e:
+                raise VFIOError.from_oserror("vfio: failed to get IOMMU info", e) from e
+            info = layout.unpack(buf)
+            if info.argsz <= len(buf):
+                break
+            buf = bytearray(info.argsz)
+            layout.pack_into(buf, 0, argsz=info.argsz)
+        caps = tuple(uapi.parse_chain(buf, info.cap_offset, "iommu")) if info.cap_offset else ()
+        return IOMMUInfo(info.flags, info.iova_pgsizes, caps)
+
+    def map_dma(self, iova: int, size: int, vaddr: int, readonly: bool = False) -> None:
+        """MAP_DMA; on EBUSY unmap the range and try once more, as the seed does for VGA ROMs."""
+        flags = uapi.VFIO_DMA_MAP_FLAG_READ | (0 if readonly else uapi.VFIO_DMA_MAP_FLAG_WRITE)
+        buf = uapi.vfio_iommu_type1_dma_map.pack(flags=flags, vaddr=vaddr, iova=iova, size=size)
+        try:
+            self.host.ioctl(self.fd, uapi.VFIO_IOMMU_MAP_DMA, buf)
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise VFIOError.from_oserror(f"vfio_dma_map({iova:#x}, {size:#x}, {vaddr:#x})", e) from e
+            trace("vfio_dma_map_ebusy_retry", iova=iova, size=size)
+            try:
+                self.unmap_dma(iova, size)
+                self.host.ioctl(self.fd, uapi.VFIO_IOMMU_MAP_DMA, buf)
+            except (OSError, VFIOError) as e2:
+                code = getattr(e2, "errno", 0) or 0
+                raise VFIOError(f"vfio_dma_map({iova:#x}, {size:#x}, {vaddr:#x})", code) from e2
+        self.mappings[iova] = size
+        trace("vfio_dma_map", iova=iova, size=size, readonly=readonly)
+
+    def unmap_dma(self, iova: int, size: int) -> int:
+        buf = uapi.vfio_iommu_type1_dma_unmap.pack(iova=iova, size=size)
+        try:
+            self.host.ioctl(self.fd, uapi.VFIO_IOMMU_UNMAP_DMA, buf)
+        except OSError as e:
+            raise VFIOError.from_oserror(f"vfio_dma_unmap({iova:#x}, {size:#x})", e) from e
+        for start in [s for s in self.mappings if iova <= s < iova + size]:
+            del self.mappings[start]
+        unmapped = uapi.vfio_iommu_type1_dma_unmap.unpack(buf).size
+        trace("vfio_dma_unmap", iova=iova, size=size, unmapped=unmapped)
+        return unmapped
+
+    # -- memory listener ----------------------------------------------------------------------
+    def region_add(self, area: RAMArea) -> None:
+        """Map guest RAM for DMA, page aligned; a misaligned section is an error, not a crash."""
+        if area.gpa % _PAGE != area.vaddr % _PAGE:
+            trace("error", message="vfio_listener_region_add received unaligned region")
+            raise VFIOError("vfio_listener_region_add received unaligned region", errno.EINVAL)
+        iova = (area.gpa + _PAGE - 1) & ~(_PAGE - 1)
+        end = (area.gpa + area.size) & ~(_PAGE - 1)
+        if iova >= end:
+            return
+        self.map_dma(iova, end - iova, area.vaddr + (iova - area.gpa), area.readonly)
+
+    def region_del(self, area: RAMArea) -> None:
+        iova = (area.gpa + _PAGE - 1) & ~(_PAGE - 1)
+        end = (area.gpa + area.size) & ~(_PAGE - 1)
+        if iova < end and self.fd >= 0:
+            self.unmap_dma(iova, end - iova)
+
+
+class Group:
+    """An open /dev/vfio/N, shared by every device of that IOMMU group."""
+
+    def __init__(self, space: "AddressSpace", groupid: int, fd: int):
+        self.space = space
+        self.groupid = groupid
+        self.fd = fd
+        self.container: Container | None = None
+        self.devices: list = []
+
+    @classmethod
+    def get(cls, space: "AddressSpace", groupid: int) -> "Group":
+        if groupid in space.groups:
+            return space.groups[groupid]
+        host = space.host
+        path = f"/dev/vfio/{groupid}"
+        try:
+            fd = host.open(path, os.O_RDWR)
+        except OSError as e:
+            raise VFIOError.from_oserror(f"vfio: error opening {path}", e) from e
+        group = cls(space, groupid, fd)
+        try:
+            status = uapi.vfio_group_status.pack()
+            try:
+                host.ioctl(fd, uapi.VFIO_GROUP_GET_STATUS, status)
+            except OSError as e:
+                raise VFIOError.from_oserror("vfio: error getting group status", e) from e
+            if not uapi.vfio_group_status.unpack(status).flags & uapi.VFIO_GROUP_FLAGS_VIABLE:
+                raise VFIOError(f"vfio: error, group {groupid} is not viable, please ensure all devices "
+                                "within the iommu_group are bound to their vfio bus driver.", errno.EPERM)
+            try:
+                group.container = Container.connect(group)
+            except VFIOError as e:
+                raise VFIOError(f"vfio: failed to setup container for group {groupid}: {e.message}",
+                                e.errno) from e
+        except BaseException:
+            host.close(fd)
+            raise
+        space.groups[groupid] = group
+        trace("vfio_get_group", group=groupid)
+        return group
+
+    def get_device_fd(self, name: str) -> int:
+        try:
+            return self.space.host.ioctl(self.fd, uapi.VFIO_GROUP_GET_DEVICE_FD, name.encode() + b"\0")
+        except OSError as e:
+            raise VFIOError.from_oserror(
+                f"vfio: error getting device {name} from group {self.groupid}; verify all devices in group "
+                f"{self.groupid} are bound to vfio-pci or pci-stub and not already in use", e) from e
+
+    def put(self) -> None:
+        """Drop the group once its last device is gone: leave the container, close the fd."""
+        if self.devices or self.fd < 0:
+            return
+        if self.container:
+            self.container.disconnect(self)
+            self.container = None
+        self.space.host.close(self.fd)
+        self.fd = -1
+        del self.space.groups[self.groupid]
+        trace("vfio_put_group", group=self.groupid)
+
+
+class AddressSpace:
+    """QEMU's VFIOAddressSpace: the groups and containers serving one guest's memory."""
+
+    def __init__(self, host: Host, machine: Machine | None = None):
+        self.host = host
+        self.machine = machine or Machine()
+        self.groups: dict[int, Group] = {}
+        self.containers: list[Container] = []
+
+    def group_of(self, sysfsdev: str) -> int:
+        """The IOMMU group number behind a sysfs device path."""
+        host = self.host
+        if not host.exists(sysfsdev):
+            raise VFIOError(f"vfio: error: no such host device: {sysfsdev}", errno.ENOENT)
+        try:
+            link = host.readlink(f"{sysfsdev}/iommu_group")
+        except OSError as e:
+            raise VFIOError.from_oserror("vfio: error no iommu_group for device", e) from e
+        name = link.rsplit("/", 1)[-1]
+        try:
+            return int(name)
+        except ValueError:
+            raise VFIOError(f"vfio: failed to read {sysfsdev}/iommu_group", errno.EINVAL) from None
+
+    def close(self) -> None:
+        for group in list(self.groups.values()):
+            for device in list(group.devices):
+                device.close()
+        self.machine.close()
+
+    def __enter__(self) -> "AddressSpace":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,223 @@
+"""What QEMU gives a device: an event loop, a clock, guest RAM for DMA, and interrupt lines.
+
+The clock is injectable so timers (such as the 1100 ms INTx mmap timeout) are tested by
+advancing a VirtualClock, never by sleeping.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import heapq
+import itertools
+import mmap
+import selectors
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+
+class Clock(Protocol):
+    def now_ms(self) -> float: ...
+
+
+class RealClock:
+    def now_ms(self) -> float:
+        return time.monotonic() * 1000.0
+
+
+class VirtualClock:
+    """Time moves only when a test says so; the machine fires due timers on advance()."""
+
+    def __init__(self) -> None:
+        self._now = 0.0
+        self.machine: "Machine | None" = None
+
+    def now_ms(self) -> float:
+        return self._now
+
+    def advance(self, ms: float) -> None:
+        target = self._now + ms
+        while self.machine:
+            due = self.machine.next_deadline()
+            if due is None or due > target:
+                break
+            self._now = max(self._now, due)
+            self.machine.run_timers()
+        self._now = target
+
+
+class Timer:
+    """A one-shot timer that can be re-armed, like QEMU's QEMUTimer."""
+
+    def __init__(self, machine: "Machine", callback: Callable[[], None]):
+        self._machine = machine
+        self._callback = callback
+        self.deadline: float | None = None
+        self._seq = 0
+
+    def mod(self, deadline_ms: float) -> None:
+        self.deadline = deadline_ms
+        self._seq += 1
+        heapq.heappush(self._machine._timers, (deadline_ms, next(self._machine._order), self, self._seq))
+
+    def delete(self) -> None:
+        self.deadline = None
+        self._seq += 1
+
+    @property
+    def pending(self) -> bool:
+        return self.deadline is not None
+
+    def _fire(self, seq: int) -> None:
+        if seq == self._seq and self.deadline is not None:
+            self.deadline = None
+            self._callback()
+
+
+@dataclass
+class IRQLine:
+    """A guest interrupt line; tests watch its level and the history of edges."""
+
+    name: str
+    level: bool = False
+    history: list[bool] = field(default_factory=list)
+
+    def set(self, level: bool) -> None:
+        if level != self.level:
+            self.level = level
+            self.history.append(level)
+
+    @property
+    def raised(self) -> int:
+        return self.history.count(True)
+
+
+@dataclass
+class RAMArea:
+    """A piece of guest RAM: real anonymous memory at a guest physical address."""
+
+    gpa: int
+    size: int
+    readonly: bool = False
+    memory: mmap.mmap = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.memory is None:
+            self.memory = mmap.mmap(-1, self.size)
+
+    @property
+    def vaddr(self) -> int:
+        return ctypes.addressof(ctypes.c_char.from_buffer(self.memory))
+
+
+class MemoryListener(Protocol):
+    def region_add(self, area: RAMArea) -> None: ...
+    def region_del(self, area: RAMArea) -> None: ...
+
+
+class Machine:
+    """One VM's worth of loop, clock, memory and interrupts."""
+
+    def __init__(self, clock: Clock | None = None):
+        self.clock = clock or RealClock()
+        if isinstance(self.clock, VirtualClock):
+            self.clock.machine = self
+        self.selector = selectors.DefaultSelector()
+        self._timers: list = []
+        self._order = itertools.count()
+        self.ram: list[RAMArea] = []
+        self.listeners: list[MemoryListener] = []
+        self.irq_lines: dict[str, IRQLine] = {}
+        self.msi_messages: list[tuple[int, int]] = []
+        self.msi_handlers: list[Callable[[int, int], None]] = []
+
+    # -- loop ---------------------------------------------------------------------------------
+    def set_fd_handler(self, fd: int, handler: Callable[[], None] | None) -> None:
+        """Like qemu_set_fd_handler: None removes the reader."""
+        try:
+            self.selector.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+        if handler is not None:
+            self.selector.register(fd, selectors.EVENT_READ, handler)
+
+    def has_fd_handler(self, fd: int) -> bool:
+        try:
+            self.selector.get_key(fd)
+            return True
+        except (KeyError, ValueError):
+            return False
+
+    def new_timer(self, callback: Callable[[], None]) -> Timer:
+        return Timer(self, callback)
+
+    def next_deadline(self) -> float | None:
+        while self._timers:
+            deadline, _, timer, seq = self._timers[0]
+            if seq == timer._seq and timer.deadline is not None:
+                return deadline
+            heapq.heappop(self._timers)
+        return None
+
+    def run_timers(self) -> None:
+        now = self.clock.now_ms()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, timer, seq = heapq.heappop(self._timers)
+            timer._fire(seq)
+
+    def poll(self, timeout: float | None = 0) -> int:
+        """One loop iteration: run ready fd handlers, then due timers. Returns handlers run."""
+        ran = 0
+        if self.selector.get_map():
+            for key, _ in self.selector.select(timeout):
+                key.data()
+                ran += 1
+        self.run_timers()
+        return ran
+
+    def run_until(self, predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+        end = time.monotonic() + timeout
+        while not predicate():
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            self.poll(min(left, 0.05))
+        return True
+
+    # -- memory -------------------------------------------------------------------------------
+    def add_ram(self, gpa: int, size: int, readonly: bool = False) -> RAMArea:
+        area = RAMArea(gpa, size, readonly)
+        self.ram.append(area)
+        for listener in self.listeners:
+            listener.region_add(area)
+        return area
+
+    def remove_ram(self, area: RAMArea) -> None:
+        self.ram.remove(area)
+        for listener in self.listeners:
+            listener.region_del(area)
+
+    def register_listener(self, listener: MemoryListener) -> None:
+        """Replays existing RAM, as memory_listener_register does."""
+        self.listeners.append(listener)
+        for area in self.ram:
+            listener.region_add(area)
+
+    def unregister_listener(self, listener: MemoryListener) -> None:
+        if listener in self.listeners:
+            self.listeners.remove(listener)
+
+    # -- interrupts ---------------------------------------------------------------------------
+    def irq_line(self, name: str) -> IRQLine:
+        return self.irq_lines.setdefault(name, IRQLine(name))
+
+    def msi_notify(self, address: int, data: int) -> None:
+        self.msi_messages.append((address, data))
+        for handler in self.msi_handlers:
+            handler(address, data)
+
+    def close(self) -> None:
+        for area in list(self.ram):
+            self.remove_ram(area)
+            area.memory.close()
+        self.selector.close()

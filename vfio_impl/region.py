@@ -1,0 +1,152 @@
+"""A device region: info and caps, trapped pread/pwrite, and mmaps with a switchable fast path.
+
+QEMU keeps a trapped slow path under every mmap so it can turn the mmaps off (for INTx EOI
+detection) and on again; `mmap_enabled` is that switch.
+"""
+
+from __future__ import annotations
+
+import mmap as _mmap
+import struct
+from dataclasses import dataclass
+
+from . import uapi
+from .errors import VFIOError
+from .trace import trace
+
+_PAGE = _mmap.PAGESIZE
+_LE = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I"), 8: struct.Struct("<Q")}
+
+
+@dataclass(slots=True, frozen=True)
+class RegionInfo:
+    index: int
+    flags: int
+    size: int
+    offset: int
+    caps: tuple
+
+    def cap(self, cls):
+        return next((c for c in self.caps if isinstance(c, cls)), None)
+
+    @property
+    def mmappable(self) -> bool:
+        return bool(self.flags & uapi.VFIO_REGION_INFO_FLAG_MMAP)
+
+
+@dataclass(slots=True)
+class MmapArea:
+    offset: int
+    size: int
+    mem: object = None
+    view: object = None
+
+
+class Region:
+    def __init__(self, device, info: RegionInfo, name: str = ""):
+        self.device = device
+        self.host = device.host
+        self.info = info
+        self.name = name or f"{device.name} region {info.index}"
+        self.areas: list[MmapArea] = []
+        self.mmap_enabled = True
+
+    @property
+    def size(self) -> int:
+        return self.info.size
+
+    def mmap_areas(self, exclude: tuple[int, int] | None = None) -> list[tuple[int, int]]:
+        """Page-aligned areas to map: the sparse caps if given, minus an excluded hole."""
+        if not self.info.mmappable or not self.size:
+            return []
+        sparse = self.info.cap(uapi.SparseMmapCap)
+        areas = list(sparse.areas) if sparse else [(0, self.size)]
+        if exclude:
+            lo = exclude[0] & ~(_PAGE - 1)
+            hi = (exclude[0] + exclude[1] + _PAGE - 1) & ~(_PAGE - 1)
+            cut = []
+            for off, size in areas:
+                if off < lo:
+                    cut.append((off, min(off + size, lo) - off))
+                if off + size > hi:
+                    start = max(off, hi)
+                    cut.append((start, off + size - start))
+            areas = cut
+        return [(o, s) for o, s in areas if s > 0]
+
+    def mmap(self, exclude: tuple[int, int] | None = None) -> None:
+        """Map every area; on failure unmap what was mapped and raise."""
+        done = []
+        try:
+            for off, size in self.mmap_areas(exclude):
+                mem = self.host.mmap(self.device.fd, size, self.info.offset + off)
+                try:
+                    view = memoryview(mem)
+                except TypeError:
+                    view = mem
+                done.append(MmapArea(off, size, mem, view))
+                trace("vfio_region_mmap", name=self.name, offset=off, size=size)
+        except OSError as e:
+            for area in done:
+                _close_area(area)
+            raise VFIOError.from_oserror(f"{self.name}: failed to mmap offset {off:#x}", e) from e
+        self.areas = done
+
+    def munmap(self) -> None:
+        for area in self.areas:
+            _close_area(area)
+        self.areas = []
+
+    def _area(self, addr: int, size: int) -> MmapArea | None:
+        if not self.mmap_enabled:
+            return None
+        for area in self.areas:
+            if area.offset <= addr and addr + size <= area.offset + area.size:
+                return area
+        return None
+
+    def read(self, addr: int, size: int) -> int:
+        """A little-endian access of 1, 2, 4 or 8 bytes: through the mmap when enabled."""
+        area = self._area(addr, size)
+        if area is not None:
+            rel = addr - area.offset
+            if isinstance(area.view, memoryview):
+                return _LE[size].unpack_from(area.view, rel)[0]
+            return area.view.read(rel, size)
+        return int.from_bytes(self.pread(addr, size), "little")
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        area = self._area(addr, size)
+        if area is not None:
+            rel = addr - area.offset
+            if isinstance(area.view, memoryview):
+                _LE[size].pack_into(area.view, rel, value)
+            else:
+                area.view.write(rel, size, value)
+            return
+        self.pwrite(addr, value.to_bytes(size, "little"))
+
+    def pread(self, addr: int, n: int) -> bytes:
+        try:
+            data = self.host.pread(self.device.fd, n, self.info.offset + addr)
+        except OSError as e:
+            raise VFIOError.from_oserror(f"{self.name}: read of {n} bytes at {addr:#x} failed", e) from e
+        trace("vfio_region_read", name=self.name, addr=addr, size=n)
+        return data
+
+    def pwrite(self, addr: int, data: bytes) -> int:
+        try:
+            n = self.host.pwrite(self.device.fd, data, self.info.offset + addr)
+        except OSError as e:
+            raise VFIOError.from_oserror(f"{self.name}: write of {len(data)} bytes at {addr:#x} failed", e) from e
+        trace("vfio_region_write", name=self.name, addr=addr, size=len(data))
+        return n
+
+    def close(self) -> None:
+        self.munmap()
+
+
+def _close_area(area: MmapArea) -> None:
+    if isinstance(area.view, memoryview):
+        area.view.release()
+    area.mem.close()

@@ -1,0 +1,42 @@
+"""QEMU's trace points as structured events: logged, and visible to hooks that tests assert on."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+log = logging.getLogger("vfio")
+_hooks: list[Callable[[str, dict], None]] = []
+
+
+def trace(event: str, **fields) -> None:
+    if _hooks:
+        for hook in list(_hooks):
+            hook(event, fields)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("%s %s", event, " ".join(f"{k}={v}" for k, v in fields.items()))
+
+
+def warn(message: str) -> None:
+    trace("warning", message=message)
+    log.warning("%s", message)
+
+
+class TraceRecorder:
+    """A context manager collecting (event, fields) pairs, for tests."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict]] = []
+
+    def __call__(self, event: str, fields: dict) -> None:
+        self.events.append((event, fields))
+
+    def named(self, event: str) -> list[dict]:
+        return [f for e, f in self.events if e == event]
+
+    def __enter__(self) -> "TraceRecorder":
+        _hooks.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _hooks.remove(self)
