@@ -196,7 +196,9 @@ class PciFunction:
         self.sinks.intx(level)
 
     def msi_notify(self, vector: int) -> None:
-        self.sinks.msi(vector)
+        """An MSI is a DMA write: without bus master it never leaves the device."""
+        if self.bus_master():
+            self.sinks.msi(vector)
 
     def dma_read(self, addr: int, size: int) -> bytes | None:
         """No bus master, no DMA: the request never leaves the device."""

@@ -1,0 +1,1 @@
+"""The VFIO conformance suite: the same tests on the fake kernel and on a real one."""

@@ -1,0 +1,143 @@
+"""pytest plugin: backend selection, the `vfio` fixtures, requirement markers, and the JSON report.
+
+Installed under the pytest11 entry point, so a VMM's own tests can use `vfio`, `fake_kernel`
+and `@pytest.mark.vfio(...)` with no glue.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from fakekernel import FakeKernel, Topology
+
+from .backends import REAL_MISSING, Backend, describe, real_available, real_backend
+from .raw import raw  # noqa: F401  (a fixture, exported by the plugin)
+
+
+def pytest_addoption(parser) -> None:
+    group = parser.getgroup("vfio", "VFIO conformance")
+    group.addoption("--vfio-backend", choices=("fake", "real"), default="fake",
+                    help="run on the embedded fake kernel (default) or on this machine's VFIO")
+    group.addoption("--vfio-device", action="append", default=[], metavar="BDF|SYSFS",
+                    help="a device bound to vfio-pci to test on the real backend (repeatable)")
+    group.addoption("--vfio-destructive", action="store_true", default=False,
+                    help="allow reset and DMA on real devices")
+    group.addoption("--vfio-json", metavar="FILE", default=None, help="write the conformance JSON report")
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "vfio(device=None, topology=None, destructive=False, fake_only=None): what a conformance "
+        "test needs; anything the backend lacks skips the test with a reason naming it")
+    if config.getoption("--vfio-json", None) and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(JSONReport(config), "vfio-json-report")
+
+
+def _requirements(request) -> dict:
+    marker = request.node.get_closest_marker("vfio")
+    return dict(marker.kwargs) if marker else {}
+
+
+def _open_fds() -> set[int]:
+    return set(int(fd) for fd in os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def vfio(request):
+    """The backend under test: a fresh FakeKernel per test, or this machine's /dev/vfio.
+
+    On the fake, every open fd is counted before and after the test: a leak fails it.
+    """
+    need = _requirements(request)
+    kind = request.config.getoption("--vfio-backend")
+    if kind == "real":
+        if need.get("fake_only"):
+            pytest.skip(f"real backend: needs {need['fake_only']}")
+        if need.get("topology"):
+            pytest.skip(f"real backend: needs the fake kernel's {need['topology']!r} topology")
+        if not real_available():
+            pytest.skip(REAL_MISSING)
+        backend = real_backend(request.config.getoption("--vfio-device"),
+                               request.config.getoption("--vfio-destructive"))
+        if need.get("destructive") and not backend.destructive:
+            pytest.skip("real backend: destructive test (reset/DMA); pass --vfio-destructive to allow it")
+        _require_device(backend, need)
+        yield backend
+        return
+    before = _open_fds()
+    kernel = FakeKernel(Topology.named(need.get("topology") or "default"))
+    backend = Backend("fake", kernel, f"fake {kernel.profile.name}", destructive=True)
+    backend.devices = [describe(kernel, spec.bdf) for spec in kernel.topology.devices]
+    try:
+        _require_device(backend, need)
+        yield backend
+    finally:
+        kernel.close_all()
+    leaked = _open_fds() - before
+    assert not leaked, f"test leaked file descriptors {sorted(leaked)}"
+
+
+def _require_device(backend: Backend, need: dict) -> None:
+    model = need.get("device")
+    if model and backend.find(model) is None:
+        pytest.skip(f"{backend.kind} backend: no {model} device bound to vfio-pci")
+
+
+@pytest.fixture
+def vfio_device(request, vfio):
+    """The device the test's marker asked for."""
+    model = _requirements(request).get("device")
+    if not model:
+        raise pytest.UsageError("vfio_device needs @pytest.mark.vfio(device=...)")
+    return vfio.find(model)
+
+
+@pytest.fixture
+def fake_kernel(vfio):
+    """The FakeKernel itself, for tests that inspect fake state; skipped on real backends."""
+    if vfio.kind != "fake":
+        pytest.skip("real backend: needs the fake kernel's internal state")
+    return vfio.host
+
+
+def area_of(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    name = module.removesuffix(".py")
+    return name.removeprefix("test_").replace("_", "-")
+
+
+class JSONReport:
+    """Collects one outcome per test (controller side under xdist) and writes the report."""
+
+    def __init__(self, config):
+        self.config = config
+        self.tests: dict[str, dict] = {}
+
+    def pytest_runtest_logreport(self, report) -> None:
+        entry = self.tests.setdefault(report.nodeid, {"id": report.nodeid, "area": area_of(report.nodeid),
+                                                      "outcome": "passed", "reason": ""})
+        if report.skipped and report.when in ("setup", "call"):
+            entry["outcome"] = "skipped"
+            entry["reason"] = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        elif report.failed:
+            entry["outcome"] = "failed"
+            entry["reason"] = (report.longreprtext or "").strip().splitlines()[-1:][0] if report.longreprtext else report.when
+
+    def pytest_sessionfinish(self, session) -> None:
+        cfg = self.config
+        kind = cfg.getoption("--vfio-backend")
+        if kind == "real":
+            kernel = os.uname().release
+        else:
+            from fakekernel.profile import LINUX_6_1
+            kernel = f"fake {LINUX_6_1.name}"
+        tests = sorted(self.tests.values(), key=lambda t: t["id"])
+        summary = {k: sum(1 for t in tests if t["outcome"] == k) for k in ("passed", "failed", "skipped")}
+        report = {"backend": kind, "kernel": kernel, "summary": summary, "tests": tests}
+        path = cfg.getoption("--vfio-json")
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)

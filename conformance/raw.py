@@ -1,0 +1,122 @@
+"""Raw ABI sessions for conformance tests: container, group and device fds opened through a Host,
+closed in reverse order whatever the test did."""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+
+import pytest
+
+from vfio_impl import uapi
+
+from .backends import DeviceInfo
+
+
+def errno_of(fn, *args) -> int:
+    """0 when the call succeeds, else its errno: misuse tests compare these."""
+    try:
+        fn(*args)
+        return 0
+    except OSError as e:
+        return e.errno
+
+
+def wait_for(predicate, timeout: float = 2.0) -> bool:
+    """Kernel work such as virqfd unmask is asynchronous on Linux too: poll briefly."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.0005)
+    return True
+
+
+class RawSession:
+    def __init__(self, host, dev: DeviceInfo | None):
+        self.host = host
+        self.dev = dev
+        self._fds: list[int] = []
+
+    def track(self, fd: int) -> int:
+        self._fds.append(fd)
+        return fd
+
+    def close_fd(self, fd: int) -> None:
+        self._fds.remove(fd)
+        self.host.close(fd)
+
+    def container(self) -> int:
+        return self.track(self.host.open("/dev/vfio/vfio", os.O_RDWR))
+
+    def group(self, number: int | None = None) -> int:
+        return self.track(self.host.open(f"/dev/vfio/{self.dev.group if number is None else number}", os.O_RDWR))
+
+    def set_container(self, group: int, container: int) -> None:
+        self.host.ioctl(group, uapi.VFIO_GROUP_SET_CONTAINER, bytearray(struct.pack("=i", container)))
+
+    def setup(self, iommu: int = uapi.VFIO_TYPE1v2_IOMMU) -> tuple[int, int]:
+        c, g = self.container(), self.group()
+        self.set_container(g, c)
+        self.host.ioctl(c, uapi.VFIO_SET_IOMMU, iommu)
+        return c, g
+
+    def device(self, group: int, name: str | None = None) -> int:
+        return self.track(self.host.ioctl(group, uapi.VFIO_GROUP_GET_DEVICE_FD, (name or self.dev.bdf).encode() + b"\0"))
+
+    def open_device(self, iommu: int = uapi.VFIO_TYPE1v2_IOMMU) -> tuple[int, int, int]:
+        c, g = self.setup(iommu)
+        return c, g, self.device(g)
+
+    def eventfd(self) -> int:
+        return self.track(self.host.eventfd())
+
+    def close(self) -> None:
+        for fd in reversed(self._fds):
+            try:
+                self.host.close(fd)
+            except OSError:
+                pass
+        self._fds.clear()
+
+    # -- small ABI helpers --------------------------------------------------------------------
+    def region_info(self, device: int, index: int, argsz: int | None = None):
+        buf = uapi.vfio_region_info.pack(index=index)
+        if argsz is not None:
+            buf = bytearray(max(argsz, len(buf)))
+            uapi.vfio_region_info.pack_into(buf, 0, argsz=argsz, index=index)
+        self.host.ioctl(device, uapi.VFIO_DEVICE_GET_REGION_INFO, buf)
+        return uapi.vfio_region_info.unpack(buf), buf
+
+    def irq_info(self, device: int, index: int):
+        buf = uapi.vfio_irq_info.pack(index=index)
+        self.host.ioctl(device, uapi.VFIO_DEVICE_GET_IRQ_INFO, buf)
+        return uapi.vfio_irq_info.unpack(buf)
+
+    def config_read(self, device: int, offset: int, size: int) -> int:
+        return int.from_bytes(self.host.pread(device, size, (uapi.VFIO_PCI_CONFIG_REGION_INDEX << 40) + offset), "little")
+
+    def config_write(self, device: int, offset: int, size: int, value: int) -> None:
+        self.host.pwrite(device, value.to_bytes(size, "little"), (uapi.VFIO_PCI_CONFIG_REGION_INDEX << 40) + offset)
+
+    def bar_read(self, device: int, bar: int, offset: int, size: int = 4) -> int:
+        return int.from_bytes(self.host.pread(device, size, (bar << 40) + offset), "little")
+
+    def bar_write(self, device: int, bar: int, offset: int, value: int, size: int = 4) -> None:
+        self.host.pwrite(device, value.to_bytes(size, "little"), (bar << 40) + offset)
+
+    def enable_device(self, device: int, master: bool = False) -> None:
+        """Memory decode on, INTx not disabled, and bus master when the test DMAs or uses MSI."""
+        cmd = self.config_read(device, 4, 2) | 0x2 | (0x4 if master else 0)
+        self.config_write(device, 4, 2, cmd & ~0x400)
+
+
+@pytest.fixture
+def raw(vfio, request):
+    """A RawSession on the device the test's marker names (or none), closed after the test."""
+    marker = request.node.get_closest_marker("vfio")
+    model = marker.kwargs.get("device") if marker else None
+    session = RawSession(vfio.host, vfio.find(model) if model else None)
+    yield session
+    session.close()
