@@ -631,15 +631,15 @@ class VfioPciDevice:
     def _iommu(self):
         group = self.kernel.group_of(self.bdf)
         container = group.container if group else None
-        return container.iommu if container else None
+        return container.iommu if container is not None else None
 
     def _dma_read(self, addr: int, size: int):
         iommu = self._iommu()
-        return iommu.dma_read(addr, size) if iommu else None
+        return iommu.dma_read(addr, size) if iommu is not None else None
 
     def _dma_write(self, addr: int, data: bytes) -> bool:
         iommu = self._iommu()
-        return iommu.dma_write(addr, data) if iommu else False
+        return iommu.dma_write(addr, data) if iommu is not None else False
 
     # reset ----------------------------------------------------------------------------------------
     def reset(self) -> None:
