@@ -11,10 +11,7 @@ import os
 
 import pytest
 
-from fakekernel import FakeKernel, Topology
-
-from .backends import REAL_MISSING, Backend, describe, real_available, real_backend
-from .raw import raw  # noqa: F401  (a fixture, exported by the plugin)
+# The plugin loads before coverage starts, so the packages under test are imported lazily.
 
 
 def pytest_addoption(parser) -> None:
@@ -52,15 +49,19 @@ def vfio(request):
 
     On the fake, every open fd is counted before and after the test: a leak fails it.
     """
+    from fakekernel import FakeKernel, Topology
+
+    from .backends import REAL_MISSING, Backend, describe, real_available, real_backend
+
     need = _requirements(request)
     kind = request.config.getoption("--vfio-backend")
     if kind == "real":
+        if not real_available():
+            pytest.skip(REAL_MISSING)
         if need.get("fake_only"):
             pytest.skip(f"real backend: needs {need['fake_only']}")
         if need.get("topology"):
             pytest.skip(f"real backend: needs the fake kernel's {need['topology']!r} topology")
-        if not real_available():
-            pytest.skip(REAL_MISSING)
         backend = real_backend(request.config.getoption("--vfio-device"),
                                request.config.getoption("--vfio-destructive"))
         if need.get("destructive") and not backend.destructive:
@@ -81,7 +82,7 @@ def vfio(request):
     assert not leaked, f"test leaked file descriptors {sorted(leaked)}"
 
 
-def _require_device(backend: Backend, need: dict) -> None:
+def _require_device(backend, need: dict) -> None:
     model = need.get("device")
     if model and backend.find(model) is None:
         pytest.skip(f"{backend.kind} backend: no {model} device bound to vfio-pci")
@@ -104,6 +105,17 @@ def fake_kernel(vfio):
     return vfio.host
 
 
+@pytest.fixture
+def raw(vfio, request):
+    """A RawSession on the device the test's marker names (or none), closed after the test."""
+    from .raw import RawSession
+
+    model = _requirements(request).get("device")
+    session = RawSession(vfio.host, vfio.find(model) if model else None)
+    yield session
+    session.close()
+
+
 def area_of(nodeid: str) -> str:
     module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
     name = module.removesuffix(".py")
@@ -122,7 +134,8 @@ class JSONReport:
                                                       "outcome": "passed", "reason": ""})
         if report.skipped and report.when in ("setup", "call"):
             entry["outcome"] = "skipped"
-            entry["reason"] = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            entry["reason"] = reason.removeprefix("Skipped: ")
         elif report.failed:
             entry["outcome"] = "failed"
             entry["reason"] = (report.longreprtext or "").strip().splitlines()[-1:][0] if report.longreprtext else report.when
@@ -134,6 +147,7 @@ class JSONReport:
             kernel = os.uname().release
         else:
             from fakekernel.profile import LINUX_6_1
+
             kernel = f"fake {LINUX_6_1.name}"
         tests = sorted(self.tests.values(), key=lambda t: t["id"])
         summary = {k: sum(1 for t in tests if t["outcome"] == k) for k in ("passed", "failed", "skipped")}

@@ -7,8 +7,6 @@ import os
 import struct
 import time
 
-import pytest
-
 from vfio_impl import uapi
 
 from .backends import DeviceInfo
@@ -110,13 +108,3 @@ class RawSession:
         """Memory decode on, INTx not disabled, and bus master when the test DMAs or uses MSI."""
         cmd = self.config_read(device, 4, 2) | 0x2 | (0x4 if master else 0)
         self.config_write(device, 4, 2, cmd & ~0x400)
-
-
-@pytest.fixture
-def raw(vfio, request):
-    """A RawSession on the device the test's marker names (or none), closed after the test."""
-    marker = request.node.get_closest_marker("vfio")
-    model = marker.kwargs.get("device") if marker else None
-    session = RawSession(vfio.host, vfio.find(model) if model else None)
-    yield session
-    session.close()
