@@ -59,21 +59,24 @@ for p in "${need_pkgs[@]}"; do
     st=$(dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null || true)
     [[ $st == ii* ]] || missing+=("$p")
 done
+mkdir -p "$work"
+apt_log=$work/apt.log
+apt_fail() { tail -n 20 "$apt_log" >&2; fail "$1 (full log: $apt_log)"; }
 apt_updated=
 apt_update() {
     [ -n "$apt_updated" ] && return 0
     say "apt-get update"
-    apt-get update -q >&2 || fail "apt-get update failed"
+    apt-get update -q >> "$apt_log" 2>&1 || apt_fail "apt-get update failed"
     apt_updated=1
 }
 if [ ${#missing[@]} -gt 0 ]; then
     [ "$(id -u)" = 0 ] || fail "need root to install: ${missing[*]}"
     say "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    if ! apt-get install -y -q --no-install-recommends "${missing[@]}" >&2; then
+    if ! apt-get install -y -q --no-install-recommends "${missing[@]}" >> "$apt_log" 2>&1; then
         apt_update
-        apt-get install -y -q --no-install-recommends "${missing[@]}" >&2 \
-            || fail "apt-get install ${missing[*]} failed"
+        apt-get install -y -q --no-install-recommends "${missing[@]}" >> "$apt_log" 2>&1 \
+            || apt_fail "apt-get install ${missing[*]} failed"
     fi
 fi
 
@@ -114,7 +117,8 @@ fi
 if [ ! -f "$kdir/.done" ]; then
     say "fetching guest kernel $kpkg $kver"
     tmp=$(mktemp -d "$work/kernel/.fetch.XXXXXX")
-    (cd "$tmp" && apt-get download -q -o APT::Sandbox::User=root "$kpkg=$kver" >&2) || { rm -rf "$tmp"; fail "apt-get download $kpkg failed"; }
+    (cd "$tmp" && apt-get download -q -o APT::Sandbox::User=root "$kpkg=$kver" >> "$apt_log" 2>&1) \
+        || { rm -rf "$tmp"; apt_fail "apt-get download $kpkg=$kver failed"; }
     dpkg -x "$tmp"/*.deb "$tmp/tree"
     vmlinuz=$(ls "$tmp"/tree/boot/vmlinuz-* | head -n1)
     # The bzImage payload (xz here) is the ELF vmlinux; it has a PVH entry
@@ -193,7 +197,8 @@ trap 'exit 143' TERM
 {
     echo "cd $(q "$root") || exit 126"
     echo "export PATH=$(q "${pybin:+$pybin:}$PATH")"
-    echo "export HOME=/root LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1 PYTEST_DISABLE_PLUGIN_AUTOLOAD=1"
+    # TERM=dumb: the serial console is a tty, but nobody reads colours there.
+    echo "export HOME=/root LANG=C.UTF-8 TERM=dumb PYTHONDONTWRITEBYTECODE=1 PYTEST_DISABLE_PLUGIN_AUTOLOAD=1"
     echo "export VFIO_REAL_RESULTS=$(q "$results")"
     for kv in "${extra_env[@]}"; do echo "export ${kv%%=*}=$(q "${kv#*=}")"; done
     printf 'exec'
@@ -220,6 +225,8 @@ esac
 log=$results/console.log
 run_vm() { # run_vm ACCEL -> sets vm_rc, vm_why
     local acc=$1 machine cpu
+    # QEMU option values escape a comma by doubling it.
+    local res_opt=${results//,/,,} run_opt=${run//,/,,}
     if [ "$acc" = kvm ]; then
         machine=q35,accel=kvm,kernel-irqchip=split; cpu=host
     else
@@ -238,9 +245,9 @@ run_vm() { # run_vm ACCEL -> sets vm_rc, vm_why
         -device e1000e,romfile=,bus=rp1,addr=0x0
         -fsdev local,id=fsroot,path=/,security_model=none,readonly=on,multidevs=remap
         -device virtio-9p-pci,fsdev=fsroot,mount_tag=hostroot,addr=0x10
-        -fsdev local,id=fsres,path="$results",security_model=none
+        -fsdev local,id=fsres,path="$res_opt",security_model=none
         -device virtio-9p-pci,fsdev=fsres,mount_tag=results,addr=0x11
-        -fsdev local,id=fsctl,path="$run",security_model=none,readonly=on
+        -fsdev local,id=fsctl,path="$run_opt",security_model=none,readonly=on
         -device virtio-9p-pci,fsdev=fsctl,mount_tag=ctl,addr=0x12)
     say "booting $kernel_release ($acc, timeout ${timeout_s}s)"
     local fifo=$run/console.fifo
