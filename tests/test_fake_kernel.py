@@ -1,0 +1,104 @@
+"""Fake kernel pieces that conformance does not reach: MMIO traps, sysfs binding, profiles."""
+
+import errno
+import os
+
+import pytest
+
+from fakekernel import FakeKernel, Profile, Topology
+from fakekernel.eventfd import EventfdCtx
+from fakekernel.mmio import MMIOMapping, split_access
+
+
+def test_split_access_is_naturally_aligned():
+    assert list(split_access(1, 7)) == [(1, 1), (2, 2), (4, 4)]
+    assert list(split_access(0, 12, (4, 2, 1))) == [(0, 4), (4, 4), (8, 4)]
+
+
+def test_mmio_mapping_traps_every_access():
+    log = []
+    regs = {}
+    m = MMIOMapping(lambda off, n: regs.get(off, 0), lambda off, n, v: (log.append((off, n, v)), regs.__setitem__(off, v)),
+                    4096, lambda: True)
+    m[8:12] = (7).to_bytes(4, "little")
+    m[16] = 0xAB
+    assert m[8:12] == (7).to_bytes(4, "little") and m[16] == 0xAB and len(m) == 4096
+    assert log == [(8, 4, 7), (16, 1, 0xAB)]
+    with pytest.raises(IndexError):
+        m[4090:4100] = bytes(10)
+    with pytest.raises(ValueError):
+        m[0:8:2]
+    with m:
+        pass
+    with pytest.raises(ValueError):
+        m.read(0, 4)
+
+
+def test_mmio_with_memory_decode_off_is_a_bus_error():
+    m = MMIOMapping(lambda o, n: 0, lambda o, n, v: None, 4096, lambda: False)
+    with pytest.raises(OSError) as exc:
+        m.write(0, 4, 1)
+    assert exc.value.errno == errno.EFAULT
+
+
+def test_unbind_and_bind_follow_the_group_node():
+    with FakeKernel("shared-group") as k:
+        k.write_text("/sys/bus/pci/drivers/vfio-pci/unbind", "0000:01:01.0")
+        assert k.exists("/dev/vfio/5")
+        k.write_text("/sys/bus/pci/drivers/vfio-pci/unbind", "0000:01:00.0")
+        assert not k.exists("/dev/vfio/5")
+        with pytest.raises(OSError) as exc:
+            k.open("/dev/vfio/5")
+        assert exc.value.errno == errno.ENOENT
+        k.write_text("/sys/bus/pci/devices/0000:01:00.0/driver_override", "vfio-pci")
+        assert k.read_text("/sys/bus/pci/devices/0000:01:00.0/driver_override") == "vfio-pci\n"
+        k.write_text("/sys/bus/pci/drivers/vfio-pci/bind", "0000:01:00.0")
+        assert k.readlink("/sys/bus/pci/devices/0000:01:00.0/driver").endswith("/vfio-pci")
+        with pytest.raises(OSError) as exc:
+            k.write_text("/sys/bus/pci/drivers/vfio-pci/bind", "0000:01:00.0")
+        assert exc.value.errno == errno.EBUSY
+        with pytest.raises(OSError) as exc:
+            k.write_text("/sys/bus/pci/devices/0000:01:00.0/vendor", "0x1")
+        assert exc.value.errno == errno.EACCES
+        assert k.listdir("/sys/kernel/iommu_groups/5/devices") == ["0000:01:00.0", "0000:01:01.0"]
+
+
+def test_unknown_names_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown topology 'nope'"):
+        Topology.named("nope")
+    with pytest.raises(ValueError, match="unknown kernel profile"):
+        Profile.named("2.6")
+
+
+def test_host_calls_on_foreign_fds():
+    with FakeKernel() as k:
+        r, w = os.pipe()
+        with pytest.raises(OSError) as exc:
+            k.ioctl(r, 0x3B64, 0)
+        assert exc.value.errno == errno.ENOTTY
+        k.close(r)
+        k.close(w)
+        with pytest.raises(OSError) as exc:
+            k.ioctl(r, 0x3B64, 0)
+        assert exc.value.errno == errno.EBADF
+        with pytest.raises(OSError) as exc:
+            k.open("/sys/bus/pci/devices/0000:00:03.0/vendor")
+        assert exc.value.errno == errno.ENXIO
+        g = k.open("/dev/vfio/3")
+        with pytest.raises(OSError) as exc:
+            k.mmap(g, 4096, 0)
+        assert exc.value.errno == errno.ENODEV
+        assert k.open_files() == {"group": 1}
+
+
+def test_eventfd_ctx_checks_the_fd():
+    with pytest.raises(OSError) as exc:
+        EventfdCtx(-1)
+    assert exc.value.errno == errno.EBADF
+    fd = os.eventfd(0)
+    ctx = EventfdCtx(fd)
+    os.close(fd)
+    ctx.signal()
+    assert ctx.clear() == 1
+    ctx.put()
+    ctx.put()
