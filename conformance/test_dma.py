@@ -66,6 +66,18 @@ def test_info_without_room_for_caps_asks_for_argsz(vfio, raw):
     assert info.argsz > uapi.vfio_iommu_type1_info.size and info.cap_offset == 0
 
 
+def test_info_chain_is_packed_as_the_kernel_lays_it_out(vfio, raw):
+    """vfio_info_cap_add does not pad: argsz is the info struct plus the caps back to back."""
+    c, _ = raw.setup()
+    small = uapi.vfio_iommu_type1_info.pack()
+    vfio.host.ioctl(c, uapi.VFIO_IOMMU_GET_INFO, small)
+    info, caps = iommu_info(vfio, c)
+    sizes = {uapi.MigrationCap: 32, uapi.DmaAvailCap: 12}
+    total = sum(sizes.get(type(cap)) or 16 + 16 * len(cap.ranges) for cap in caps)
+    assert uapi.vfio_iommu_type1_info.unpack(small).argsz == uapi.vfio_iommu_type1_info.size + total
+    assert [type(cap) for cap in caps] == [uapi.MigrationCap, uapi.DmaAvailCap, uapi.IovaRangeCap]
+
+
 def test_dma_avail_counts_mappings(vfio, raw, memory):
     c, _ = raw.setup()
     before = next(cap for cap in iommu_info(vfio, c)[1] if isinstance(cap, uapi.DmaAvailCap)).avail

@@ -4,7 +4,9 @@ Linux is not uniform: a bad action is ENOTTY where a bad index is EINVAL, a conf
 the end is EFAULT where a BAR read is EINVAL, and a fresh container answers EINVAL, not ENOTTY.
 """
 
+import ctypes
 import errno
+import mmap
 import struct
 
 import pytest
@@ -142,3 +144,23 @@ def test_device_name_longer_than_a_page(vfio, raw):
 
 def test_read_on_a_container(vfio, raw):
     assert errno_of(vfio.host.pread, raw.container(), 4, 0) == errno.EINVAL
+
+
+
+def test_map_dma_write_of_read_only_memory(vfio, raw):
+    """Pinning for device writes needs writable pages: EFAULT, while a READ-only map is fine."""
+    c, _ = raw.setup()
+    libc = ctypes.CDLL(None)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    page = mmap.PAGESIZE
+    vaddr = libc.mmap(None, page, mmap.PROT_READ, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    try:
+        rw = uapi.vfio_iommu_type1_dma_map.pack(flags=3, vaddr=vaddr, iova=0x100000, size=page)
+        assert errno_of(vfio.host.ioctl, c, uapi.VFIO_IOMMU_MAP_DMA, rw) == errno.EFAULT
+        ro = uapi.vfio_iommu_type1_dma_map.pack(flags=1, vaddr=vaddr, iova=0x100000, size=page)
+        vfio.host.ioctl(c, uapi.VFIO_IOMMU_MAP_DMA, ro)
+        vfio.host.ioctl(c, uapi.VFIO_IOMMU_UNMAP_DMA, uapi.vfio_iommu_type1_dma_unmap.pack(iova=0x100000, size=page))
+    finally:
+        libc.munmap(vaddr, page)

@@ -29,6 +29,21 @@ def user_range_mapped(vaddr: int, size: int) -> bool:
     return _libc.msync(start, vaddr + size - start, _MS_ASYNC) == 0
 
 
+def user_range_writable(vaddr: int, size: int) -> bool:
+    """Whether every page of the range is mapped writable, as pinning with FOLL_WRITE needs."""
+    pos, end = vaddr, vaddr + size
+    with open("/proc/self/maps") as f:
+        spans = sorted((int(lo, 16), int(hi, 16)) for lo, hi, perms in
+                       (line.split(None, 2)[0].split("-") + [line.split(None, 2)[1]] for line in f)
+                       if perms[1] == "w")
+    for lo, hi in spans:
+        if lo <= pos < hi:
+            pos = hi
+            if pos >= end:
+                return True
+    return False
+
+
 @dataclass(slots=True)
 class DMAMapping:
     iova: int
@@ -88,8 +103,8 @@ class Type1IOMMU:
             raise OSError(errno.EEXIST, "DMA mapping overlaps an existing one")
         if not self.dma_avail:
             raise OSError(errno.ENOSPC, "dma_entry_limit reached")
-        if not user_range_mapped(vaddr, size):
-            raise OSError(errno.EFAULT, "vaddr is not mapped in the process")
+        if not user_range_mapped(vaddr, size) or (writable and not user_range_writable(vaddr, size)):
+            raise OSError(errno.EFAULT, "vaddr is not mapped in the process, or not writable for a WRITE mapping")
         i = bisect_right(self._starts, iova)
         self._starts.insert(i, iova)
         self._maps.insert(i, DMAMapping(iova, size, vaddr, readable, writable))

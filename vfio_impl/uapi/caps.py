@@ -48,7 +48,7 @@ __all__ = [
 
 CapKind = Literal["region", "iommu"]
 
-_ALIGN = 8  # the kernel starts every capability on a u64 boundary
+_ALIGN = 8  # info structs end on a u64 boundary, so chains start on one
 _NEXT = struct.Struct("=I")
 _NEXT_OFFSET = vfio_info_cap_header.offsetof("next")
 
@@ -215,7 +215,7 @@ class UnknownCap:
     """A capability this module has no layout for, kept so nothing is lost.
 
     ``data`` is everything after the header up to the next capability (or the
-    end of the buffer for the last one), alignment padding included.
+    end of the buffer for the last one).
     """
 
     id: int
@@ -276,16 +276,14 @@ def _check_start(start: int) -> None:
         raise ValueError(f"a capability chain must start at a positive multiple of {_ALIGN}, not {start}")
 
 
-def _align(n: int) -> int:
-    return -(-n // _ALIGN) * _ALIGN
-
-
 def build_chain(caps, start: int, kind: CapKind) -> bytes:
     """Encode ``caps`` as a chain to be placed at absolute offset ``start``.
 
     ``start`` is where the chain goes in the info buffer (the info struct size
     rounded up to 8), so every ``next`` can be absolute as the kernel writes
-    it.  Returns only the chain bytes; there is no padding after the last cap.
+    it.  Caps follow each other with no padding, as vfio_info_cap_add lays
+    them out: on 6.1 the IOVA range cap after the 12-byte DMA_AVAIL cap sits
+    at offset 68.
     """
     known = _known(kind)
     _check_start(start)
@@ -294,7 +292,6 @@ def build_chain(caps, start: int, kind: CapKind) -> bytes:
     for cap in caps:
         if not isinstance(cap, UnknownCap) and known.get((cap.ID, cap.VERSION)) is not type(cap):
             raise ValueError(f"{type(cap).__name__} is not a {kind} capability")
-        chain += bytes(_align(len(chain)) - len(chain))
         if previous is not None:
             _NEXT.pack_into(chain, previous + _NEXT_OFFSET, start + len(chain))
         previous = len(chain)
@@ -307,5 +304,5 @@ def chain_size(caps, start: int) -> int:
     _check_start(start)
     size = 0
     for cap in caps:
-        size = _align(size) + len(cap._encode())
+        size += len(cap._encode())
     return size
