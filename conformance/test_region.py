@@ -90,6 +90,15 @@ def test_bar_pread_identification(vfio, raw):
     assert raw.bar_read(d, 0, 0) == EDU_ID
 
 
+def test_bar_decodes_right_after_open(vfio, raw):
+    """The function was enabled before vfio-pci handed it out: BARs decode, bus master is off."""
+    _, _, d = raw.open_device()
+    cmd = raw.config_read(d, 4, 2)
+    assert cmd & 0x2 and not cmd & 0x4
+    assert raw.config_read(d, 0x10, 4) & 0xFFF00000
+    assert raw.bar_read(d, 0, 0) == EDU_ID
+
+
 def test_bar_read_past_the_end(vfio, raw):
     _, _, d = raw.open_device()
     raw.enable_device(d)

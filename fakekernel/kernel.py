@@ -18,6 +18,7 @@ from vfio_impl import uapi
 from vfio_impl.host import EventfdMixin
 
 from . import devices as _devices
+from . import pci
 from .iommu import PAGE_SIZE, Type1IOMMU
 from .profile import Profile
 from .sysfs import Sysfs
@@ -388,6 +389,26 @@ class DeviceFile(File):
             opened.finish_release()
 
 
+MMIO_WINDOW = 0xFE000000
+
+
+def _firmware(functions) -> None:
+    """What SeaBIOS and Linux leave behind: BARs placed in the MMIO window, decode enabled.
+
+    The real runner's edu reads COMMAND 0x0103 (I/O, memory, SERR) and BAR0 0xfe600000.
+    """
+    base = MMIO_WINDOW
+    for fn in functions:
+        for index, bar in enumerate(fn.bars):
+            if bar is None:
+                continue
+            base = (base + bar.size - 1) & ~(bar.size - 1)
+            off = pci.PCI_BASE_ADDRESS_0 + 4 * index
+            struct.pack_into("<I", fn.config, off, (base & 0xFFFFFFF0) | bar.flags)
+            base += bar.size
+        fn.config_write(pci.PCI_COMMAND, 2, pci.PCI_COMMAND_IO | pci.PCI_COMMAND_MEMORY | pci.PCI_COMMAND_SERR)
+
+
 def _split_bdf(bdf: str) -> tuple[int, int, int]:
     dom, bus, rest = bdf.split(":")
     slot, fn = rest.split(".")
@@ -432,6 +453,7 @@ class FakeKernel(EventfdMixin):
         self.topology = topology or Topology.default()
         self.profile = profile if isinstance(profile, Profile) else Profile.named(profile or "6.1")
         self.functions = {d.bdf: _devices.CATALOG[d.model]() for d in self.topology.devices}
+        _firmware(self.functions.values())
         self.sysfs = Sysfs(self.topology, self.functions)
         self.fs = self.sysfs.fs
         self._os = fake_os.FakeOsModule(self.fs)

@@ -101,9 +101,7 @@ class VfioPciDevice:
         if self.open_count > 1:
             return
         f = self.function
-        cmd = f.command() | pci.PCI_COMMAND_MEMORY
-        cmd &= ~pci.PCI_COMMAND_INTX_DISABLE
-        f.config_write(pci.PCI_COMMAND, 2, cmd)
+        f.config_write(pci.PCI_COMMAND, 2, f.command() & ~pci.PCI_COMMAND_INTX_DISABLE)
         self._config_init()
         for index, bar in enumerate(f.bars):
             if bar and bar.ram and index not in self.ram:
@@ -112,7 +110,7 @@ class VfioPciDevice:
                 self.ram[index] = fd
 
     def close_device(self) -> None:
-        """Last close: tear interrupts down and reset, as vfio_pci_core_disable does."""
+        """Last close: tear interrupts down, stop DMA and reset, as vfio_pci_core_disable does."""
         self.open_count -= 1
         if self.open_count:
             return
@@ -123,9 +121,10 @@ class VfioPciDevice:
         if self.req_trigger:
             self.req_trigger.put()
             self.req_trigger = None
+        f = self.function
+        f.config_write(pci.PCI_COMMAND, 2, f.command() & ~pci.PCI_COMMAND_MASTER)
         if self.reset_works:
-            self.function.reset()
-        self.function.config_write(pci.PCI_COMMAND, 2, 0)
+            f.reset()
 
     def release(self) -> None:
         for fd in self.ram.values():
