@@ -128,8 +128,7 @@ class ContainerFile(File):
             buf[layout.size:layout.size + len(chain)] = chain
             cap_offset = layout.size
         out = layout.pack(argsz=argsz, flags=flags, iova_pgsizes=p.iova_pgsizes, cap_offset=cap_offset)
-        n = min(info.argsz, layout.offsetof("cap_offset") + 4) if info.argsz >= layout.offsetof("cap_offset") + 4 else minsz
-        buf[:n] = out[:n]
+        _copy_back(buf, out, layout, info.argsz, minsz)
         return 0
 
     def map_dma(self, buf: bytearray) -> int:
@@ -321,8 +320,7 @@ class DeviceFile(File):
             flags = uapi.VFIO_DEVICE_FLAGS_PCI | (uapi.VFIO_DEVICE_FLAGS_RESET if dev.reset_works else 0)
             out = layout.pack(argsz=info.argsz, flags=flags, num_regions=dev.num_regions,
                               num_irqs=uapi.VFIO_PCI_NUM_IRQS, cap_offset=0)
-            n = layout.offsetof("cap_offset") + 4 if info.argsz >= layout.offsetof("cap_offset") + 4 else minsz
-            buf[:n] = out[:n]
+            _copy_back(buf, out, layout, info.argsz, minsz)
             return 0
         if request == uapi.VFIO_DEVICE_GET_REGION_INFO:
             return self.get_region_info(_buf_arg(arg))
@@ -423,6 +421,13 @@ def _buf_arg(arg) -> bytearray:
     if isinstance(arg, int):
         raise _err(errno.EFAULT, "the ioctl takes a pointer to a struct")
     return arg
+
+
+def _copy_back(buf: bytearray, out: bytearray, layout, argsz: int, minsz: int) -> None:
+    """copy_to_user of the reply: cap_offset is written only when the caller's argsz reaches it."""
+    end = layout.offsetof("cap_offset") + 4
+    n = end if argsz >= end else minsz
+    buf[:n] = out[:n]
 
 
 def _unpack_min(layout, buf: bytearray, minsz: int):
