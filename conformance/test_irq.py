@@ -1,6 +1,7 @@
 """Interrupts through eventfds: INTx automask and unmask with edu, MSI, loopback triggers."""
 
 import errno
+import os
 
 import pytest
 
@@ -180,7 +181,7 @@ def test_eventfd_reference_outlives_the_users_fd(vfio, raw):
     """The kernel holds its own reference: closing the fd after SET_IRQS keeps the vector wired."""
     _, _, d = raw.open_device()
     efd = vfio.host.eventfd()
-    dup = raw.track(__import__("os").dup(efd))
+    dup = raw.track(os.dup(efd))
     set_irqs(vfio, d, irq.eventfds(INTX, 0, [efd]))
     vfio.host.close(efd)
     set_irqs(vfio, d, irq.data_none(INTX, 0, 1, TRIGGER))

@@ -521,10 +521,7 @@ class FakeKernel(EventfdMixin):
 
     def ioctl(self, fd: int, request: int, arg: int | bytearray | bytes = 0) -> int:
         with self._lock:
-            f = self.files.get(fd)
-            if f is None:
-                raise _err(errno.EBADF if not _is_open(fd) else errno.ENOTTY, f"ioctl on fd {fd}")
-            return f.ioctl(request, arg)
+            return self._file(fd).ioctl(request, arg)
 
     def pread(self, fd: int, n: int, offset: int) -> bytes:
         with self._lock:

@@ -499,12 +499,9 @@ class VfioPciDevice:
         if self.irq_type not in (INTX, IRQ_NONE) or start != 0 or count != 1:
             raise _einval("INTx trigger needs start 0, count 1 and no other mode")
         if data_type == uapi.VFIO_IRQ_SET_DATA_EVENTFD:
-            fd = data[0]
-            if self.irq_type == INTX:
-                self.intx.set_trigger(fd)
-                return
-            self.intx.set_trigger(fd)
-            self._intx_enable()
+            self.intx.set_trigger(data[0])
+            if self.irq_type != INTX:
+                self._intx_enable()
             return
         if self.irq_type != INTX:
             raise _einval("INTx is not enabled")
