@@ -91,6 +91,20 @@ def cmd_devices(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import Matrix, ReportError, format_text, load_runs, render_html
+
+    try:
+        matrix = Matrix(load_runs(args.reports))
+    except ReportError as e:
+        print(f"vfio-conformance report: {e}", file=sys.stderr)
+        return 2
+    print(format_text(matrix))
+    if args.html:
+        Path(args.html).write_text(render_html(matrix))
+    return 1 if matrix.divergences else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vfio-conformance", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--device", action="append", default=[], metavar="BDF|SYSFS")
     dev.add_argument("--topology", default="default", help="fake kernel topology")
     dev.set_defaults(func=cmd_devices)
+    rep = sub.add_parser("report", help="compare runs side by side; exit 1 on a divergence")
+    rep.add_argument("reports", nargs="+", metavar="JSON", help="run --json files, e.g. fake.json real.json")
+    rep.add_argument("--html", metavar="FILE", help="also write the matrix as a static HTML page")
+    rep.set_defaults(func=cmd_report)
     args = parser.parse_args(argv)
     return args.func(args)
 

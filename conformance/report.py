@@ -1,0 +1,224 @@
+"""Side-by-side matrix of conformance runs: where the fake and a real kernel disagree.
+
+The real kernel is the oracle, so a divergence is any failure the other runs do not share, or a
+test real passes that the fake skips or lacks. A real skip where the fake passes is only the
+VM's missing topology, shown but not counted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from html import escape
+from pathlib import Path
+
+OUTCOMES = ("passed", "failed", "skipped")
+ABSENT = "absent"
+
+
+class ReportError(Exception):
+    """A report file that cannot be compared; the message names the file."""
+
+
+@dataclass(slots=True)
+class Run:
+    """One conformance JSON report: a column of the matrix."""
+
+    path: Path
+    backend: str
+    kernel: str
+    tests: dict[str, dict]
+    label: str = ""
+
+    def count(self, outcome: str) -> int:
+        return sum(1 for t in self.tests.values() if t["outcome"] == outcome)
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise ReportError(f"{path}: cannot read: {e.strerror or e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReportError(f"{path}: not JSON: {e}") from e
+    if not isinstance(data, dict) or not isinstance(data.get("tests"), list) \
+            or not all(isinstance(data.get(k), str) for k in ("backend", "kernel")):
+        raise ReportError(f"{path}: not a conformance report (needs backend, kernel and tests)")
+    tests: dict[str, dict] = {}
+    for entry in data["tests"]:
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("id", "area")) \
+                or entry.get("outcome") not in OUTCOMES:
+            raise ReportError(f"{path}: bad test entry {entry!r:.120}")
+        if entry["id"] in tests:
+            raise ReportError(f"{path}: test {entry['id']} is reported twice")
+        tests[entry["id"]] = {**entry, "reason": str(entry.get("reason") or "")}
+    return Run(path, data["backend"], data["kernel"], tests)
+
+
+def load_runs(paths: list[str | Path]) -> list[Run]:
+    """Loads and labels the runs; two runs of one backend and kernel are told apart by file."""
+    if len(paths) < 2:
+        raise ReportError("a report compares two or more runs, e.g. fake.json real.json")
+    runs = [load_run(p) for p in paths]
+    labels = Counter(f"{r.backend} ({r.kernel})" for r in runs)
+    names = Counter(r.path.name for r in runs)
+    for r in runs:
+        r.label = f"{r.backend} ({r.kernel})"
+        if labels[r.label] > 1:
+            r.label += f" [{r.path.name if names[r.path.name] == 1 else r.path}]"
+    return runs
+
+
+@dataclass(slots=True)
+class Row:
+    """One test across all runs; `cells` holds its entry per run, None where absent."""
+
+    test: str
+    area: str
+    cells: list[dict | None]
+    states: list[str] = field(default_factory=list)
+    divergence: str = ""
+
+    def outcome(self, i: int) -> str:
+        cell = self.cells[i]
+        return cell["outcome"] if cell else ABSENT
+
+    def reason(self, i: int) -> str:
+        cell = self.cells[i]
+        return cell["reason"] if cell else ""
+
+
+class Matrix:
+    """Test id x run, with each row's divergence judged against the real-is-the-oracle rules."""
+
+    def __init__(self, runs: list[Run]):
+        self.runs = runs
+        ids = set().union(*(r.tests for r in runs))
+        rows = []
+        for test in ids:
+            cells = [r.tests.get(test) for r in runs]
+            area = next(c["area"] for c in cells if c)
+            rows.append(self._judge(Row(test, area, cells)))
+        self.rows = sorted(rows, key=lambda row: (row.area, row.test))
+
+    @property
+    def divergences(self) -> list[Row]:
+        return [row for row in self.rows if row.divergence]
+
+    def absent(self, i: int) -> int:
+        return sum(1 for row in self.rows if row.cells[i] is None)
+
+    def areas(self) -> dict[str, list[Row]]:
+        grouped: dict[str, list[Row]] = {}
+        for row in self.rows:
+            grouped.setdefault(row.area, []).append(row)
+        return grouped
+
+    def _judge(self, row: Row) -> Row:
+        outcomes = [row.outcome(i) for i in range(len(self.runs))]
+        on = {kind: [o for r, o in zip(self.runs, outcomes) if r.backend == kind] for kind in ("fake", "real")}
+        if "failed" in outcomes and len(set(outcomes)) > 1:
+            row.divergence = "outcomes differ"
+        elif "passed" in on["real"] and ({"skipped", ABSENT} & set(on["fake"])):
+            row.divergence = "real passes, the fake does not cover it"
+        fake_passes = "passed" in on["fake"]
+        row.states = ["real-only skip" if fake_passes and r.backend == "real" and o == "skipped" else o
+                      for r, o in zip(self.runs, outcomes)]
+        return row
+
+
+def format_text(matrix: Matrix) -> str:
+    """Per-run totals, then each divergence with every run's outcome and reason."""
+    width = max(len(r.label) for r in matrix.runs)
+    lines = []
+    for i, r in enumerate(matrix.runs):
+        lines.append(f"{r.label:<{width}}  {r.count('passed'):>4} passed {r.count('failed'):>4} failed "
+                     f"{r.count('skipped'):>4} skipped {matrix.absent(i):>4} absent   {r.path}")
+    real_only = sum(row.states.count("real-only skip") for row in matrix.rows)
+    if real_only:
+        lines.append(f"real-only skips: {real_only} (the real runner lacks what they need; not divergences)")
+    for row in matrix.divergences:
+        lines.append(f"DIVERGES {row.test}: {row.divergence}")
+        for i, r in enumerate(matrix.runs):
+            reason = row.reason(i)
+            lines.append(f"  {r.label:<{width}}  {row.outcome(i)}" + (f": {reason}" if reason else ""))
+    lines.append(f"divergences: {len(matrix.divergences)}")
+    return "\n".join(lines)
+
+
+_CSS = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
+table { border-collapse: collapse; margin-bottom: 1.5em; }
+th, td { border: 1px solid #ccc; padding: 2px 8px; text-align: left; vertical-align: top; }
+thead th { background: #eee; position: sticky; top: 0; }
+td.num { text-align: right; }
+tr.area th { background: #dde6f0; }
+tr.divergent th { border-left: 4px solid #c00; }
+.passed { background: #e3f5e1; }
+.failed { background: #f9d6d5; font-weight: bold; }
+.skipped { background: #fff4cc; }
+.real-only-skip { background: #f0f0f0; color: #555; }
+.absent { background: #fff; color: #999; font-style: italic; }
+small { display: block; color: #555; font-weight: normal; max-width: 40em; }
+code { font-size: 13px; }
+"""
+
+
+def _cell(row: Row, i: int) -> str:
+    state = row.states[i]
+    cls = row.outcome(i) + (" real-only-skip" if state == "real-only skip" else "")
+    reason = escape(row.reason(i))
+    note = f"<small>{reason}</small>" if reason else ""
+    return f'<td class="{cls}" title="{reason}">{escape(state)}{note}</td>'
+
+
+def _test_row(matrix: Matrix, row: Row, extra: str = "") -> str:
+    cls = ' class="divergent"' if row.divergence else ""
+    name = row.test.split("::", 1)[-1]
+    cells = "".join(_cell(row, i) for i in range(len(matrix.runs)))
+    return (f'<tr data-test="{escape(row.test)}" data-area="{escape(row.area)}"{cls}>'
+            f'<th scope="row" title="{escape(row.test)}"><code>{escape(name)}</code></th>{cells}{extra}</tr>')
+
+
+def render_html(matrix: Matrix) -> str:
+    """One static page, no scripts or external resources, so CI can archive it as is."""
+    runs = matrix.runs
+    title = "VFIO conformance: " + " vs ".join(r.label for r in runs)
+    heads = "".join(f"<th>{escape(r.label)}</th>" for r in runs)
+    summary = []
+    for i, r in enumerate(runs):
+        nums = "".join(f'<td class="num {k if n else ""}">{n}</td>' for k, n in
+                       [(o, r.count(o)) for o in OUTCOMES] + [(ABSENT, matrix.absent(i))])
+        summary.append(f"<tr><th>{escape(r.label)}</th><td><code>{escape(str(r.path))}</code></td>{nums}</tr>")
+    divergent = matrix.divergences
+    if divergent:
+        body = "".join(_test_row(matrix, row, f"<td>{escape(row.divergence)}</td>") for row in divergent)
+        div_body = f"<table><thead><tr><th>test</th>{heads}<th>why</th></tr></thead><tbody>{body}</tbody></table>"
+    else:
+        div_body = "<p>None: every test real passes, the fake passes too, and no run fails alone.</p>"
+    groups = []
+    for area, rows in matrix.areas().items():
+        trs = "".join(_test_row(matrix, row) for row in rows)
+        groups.append(f'<tbody data-area="{escape(area)}"><tr class="area"><th colspan="{len(runs) + 1}">'
+                      f"{escape(area)} ({len(rows)} tests)</th></tr>{trs}</tbody>")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title><style>{_CSS}</style></head>
+<body>
+<h1>{escape(title)}</h1>
+<h2>Runs</h2>
+<table id="summary"><thead><tr><th>run</th><th>file</th><th>passed</th><th>failed</th><th>skipped</th>
+<th>absent</th></tr></thead><tbody>{''.join(summary)}</tbody></table>
+<section id="divergences" data-count="{len(divergent)}">
+<h2>Divergences: {len(divergent)}</h2>
+{div_body}
+</section>
+<h2>Matrix</h2>
+<p>A real-only skip is a test the real runner cannot set up (a fake-only topology or fake
+internals) while the fake passes it; it is not a divergence. Absent: the run has no such test.</p>
+<table id="matrix"><thead><tr><th>test</th>{heads}</tr></thead>
+{''.join(groups)}
+</table>
+</body></html>
+"""

@@ -1,0 +1,192 @@
+"""`vfio-conformance report`: the divergence rules, and the HTML page as a real browser sees it."""
+
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import pytest
+
+from conformance import cli
+from conformance.report import Matrix, load_runs
+
+INSTALL_CHROMIUM = "apt-get update && apt-get install -y --no-install-recommends chromium"
+
+
+def write_run(path, backend, kernel, outcomes):
+    """A run --json file; `outcomes` maps test id to an outcome or (outcome, reason)."""
+    tests = []
+    for test, result in outcomes.items():
+        outcome, reason = result if isinstance(result, tuple) else (result, "")
+        area = test.split("::")[0].rsplit("/", 1)[-1].removeprefix("test_").removesuffix(".py")
+        tests.append({"id": test, "area": area, "outcome": outcome, "reason": reason})
+    summary = {k: sum(t["outcome"] == k for t in tests) for k in ("passed", "failed", "skipped")}
+    path.write_text(json.dumps({"backend": backend, "kernel": kernel, "summary": summary, "tests": tests}))
+    return str(path)
+
+
+API = "conformance/test_api.py::"
+DMA = "conformance/test_dma.py::"
+TOPOLOGY_SKIP = ("skipped", "real backend: needs the fake kernel's 'nonviable' topology")
+
+
+@pytest.fixture
+def runs(tmp_path):
+    """Builds fake.json and real.json in tmp_path from two outcome maps."""
+    def build(fake, real):
+        return [write_run(tmp_path / "fake.json", "fake", "fake 6.1", fake),
+                write_run(tmp_path / "real.json", "real", "6.1.0-56-amd64", real)]
+    return build
+
+
+def test_agreeing_runs_exit_0_and_real_only_skips_are_not_divergences(runs, capsys):
+    paths = runs({API + "test_api_version": "passed", API + "test_nonviable_group_message": "passed"},
+                 {API + "test_api_version": "passed", API + "test_nonviable_group_message": TOPOLOGY_SKIP})
+    assert cli.main(["report", *paths]) == 0
+    out = capsys.readouterr().out
+    assert "real-only skips: 1" in out and "DIVERGES" not in out
+    assert out.splitlines()[-1] == "divergences: 0"
+    row = next(r for r in Matrix(load_runs(paths)).rows if r.test.endswith("nonviable_group_message"))
+    assert row.states == ["passed", "real-only skip"] and not row.divergence
+
+
+def test_a_failure_on_one_backend_is_a_divergence(runs, capsys):
+    paths = runs({DMA + "test_map_dma": ("failed", "OSError: [Errno 22] Invalid argument")},
+                 {DMA + "test_map_dma": "passed"})
+    assert cli.main(["report", *paths]) == 1
+    out = capsys.readouterr().out
+    assert f"DIVERGES {DMA}test_map_dma: outcomes differ" in out
+    assert "failed: OSError: [Errno 22] Invalid argument" in out
+    assert out.splitlines()[-1] == "divergences: 1"
+
+
+def test_a_failure_the_other_backend_skipped_is_a_divergence(runs):
+    paths = runs({API + "test_nonviable_group_message": "failed"},
+                 {API + "test_nonviable_group_message": TOPOLOGY_SKIP})
+    assert [r.divergence for r in Matrix(load_runs(paths)).rows] == ["outcomes differ"]
+
+
+def test_a_fake_skip_where_real_passes_is_a_divergence(runs, capsys):
+    paths = runs({DMA + "test_ivshmem_bar2": ("skipped", "fake backend: no ivshmem device bound to vfio-pci")},
+                 {DMA + "test_ivshmem_bar2": "passed"})
+    assert cli.main(["report", *paths]) == 1
+    assert "real passes, the fake does not cover it" in capsys.readouterr().out
+
+
+def test_absent_tests(runs):
+    """Real may lack a test the fake runs; the fake may not lack one real passes."""
+    paths = runs({API + "test_fake_only": "passed"}, {API + "test_real_only": "passed"})
+    rows = {r.test: r for r in Matrix(load_runs(paths)).rows}
+    assert rows[API + "test_fake_only"].states == ["passed", "absent"]
+    assert not rows[API + "test_fake_only"].divergence
+    assert rows[API + "test_real_only"].states == ["absent", "passed"]
+    assert rows[API + "test_real_only"].divergence == "real passes, the fake does not cover it"
+
+
+def test_runs_of_one_backend_are_told_apart_by_file(tmp_path, capsys):
+    first = write_run(tmp_path / "bookworm.json", "real", "6.1.0-56-amd64", {API + "test_api_version": "passed"})
+    second = write_run(tmp_path / "rerun.json", "real", "6.1.0-56-amd64", {API + "test_api_version": "passed"})
+    assert [r.label for r in load_runs([first, second])] == [
+        "real (6.1.0-56-amd64) [bookworm.json]", "real (6.1.0-56-amd64) [rerun.json]"]
+
+
+@pytest.mark.parametrize("content, why", [
+    ("{not json", "not JSON"),
+    ('{"backend": "real", "tests": []}', "not a conformance report"),
+    ('{"backend": "real", "kernel": "6.1", "tests": [{"id": "t", "area": "api", "outcome": "xfail"}]}',
+     "bad test entry"),
+    (None, "cannot read"),
+])
+def test_unusable_input_exits_2_naming_the_file(runs, tmp_path, capsys, content, why):
+    fake, _ = runs({API + "test_api_version": "passed"}, {})
+    broken = tmp_path / "broken-real.json"
+    if content is not None:
+        broken.write_text(content)
+    assert cli.main(["report", fake, str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert f"vfio-conformance report: {broken}: {why}" in err
+
+
+def test_one_run_is_not_a_comparison(runs, capsys):
+    fake, _ = runs({API + "test_api_version": "passed"}, {})
+    assert cli.main(["report", fake]) == 2
+    assert "two or more runs" in capsys.readouterr().err
+
+
+class PageDOM(HTMLParser):
+    """What a reviewer sees: the divergence count and, per #matrix row, each run's cell."""
+
+    def __init__(self, dom: str):
+        super().__init__()
+        self.title = ""
+        self.divergence_count = None
+        self.rows: dict[str, list[dict]] = {}
+        self._in_matrix = self._in_title = False
+        self._row = self._cell = None
+        self.feed(dom)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if a.get("id") == "divergences":
+            self.divergence_count = int(a["data-count"])
+        self._in_matrix |= a.get("id") == "matrix"
+        self._in_title |= tag == "title"
+        if self._in_matrix and tag == "tr" and "data-test" in a:
+            self._row = self.rows[a["data-test"]] = []
+        elif self._row is not None and tag == "td":
+            self._cell = {"class": a.get("class", "").split(), "title": a.get("title", ""), "text": ""}
+            self._row.append(self._cell)
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self._in_matrix = False
+        elif tag == "tr":
+            self._row = None
+        elif tag == "td":
+            self._cell = None
+        elif tag == "title":
+            self._in_title = False
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell["text"] += data
+        if self._in_title:
+            self.title += data
+
+
+def dump_dom(page, profile) -> str:
+    """The DOM after Debian's chromium has loaded the page headless."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.fail(f"no chromium on PATH; the HTML report is checked in a real browser: {INSTALL_CHROMIUM}")
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={profile}", "--dump-dom", page.as_uri()]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if done.returncode != 0 or "</html>" not in done.stdout:
+        pytest.fail(f"chromium exited {done.returncode}; stderr ends:\n{done.stderr[-2000:]}")
+    return done.stdout
+
+
+def test_html_report_in_headless_chromium(runs, tmp_path, capsys):
+    reason = 'fake backend: no <ivshmem> "device" & no BAR2'
+    fake = {API + "test_api_version": "passed", API + "test_nonviable_group_message": "passed",
+            DMA + "test_map_dma": ("failed", "OSError: [Errno 22] Invalid argument"),
+            DMA + "test_ivshmem_bar2": ("skipped", reason)}
+    real = {API + "test_api_version": "passed", API + "test_nonviable_group_message": TOPOLOGY_SKIP,
+            DMA + "test_map_dma": "passed", DMA + "test_ivshmem_bar2": "passed", DMA + "test_unmap_dma": "passed"}
+    page = tmp_path / "report.html"
+    assert cli.main(["report", *runs(fake, real), "--html", str(page)]) == 1
+    capsys.readouterr()
+    dom = PageDOM(dump_dom(page, tmp_path / "chromium-profile"))
+    assert dom.title == "VFIO conformance: fake (fake 6.1) vs real (6.1.0-56-amd64)"
+    assert dom.divergence_count == 3
+    assert set(dom.rows) == set(real)
+    assert all(len(cells) == 2 for cells in dom.rows.values())
+    outcome = {test: [c["class"][0] for c in cells] for test, cells in dom.rows.items()}
+    assert outcome[DMA + "test_map_dma"] == ["failed", "passed"]
+    assert outcome[DMA + "test_unmap_dma"] == ["absent", "passed"]
+    fake_cell, real_cell = dom.rows[API + "test_nonviable_group_message"]
+    assert real_cell["class"] == ["skipped", "real-only-skip"] and real_cell["title"] == TOPOLOGY_SKIP[1]
+    assert real_cell["text"].startswith("real-only skip")
+    assert dom.rows[DMA + "test_ivshmem_bar2"][0]["title"] == reason
