@@ -20,6 +20,9 @@ DMA_START = 0x40000
 DMA_SIZE = 4096
 DMA_MASK = (1 << 28) - 1
 ALL_ONES = 0xFFFFFFFFFFFFFFFF
+# edu's MemoryRegionOps accept only 4- and 8-byte accesses; QEMU's memory core answers the
+# others as unassigned memory: reads give 0 and writes are dropped, before edu sees them.
+VALID_SIZES = (4, 8)
 
 REG_ID, REG_LIVENESS, REG_FACT, REG_STATUS, REG_IRQ_STATUS = 0x00, 0x04, 0x08, 0x20, 0x24
 REG_IRQ_RAISE, REG_IRQ_ACK = 0x60, 0x64
@@ -54,8 +57,10 @@ class Edu(PciFunction):
         self._power_on()
 
     def mmio_read(self, bar: int, offset: int, size: int) -> int:
+        if size not in VALID_SIZES:
+            return 0
         mask = ALL_ONES >> (64 - 8 * size)
-        if (offset < 0x80 and size != 4) or (offset >= 0x80 and size not in (4, 8)):
+        if offset < 0x80 and size != 4:
             return mask
         value = {
             REG_ID: IDENTIFICATION,
@@ -71,7 +76,7 @@ class Edu(PciFunction):
         return value & mask
 
     def mmio_write(self, bar: int, offset: int, size: int, value: int) -> None:
-        if (offset < 0x80 and size != 4) or (offset >= 0x80 and size not in (4, 8)):
+        if size not in VALID_SIZES or (offset < 0x80 and size != 4):
             return
         if offset == REG_LIVENESS:
             self.liveness = ~value & 0xFFFFFFFF
