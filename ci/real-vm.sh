@@ -164,11 +164,7 @@ fi
 mkdir -p "$results"
 results=$(cd "$results" && pwd -P)
 rm -f "$results/exit-status" "$results/exit-reason" "$results/console.log"
-[ $# -gt 0 ] || {
-    set -- python3 -m conformance.cli run --backend real \
-        --json "$results/real.json" --junit "$results/real.xml"
-    for d in "${devices[@]}"; do set -- "$@" --device "$d"; done
-}
+[ $# -gt 0 ] || set -- sh ci/vm/guest-suite.sh
 
 # The host's real interpreter (not a pyenv shim) goes first on the guest PATH;
 # byte-compile the project now, since imports under TCG are slow and the

@@ -1,0 +1,16 @@
+#!/bin/sh
+# The default guest command of ci/real-vm.sh: the conformance suite on the real kernel, then the
+# probe recording. Destructive tests run, since the devices are QEMU's and die with the VM.
+# Runs in the guest chroot, cwd = the repo root; results go to $VFIO_REAL_RESULTS.
+set -u
+out=${VFIO_REAL_RESULTS:?set by ci/real-vm.sh}
+set --
+for d in ${VFIO_REAL_DEVICES:?set by ci/real-vm.sh}; do set -- "$@" --device "$d"; done
+python3 -m conformance.cli run --backend real --destructive \
+    --json "$out/real.json" --junit "$out/real.xml" "$@"
+suite=$?
+# shellcheck disable=SC2086  # one BDF per word
+python3 -m conformance.probe record "$out/probe.json" $VFIO_REAL_DEVICES
+probe=$?
+[ "$suite" -ne 0 ] && exit "$suite"
+exit "$probe"
