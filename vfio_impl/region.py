@@ -76,10 +76,12 @@ class Region:
 
     def mmap(self, exclude: tuple[int, int] | None = None) -> None:
         """Map every area; on failure unmap what was mapped and raise."""
+        prot = ((_mmap.PROT_READ if self.info.flags & uapi.VFIO_REGION_INFO_FLAG_READ else 0)
+                | (_mmap.PROT_WRITE if self.info.flags & uapi.VFIO_REGION_INFO_FLAG_WRITE else 0))
         done = []
         try:
             for off, size in self.mmap_areas(exclude):
-                mem = self.host.mmap(self.device.fd, size, self.info.offset + off)
+                mem = self.host.mmap(self.device.fd, size, self.info.offset + off, prot)
                 try:
                     view = memoryview(mem)
                 except TypeError:
@@ -107,24 +109,35 @@ class Region:
 
     def read(self, addr: int, size: int) -> int:
         """A little-endian access of 1, 2, 4 or 8 bytes: through the mmap when enabled."""
-        area = self._area(addr, size)
-        if area is not None:
-            rel = addr - area.offset
-            if isinstance(area.view, memoryview):
-                return _LE[size].unpack_from(area.view, rel)[0]
-            return area.view.read(rel, size)
-        return int.from_bytes(self.pread(addr, size), "little")
+        value = self.read_mapped(addr, size)
+        if value is None:
+            return int.from_bytes(self.pread(addr, size), "little")
+        return value
 
     def write(self, addr: int, size: int, value: int) -> None:
+        if not self.write_mapped(addr, size, value):
+            self.pwrite(addr, value.to_bytes(size, "little"))
+
+    def read_mapped(self, addr: int, size: int) -> int | None:
+        """The fast path alone (None when it is off or misses), for callers that trap the rest."""
         area = self._area(addr, size)
-        if area is not None:
-            rel = addr - area.offset
-            if isinstance(area.view, memoryview):
-                _LE[size].pack_into(area.view, rel, value)
-            else:
-                area.view.write(rel, size, value)
-            return
-        self.pwrite(addr, value.to_bytes(size, "little"))
+        if area is None:
+            return None
+        rel = addr - area.offset
+        if isinstance(area.view, memoryview):
+            return _LE[size].unpack_from(area.view, rel)[0]
+        return area.view.read(rel, size)
+
+    def write_mapped(self, addr: int, size: int, value: int) -> bool:
+        area = self._area(addr, size)
+        if area is None:
+            return False
+        rel = addr - area.offset
+        if isinstance(area.view, memoryview):
+            _LE[size].pack_into(area.view, rel, value)
+        else:
+            area.view.write(rel, size, value)
+        return True
 
     def pread(self, addr: int, n: int) -> bytes:
         try:
