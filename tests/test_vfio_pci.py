@@ -21,7 +21,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 CONFIG = uapi.VFIO_PCI_CONFIG_REGION_INDEX << 40
 ROM = uapi.VFIO_PCI_ROM_REGION_INDEX << 40
 INTX, MSI, MSIX = uapi.VFIO_PCI_INTX_IRQ_INDEX, uapi.VFIO_PCI_MSI_IRQ_INDEX, uapi.VFIO_PCI_MSIX_IRQ_INDEX
-RAISE, ACK, FACT = 0x60, 0x64, 0x08
+RAISE, ACK, FACT, STATUS = 0x60, 0x64, 0x08, 0x20
 ROM_IMAGE = b"\x55\xaa" + bytes(range(256)) * 3
 
 
@@ -829,6 +829,8 @@ def edu_dma(dev, src, dst, count, to_ram):
 
 def test_acceptance_edu_factorial(edu):
     edu.bar_write(0, FACT, 10, 4)
+    while edu.bar_read(0, STATUS, 4) & 1:
+        pass
     assert edu.bar_read(0, FACT, 4) == 3628800
     edu.bar_write(0, 0x04, 0x12345678, 4)
     assert edu.bar_read(0, 0x04, 4) == 0xEDCBA987

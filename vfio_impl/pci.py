@@ -80,7 +80,8 @@ MSIX_CONTROL_OFFSET = PCI_MSIX_FLAGS + 1
 INTX, MSI, MSIX = uapi.VFIO_PCI_INTX_IRQ_INDEX, uapi.VFIO_PCI_MSI_IRQ_INDEX, uapi.VFIO_PCI_MSIX_IRQ_INDEX
 ROM_INDEX, CONFIG_INDEX = uapi.VFIO_PCI_ROM_REGION_INDEX, uapi.VFIO_PCI_CONFIG_REGION_INDEX
 _PAGE = _mmap.PAGESIZE
-_ACCESS_SIZES = (1, 2, 4)
+# The access sizes a guest's BAR and config accesses come in, with their value masks.
+_ACCESS_MASKS = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF}
 _HOST_RE = re.compile(r"^(?:([0-9a-fA-F]{1,4}):)?([0-9a-fA-F]{1,2}):([0-9a-fA-F]{1,2})\.([0-7])$")
 
 VFIO_INT_NONE, VFIO_INT_INTX, VFIO_INT_MSI, VFIO_INT_MSIX = "none", "intx", "msi", "msix"
@@ -433,11 +434,12 @@ class VFIOPCIDevice:
     def bar_read(self, nr: int, addr: int, size: int) -> int:
         """The guest reads a BAR: MSI-X emulation, else the mmap, else a trapped pread and an EOI."""
         bar = self.bars[nr]
-        if size not in _ACCESS_SIZES:
+        if size not in _ACCESS_MASKS:
             raise VFIOError(f"vfio: unsupported read size, {size} bytes", errno.EINVAL)
-        for start, end, read, _ in bar.traps:
-            if start <= addr < end:
-                return read(addr - start, size)
+        if bar.traps:
+            for start, end, read, _ in bar.traps:
+                if start <= addr < end:
+                    return read(addr - start, size)
         value = bar.region.read_mapped(addr, size)
         if value is not None:
             return value
@@ -452,13 +454,15 @@ class VFIOPCIDevice:
     def bar_write(self, nr: int, addr: int, value: int, size: int) -> None:
         """The guest writes a BAR; a trapped write is an EOI even when it fails, as in the seed."""
         bar = self.bars[nr]
-        if size not in _ACCESS_SIZES:
+        mask = _ACCESS_MASKS.get(size)
+        if mask is None:
             raise VFIOError(f"vfio: unsupported write size, {size} bytes", errno.EINVAL)
-        value &= _ones(size)
-        for start, end, _, write in bar.traps:
-            if start <= addr < end:
-                write(addr - start, value, size)
-                return
+        value &= mask
+        if bar.traps:
+            for start, end, _, write in bar.traps:
+                if start <= addr < end:
+                    write(addr - start, value, size)
+                    return
         if bar.region.write_mapped(addr, size, value):
             return
         try:
@@ -484,7 +488,7 @@ class VFIOPCIDevice:
 
     def config_read(self, addr: int, size: int) -> int:
         """Emulated ROM BAR and MSI/MSI-X capabilities, the device for the rest; multifunction virtual."""
-        if size not in _ACCESS_SIZES:
+        if size not in _ACCESS_MASKS:
             raise VFIOError(f"vfio: unsupported config read size, {size} bytes", errno.EINVAL)
         if addr + size > PCI_CONFIG_SPACE_SIZE:
             return _ones(size)
@@ -505,7 +509,7 @@ class VFIOPCIDevice:
 
     def config_write(self, addr: int, value: int, size: int) -> None:
         """Everything goes to the device first; the header and MSI/MSI-X also to the emulation."""
-        if size not in _ACCESS_SIZES:
+        if size not in _ACCESS_MASKS:
             raise VFIOError(f"vfio: unsupported config write size, {size} bytes", errno.EINVAL)
         if addr + size > PCI_CONFIG_SPACE_SIZE:
             return

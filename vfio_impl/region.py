@@ -99,14 +99,6 @@ class Region:
             _close_area(area)
         self.areas = []
 
-    def _area(self, addr: int, size: int) -> MmapArea | None:
-        if not self.mmap_enabled:
-            return None
-        for area in self.areas:
-            if area.offset <= addr and addr + size <= area.offset + area.size:
-                return area
-        return None
-
     def read(self, addr: int, size: int) -> int:
         """A little-endian access of 1, 2, 4 or 8 bytes: through the mmap when enabled."""
         value = self.read_mapped(addr, size)
@@ -120,24 +112,26 @@ class Region:
 
     def read_mapped(self, addr: int, size: int) -> int | None:
         """The fast path alone (None when it is off or misses), for callers that trap the rest."""
-        area = self._area(addr, size)
-        if area is None:
-            return None
-        rel = addr - area.offset
-        if isinstance(area.view, memoryview):
-            return _LE[size].unpack_from(area.view, rel)[0]
-        return area.view.read(rel, size)
+        if self.mmap_enabled:
+            for area in self.areas:
+                rel = addr - area.offset
+                if 0 <= rel and rel + size <= area.size:
+                    if type(area.view) is memoryview:
+                        return _LE[size].unpack_from(area.view, rel)[0]
+                    return area.view.read(rel, size)
+        return None
 
     def write_mapped(self, addr: int, size: int, value: int) -> bool:
-        area = self._area(addr, size)
-        if area is None:
-            return False
-        rel = addr - area.offset
-        if isinstance(area.view, memoryview):
-            _LE[size].pack_into(area.view, rel, value)
-        else:
-            area.view.write(rel, size, value)
-        return True
+        if self.mmap_enabled:
+            for area in self.areas:
+                rel = addr - area.offset
+                if 0 <= rel and rel + size <= area.size:
+                    if type(area.view) is memoryview:
+                        _LE[size].pack_into(area.view, rel, value)
+                    else:
+                        area.view.write(rel, size, value)
+                    return True
+        return False
 
     def pread(self, addr: int, n: int) -> bytes:
         try:
