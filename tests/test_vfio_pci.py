@@ -68,10 +68,14 @@ def clock():
     return VirtualClock()
 
 
-@pytest.fixture
-def space(kernel, clock):
+def _space(kernel, clock):
     with AddressSpace(kernel, Machine(clock)) as s:
         yield s
+
+
+@pytest.fixture
+def space(kernel, clock):
+    yield from _space(kernel, clock)
 
 
 @pytest.fixture
@@ -88,8 +92,7 @@ def tkernel(test_model):
 
 @pytest.fixture
 def tspace(tkernel, clock):
-    with AddressSpace(tkernel, Machine(clock)) as s:
-        yield s
+    yield from _space(tkernel, clock)
 
 
 @pytest.fixture
