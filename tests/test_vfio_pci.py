@@ -39,6 +39,7 @@ class MsixTestFunction(fpci.PciFunction):
         super().__init__()
         self.add_bar(0, fpci.Bar(0x1000))
         self.add_bar(2, fpci.Bar(0x10000, kind=fpci.BAR_MEM64, prefetch=True))
+        self.add_bar(4, fpci.Bar(0x1000, ram=True))
         self.add_capability(fpci.PCI_CAP_ID_PM, 0x48, 8)
         self.add_msi(0x50, vectors_log2=2, is_64bit=True, maskbit=True)
         self.add_capability(fpci.PCI_CAP_ID_MSIX, 0x70, 12)
@@ -373,7 +374,7 @@ def test_bars_have_their_type_and_skip_the_unimplemented(tdev):
     bar0, bar2 = tdev.bars[0], tdev.bars[2]
     assert (bar0.size, bar0.ioport, bar0.mem64) == (0x1000, False, False)
     assert (bar2.size, bar2.mem64, bar2.prefetch) == (0x10000, True, True)
-    assert [b.size for b in tdev.bars] == [0x1000, 0, 0x10000, 0, 0, 0] and not tdev.bars[3].areas
+    assert [b.size for b in tdev.bars] == [0x1000, 0, 0x10000, 0, 0x1000, 0] and not tdev.bars[3].areas
     assert tdev.config[0x18] == fpci.BAR_MEM64 | fpci.BAR_PREFETCH
     tdev.config_write(0x18, 0xFFFFFFFF, 4)
     assert tdev.config[0x18:0x1C] == struct.pack("<I", 0xFFFF000C)
@@ -430,6 +431,16 @@ def test_bar_access_is_little_endian_and_sized(tdev, tspace):
         dev.bar_write(0, 0, 1, 3)
     dev.bar_write(2, 0x3000, 0x11223344, 4)
     assert dev.bar_read(2, 0x3000, 1) == 0x44 and dev.bar_read(2, 0x3002, 2) == 0x1122
+
+
+def test_mapped_ram_takes_aligned_accesses_and_traps_misaligned_ones(tdev):
+    tdev.bar_write(4, 0x10, 0x11223344, 4)
+    tdev.bar_write(4, 0x14, 0xAB, 1)
+    with TraceRecorder() as tr:
+        assert tdev.bar_read(4, 0x10, 4) == 0x11223344 and tdev.bar_read(4, 0x12, 2) == 0x1122
+        assert not tr.named("vfio_region_read")
+        assert tdev.bar_read(4, 0x13, 2) == 0xAB11
+    assert [f["addr"] for f in tr.named("vfio_region_read")] == [0x13]
 
 
 def test_a_failed_bar_access_is_reported_not_raised(kernel, space):

@@ -7,15 +7,15 @@ detection) and on again; `mmap_enabled` is that switch.
 from __future__ import annotations
 
 import mmap as _mmap
-import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import uapi
 from .errors import VFIOError
 from .trace import trace
 
 _PAGE = _mmap.PAGESIZE
-_LE = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I"), 8: struct.Struct("<Q")}
+# Native formats of each access size; VFIO regions are little-endian, as the hosts this runs on.
+_WORD_FORMATS = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
 
 @dataclass(slots=True, frozen=True)
@@ -36,10 +36,14 @@ class RegionInfo:
 
 @dataclass(slots=True)
 class MmapArea:
+    """One mmap; `words` are typed views of it so an access is one load or store of its size
+    (struct.pack_into zero-fills first, which a device register sees as a second write)."""
+
     offset: int
     size: int
     mem: object = None
     view: object = None
+    words: dict = field(default_factory=dict)
 
 
 class Region:
@@ -84,9 +88,10 @@ class Region:
                 mem = self.host.mmap(self.device.fd, size, self.info.offset + off, prot)
                 try:
                     view = memoryview(mem)
+                    words = {n: view.cast(f) for n, f in _WORD_FORMATS.items()}
                 except TypeError:
-                    view = mem
-                done.append(MmapArea(off, size, mem, view))
+                    view, words = mem, {}
+                done.append(MmapArea(off, size, mem, view, words))
                 trace("vfio_region_mmap", name=self.name, offset=off, size=size)
         except OSError as e:
             for area in done:
@@ -111,14 +116,18 @@ class Region:
             self.pwrite(addr, value.to_bytes(size, "little"))
 
     def read_mapped(self, addr: int, size: int) -> int | None:
-        """The fast path alone (None when it is off or misses), for callers that trap the rest."""
+        """The fast path alone (None when it is off or misses), for callers that trap the rest.
+
+        A misaligned access misses too: the trapped path makes it one access, the mmap cannot.
+        """
         if self.mmap_enabled:
             for area in self.areas:
                 rel = addr - area.offset
                 if 0 <= rel and rel + size <= area.size:
-                    if type(area.view) is memoryview:
-                        return _LE[size].unpack_from(area.view, rel)[0]
-                    return area.view.read(rel, size)
+                    if not area.words:
+                        return area.view.read(rel, size)
+                    if not rel % size:
+                        return area.words[size][rel // size]
         return None
 
     def write_mapped(self, addr: int, size: int, value: int) -> bool:
@@ -126,11 +135,12 @@ class Region:
             for area in self.areas:
                 rel = addr - area.offset
                 if 0 <= rel and rel + size <= area.size:
-                    if type(area.view) is memoryview:
-                        _LE[size].pack_into(area.view, rel, value)
-                    else:
+                    if not area.words:
                         area.view.write(rel, size, value)
-                    return True
+                        return True
+                    if not rel % size:
+                        area.words[size][rel // size] = value
+                        return True
         return False
 
     def pread(self, addr: int, n: int) -> bytes:
@@ -154,6 +164,8 @@ class Region:
 
 
 def _close_area(area: MmapArea) -> None:
+    for words in area.words.values():
+        words.release()
     if isinstance(area.view, memoryview):
         area.view.release()
     area.mem.close()
