@@ -1,7 +1,8 @@
 """Emulated PCI hardware: what sits behind vfio-pci in the fake kernel.
 
-This is the device side only (raw config space with write masks, BARs, the INTx line, MSI
-delivery, DMA through the IOMMU). What vfio-pci does on top of it lives in vfio_pci.py.
+This is the device side only (raw config space with write masks, BARs, the INTx line, MSI and
+MSI-X delivery, DMA through the IOMMU), built the way QEMU's hw/pci builds it. What vfio-pci
+does on top of it lives in vfio_pci.py.
 """
 
 from __future__ import annotations
@@ -33,10 +34,24 @@ PCI_COMMAND_INTX_DISABLE = 0x400
 PCI_STATUS_INTERRUPT = 0x8
 PCI_STATUS_CAP_LIST = 0x10
 
+PCI_STD_HEADER_SIZEOF = 0x40
+PCI_CAP_LIST_NEXT = 1
+
 PCI_CAP_ID_PM = 0x01
 PCI_CAP_ID_MSI = 0x05
 PCI_CAP_ID_EXP = 0x10
 PCI_CAP_ID_MSIX = 0x11
+PCI_PM_PMC = 2
+PCI_PM_CTRL = 4
+PCI_PM_SIZEOF = 8
+PCI_PM_CAP_VER_1_1 = 0x0002
+PCI_PM_CAP_DSI = 0x0020
+PCI_PM_CAP_PME_MASK = 0xF800
+PCI_PM_CTRL_STATE_MASK = 0x0003
+PCI_PM_CTRL_PME_ENABLE = 0x0100
+PCI_PM_CTRL_DATA_SEL_MASK = 0x1E00
+PCI_PM_CTRL_PME_STATUS = 0x8000
+PCI_D3HOT = 3
 PCI_MSI_FLAGS = 2
 PCI_MSI_FLAGS_ENABLE = 0x1
 PCI_MSI_FLAGS_QMASK = 0xE
@@ -44,8 +59,65 @@ PCI_MSI_FLAGS_QSIZE = 0x70
 PCI_MSI_FLAGS_64BIT = 0x80
 PCI_MSI_FLAGS_MASKBIT = 0x100
 PCI_MSIX_FLAGS = 2
+PCI_MSIX_TABLE = 4
+PCI_MSIX_FLAGS_QSIZE = 0x07FF
 PCI_MSIX_FLAGS_ENABLE = 0x8000
 PCI_MSIX_FLAGS_MASKALL = 0x4000
+PCI_MSIX_BIR = 0x7
+PCI_MSIX_ENTRY_SIZE = 16
+PCI_MSIX_ENTRY_VECTOR_CTRL = 12
+PCI_MSIX_ENTRY_CTRL_MASKBIT = 0x1
+PCI_CAP_MSIX_SIZEOF = 12
+
+PCI_EXP_FLAGS = 2
+PCI_EXP_FLAGS_VERS = 0x000F
+PCI_EXP_FLAGS_TYPE = 0x00F0
+PCI_EXP_TYPE_ENDPOINT = 0x0
+PCI_EXP_TYPE_RC_END = 0x9
+PCI_EXP_DEVCAP = 4
+PCI_EXP_DEVCAP_RBER = 0x00008000
+PCI_EXP_DEVCAP_FLR = 0x10000000
+PCI_EXP_DEVCTL = 8
+PCI_EXP_DEVCTL_PAYLOAD = 0x00E0
+PCI_EXP_DEVCTL_PHANTOM = 0x0200
+PCI_EXP_DEVCTL_READRQ = 0x7000
+PCI_EXP_DEVCTL_BCR_FLR = 0x8000
+PCI_EXP_LNKCAP = 0x0C
+PCI_EXP_LNKCAP_ASPM_L0S = 0x00000400
+PCI_EXP_LNKSTA = 0x12
+PCI_EXP_DEVCTL2 = 0x28
+PCI_EXP_DEVCTL2_ARI = 0x0020
+PCIE_LINK_X1 = 0x1
+PCIE_LINK_2_5GT = 0x1
+PCI_EXP_VER1_SIZEOF = 0x14
+
+PCI_EXT_CAP_ID_ERR = 0x01
+PCI_EXT_CAP_ID_DSN = 0x03
+PCI_ERR_VER = 2
+PCI_ERR_UNCOR_STATUS = 0x04
+PCI_ERR_UNCOR_MASK = 0x08
+PCI_ERR_UNCOR_SEVER = 0x0C
+PCI_ERR_COR_STATUS = 0x10
+PCI_ERR_COR_MASK = 0x14
+PCI_ERR_CAP = 0x18
+PCI_ERR_SIZEOF = 0x48
+PCI_ERR_UNC_DLP = 0x00000010
+PCI_ERR_UNC_SURPDN = 0x00000020
+PCI_ERR_UNC_FCP = 0x00002000
+PCI_ERR_UNC_RX_OVER = 0x00020000
+PCI_ERR_UNC_MALF_TLP = 0x00040000
+PCI_ERR_UNC_INTN = 0x00400000
+# QEMU's PCI_ERR_UNC_SUPPORTED: every uncorrectable error bit but Undefined.
+PCI_ERR_UNC_SUPPORTED = 0x03FFF030
+PCI_ERR_UNC_SEVERITY_DEFAULT = (PCI_ERR_UNC_DLP | PCI_ERR_UNC_SURPDN | PCI_ERR_UNC_FCP | PCI_ERR_UNC_RX_OVER
+                                | PCI_ERR_UNC_MALF_TLP | PCI_ERR_UNC_INTN)
+PCI_ERR_COR_SUPPORTED = 0x0000F1C1
+PCI_ERR_COR_MASK_DEFAULT = 0x0000E000
+PCI_ERR_CAP_ECRC_GENC = 0x020
+PCI_ERR_CAP_ECRC_GENE = 0x040
+PCI_ERR_CAP_ECRC_CHKC = 0x080
+PCI_ERR_CAP_ECRC_CHKE = 0x100
+PCI_EXT_CAP_DSN_SIZEOF = 12
 
 BAR_MEM32 = 0x0
 BAR_MEM64 = 0x4
@@ -54,6 +126,7 @@ BAR_PREFETCH = 0x8
 
 PCI_CFG_SPACE_SIZE = 256
 PCI_CFG_SPACE_EXP_SIZE = 4096
+IMPL_ACCESS_SIZE = 4
 
 
 @dataclass(slots=True)
@@ -87,6 +160,24 @@ class Capability:
     size: int
 
 
+def _mask(size: int) -> int:
+    return (1 << (8 * size)) - 1
+
+
+def adjusted_read(read_reg: Callable[[int], int], offset: int, size: int) -> int:
+    """QEMU's access_with_adjusted_size for registers implemented 4 bytes wide: a narrower read
+    gets the low bytes of the register its address selects, a wider one is split in two."""
+    if size < IMPL_ACCESS_SIZE:
+        return read_reg(offset) & _mask(size)
+    return sum((read_reg(offset + i) & _mask(IMPL_ACCESS_SIZE)) << (8 * i) for i in range(0, size, IMPL_ACCESS_SIZE))
+
+
+def adjusted_write(write_reg: Callable[[int, int], None], offset: int, size: int, value: int) -> None:
+    """The write side: a narrower write stores its zero-extended value in the whole register."""
+    for i in range(0, max(size, IMPL_ACCESS_SIZE), IMPL_ACCESS_SIZE):
+        write_reg(offset + i, (value >> (8 * i)) & _mask(IMPL_ACCESS_SIZE))
+
+
 class PciFunction:
     """A PCI function's hardware: config registers with write masks, BARs, interrupts, DMA."""
 
@@ -99,6 +190,10 @@ class PciFunction:
     interrupt_pin = 0
     pcie = False
     model = "pci"
+    # Whether Linux finds a reset for the function, and whether it is the PM D3hot-D0 cycle
+    # (pm_reset) rather than a function level reset (reset).
+    reset_works = False
+    reset_by_pm = False
 
     def __init__(self) -> None:
         size = PCI_CFG_SPACE_EXP_SIZE if self.pcie else PCI_CFG_SPACE_SIZE
@@ -107,11 +202,16 @@ class PciFunction:
         self.bars: list[Bar | None] = [None] * 6
         self.rom: bytes | None = None
         self.caps: list[Capability] = []
+        self.ext_caps: list[Capability] = []
+        self.msix_table = bytearray()
+        self.msix_pba = bytearray()
         self.sinks = Sinks()
         self.intx_level = False
         self._build_header()
 
     def _build_header(self) -> None:
+        """QEMU's pci_init_wmask: COMMAND, cache line and interrupt line are writable in the
+        header, and everything past it is until a capability claims the bytes."""
         c = self.config
         struct.pack_into("<HH", c, 0, self.vendor_id, self.device_id)
         c[PCI_REVISION_ID] = self.revision
@@ -119,10 +219,11 @@ class PciFunction:
         struct.pack_into("<HH", c, PCI_SUBSYSTEM_VENDOR_ID, self.subsystem_vendor_id, self.subsystem_id)
         c[PCI_INTERRUPT_PIN] = self.interrupt_pin
         struct.pack_into("<H", self.wmask, PCI_COMMAND,
-                         PCI_COMMAND_IO | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER | PCI_COMMAND_INTX_DISABLE | 0x140)
+                         PCI_COMMAND_IO | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER | PCI_COMMAND_INTX_DISABLE
+                         | PCI_COMMAND_SERR)
         self.wmask[0x0C] = 0xFF
-        self.wmask[0x0D] = 0xFF
         self.wmask[PCI_INTERRUPT_LINE] = 0xFF
+        self.wmask[PCI_STD_HEADER_SIZEOF:] = b"\xff" * (len(c) - PCI_STD_HEADER_SIZEOF)
 
     def add_bar(self, index: int, bar: Bar) -> None:
         self.bars[index] = bar
@@ -138,7 +239,8 @@ class PciFunction:
         struct.pack_into("<I", self.wmask, PCI_ROM_ADDRESS, (~(size - 1) & 0xFFFFF800) | 1)
 
     def add_capability(self, cap_id: int, offset: int, size: int) -> None:
-        """Chains the new capability at the end of the list, as QEMU's pci_add_capability does."""
+        """Chains the new capability at the end of the list, as QEMU's pci_add_capability does;
+        its bytes are read-only until the capability opens some of them."""
         c = self.config
         if self.caps:
             c[self.caps[-1].offset + 1] = offset
@@ -147,7 +249,23 @@ class PciFunction:
             struct.pack_into("<H", c, PCI_STATUS, struct.unpack_from("<H", c, PCI_STATUS)[0] | PCI_STATUS_CAP_LIST)
         c[offset] = cap_id
         c[offset + 1] = 0
+        self.wmask[offset:offset + size] = bytes(size)
         self.caps.append(Capability(cap_id, offset, size))
+
+    def add_ext_capability(self, cap_id: int, version: int, offset: int, size: int) -> None:
+        """QEMU's pcie_add_capability: the first one sits at 0x100, later ones are chained after it."""
+        if self.ext_caps:
+            last = self.ext_caps[-1].offset
+            header = self.config_read(last, 4) & 0x000FFFFF
+            struct.pack_into("<I", self.config, last, header | (offset << 20))
+        struct.pack_into("<I", self.config, offset, cap_id | (version << 16))
+        self.wmask[offset:offset + size] = bytes(size)
+        self.ext_caps.append(Capability(cap_id, offset, size))
+
+    def add_pm(self, offset: int, pmc: int, ctrl_wmask: int) -> None:
+        self.add_capability(PCI_CAP_ID_PM, offset, PCI_PM_SIZEOF)
+        struct.pack_into("<H", self.config, offset + PCI_PM_PMC, PCI_PM_CAP_VER_1_1 | pmc)
+        struct.pack_into("<H", self.wmask, offset + PCI_PM_CTRL, ctrl_wmask)
 
     def add_msi(self, offset: int, vectors_log2: int, is_64bit: bool, maskbit: bool) -> None:
         size = 0xA + (4 if is_64bit else 0) + (0xA if maskbit else 0)
@@ -159,19 +277,128 @@ class PciFunction:
         struct.pack_into("<H", self.wmask, offset + PCI_MSI_FLAGS, PCI_MSI_FLAGS_ENABLE | PCI_MSI_FLAGS_QSIZE)
         self.wmask[offset + 4:offset + size] = b"\xff" * (size - 4)
 
+    def add_pcie_v1(self, offset: int) -> None:
+        """QEMU's pcie_endpoint_cap_v1_init: a version 1 endpoint on a x1 2.5 GT/s link, port 0."""
+        self.add_capability(PCI_CAP_ID_EXP, offset, PCI_EXP_VER1_SIZEOF)
+        struct.pack_into("<H", self.config, offset + PCI_EXP_FLAGS, (PCI_EXP_TYPE_ENDPOINT << 4) | 1)
+        struct.pack_into("<I", self.config, offset + PCI_EXP_DEVCAP, PCI_EXP_DEVCAP_RBER)
+        struct.pack_into("<I", self.config, offset + PCI_EXP_LNKCAP,
+                         PCI_EXP_LNKCAP_ASPM_L0S | (PCIE_LINK_X1 << 4) | PCIE_LINK_2_5GT)
+        struct.pack_into("<H", self.config, offset + PCI_EXP_LNKSTA, (PCIE_LINK_X1 << 4) | PCIE_LINK_2_5GT)
+
+    def add_aer(self, offset: int) -> None:
+        """QEMU's pcie_aer_init with no header log; its Uncorrectable Error Mask stays read-only,
+        as the real runner's QEMU 7.2 answers."""
+        self.add_ext_capability(PCI_EXT_CAP_ID_ERR, PCI_ERR_VER, offset, PCI_ERR_SIZEOF)
+        for reg, value, wmask in ((PCI_ERR_UNCOR_SEVER, PCI_ERR_UNC_SEVERITY_DEFAULT, PCI_ERR_UNC_SUPPORTED),
+                                  (PCI_ERR_COR_MASK, PCI_ERR_COR_MASK_DEFAULT, PCI_ERR_COR_SUPPORTED),
+                                  (PCI_ERR_CAP, PCI_ERR_CAP_ECRC_GENC | PCI_ERR_CAP_ECRC_CHKC,
+                                   PCI_ERR_CAP_ECRC_GENE | PCI_ERR_CAP_ECRC_CHKE)):
+            struct.pack_into("<I", self.config, offset + reg, value)
+            struct.pack_into("<I", self.wmask, offset + reg, wmask)
+
+    def add_dsn(self, offset: int, serial: int) -> None:
+        self.add_ext_capability(PCI_EXT_CAP_ID_DSN, 1, offset, PCI_EXT_CAP_DSN_SIZEOF)
+        struct.pack_into("<Q", self.config, offset + 4, serial)
+
+    def add_msix(self, offset: int, vectors: int, bar: int, table: int, pba: int) -> None:
+        """QEMU's msix_init with table and PBA in one BAR: every vector starts masked."""
+        self.add_capability(PCI_CAP_ID_MSIX, offset, PCI_CAP_MSIX_SIZEOF)
+        struct.pack_into("<HII", self.config, offset + PCI_MSIX_FLAGS, vectors - 1, table | bar, pba | bar)
+        struct.pack_into("<H", self.wmask, offset + PCI_MSIX_FLAGS, PCI_MSIX_FLAGS_ENABLE | PCI_MSIX_FLAGS_MASKALL)
+        self.msix_table = bytearray(vectors * PCI_MSIX_ENTRY_SIZE)
+        for v in range(vectors):
+            self.msix_table[v * PCI_MSIX_ENTRY_SIZE + PCI_MSIX_ENTRY_VECTOR_CTRL] = PCI_MSIX_ENTRY_CTRL_MASKBIT
+        self.msix_pba = bytearray((vectors + 63) // 64 * 8)
+
+    def bar_address(self, index: int) -> int:
+        """Where firmware placed the BAR: its register without the type bits."""
+        bar = self.bars[index]
+        low = self.config_read(PCI_BASE_ADDRESS_0 + 4 * index, 4)
+        high = self.config_read(PCI_BASE_ADDRESS_0 + 4 * index + 4, 4) if bar.kind == BAR_MEM64 else 0
+        return (high << 32) | (low & ~(0x3 if bar.kind == BAR_IO else 0xF))
+
+    def find_cap(self, cap_id: int) -> Capability | None:
+        return next((c for c in self.caps if c.cap_id == cap_id), None)
+
     def msi_cap(self) -> Capability | None:
-        return next((c for c in self.caps if c.cap_id == PCI_CAP_ID_MSI), None)
+        return self.find_cap(PCI_CAP_ID_MSI)
 
     def msi_enabled(self) -> bool:
         cap = self.msi_cap()
         return bool(cap) and bool(self.config_read(cap.offset + PCI_MSI_FLAGS, 2) & PCI_MSI_FLAGS_ENABLE)
 
+    # -- MSI-X: the table and PBA live in a BAR, the enable and function mask in config ---------
+    def msix_layout(self) -> tuple[int, int, int] | None:
+        """(BAR, table offset, PBA offset) from the capability's table and PBA dwords; None without MSI-X."""
+        cap = self.find_cap(PCI_CAP_ID_MSIX)
+        if cap is None:
+            return None
+        table, pba = struct.unpack_from("<II", self.config, cap.offset + PCI_MSIX_TABLE)
+        return table & PCI_MSIX_BIR, table & ~PCI_MSIX_BIR, pba & ~PCI_MSIX_BIR
+
+    def msix_flags(self) -> int:
+        cap = self.find_cap(PCI_CAP_ID_MSIX)
+        return self.config_read(cap.offset + PCI_MSIX_FLAGS, 2) if cap else 0
+
+    def msix_enabled(self) -> bool:
+        return bool(self.msix_flags() & PCI_MSIX_FLAGS_ENABLE)
+
+    def msix_masked(self, vector: int) -> bool:
+        ctrl = self.msix_table[vector * PCI_MSIX_ENTRY_SIZE + PCI_MSIX_ENTRY_VECTOR_CTRL]
+        flags = self.msix_flags()
+        return (not flags & PCI_MSIX_FLAGS_ENABLE or bool(flags & PCI_MSIX_FLAGS_MASKALL)
+                or bool(ctrl & PCI_MSIX_ENTRY_CTRL_MASKBIT))
+
+    def msix_pending(self, vector: int) -> bool:
+        return bool(self.msix_pba[vector // 8] & (1 << (vector % 8)))
+
+    def _set_pending(self, vector: int, on: bool) -> None:
+        bit = 1 << (vector % 8)
+        self.msix_pba[vector // 8] = (self.msix_pba[vector // 8] | bit) if on else (self.msix_pba[vector // 8] & ~bit)
+
+    def msix_notify(self, vector: int) -> None:
+        """A masked vector only sets its pending bit; unmasking sends it later."""
+        if not self.msix_enabled():
+            return
+        if self.msix_masked(vector):
+            self._set_pending(vector, True)
+            return
+        self.msi_notify(vector)
+
+    def _msix_unmasked(self, vector: int, was_masked: bool) -> None:
+        """msix_handle_mask_update: a pending vector that is unmasked fires now."""
+        if was_masked and not self.msix_masked(vector) and self.msix_pending(vector):
+            self._set_pending(vector, False)
+            self.msi_notify(vector)
+
     def msix_enable(self, on: bool) -> None:
-        cap = next((c for c in self.caps if c.cap_id == PCI_CAP_ID_MSIX), None)
-        if cap:
-            flags = self.config_read(cap.offset + PCI_MSIX_FLAGS, 2)
-            flags = (flags | PCI_MSIX_FLAGS_ENABLE) if on else (flags & ~PCI_MSIX_FLAGS_ENABLE)
-            struct.pack_into("<H", self.config, cap.offset + PCI_MSIX_FLAGS, flags)
+        """Linux enables MSI-X with the function unmasked and every vector still masked."""
+        cap = self.find_cap(PCI_CAP_ID_MSIX)
+        masked = [self.msix_masked(v) for v in range(len(self.msix_table) // PCI_MSIX_ENTRY_SIZE)]
+        flags = self.msix_flags() & ~(PCI_MSIX_FLAGS_ENABLE | PCI_MSIX_FLAGS_MASKALL)
+        struct.pack_into("<H", self.config, cap.offset + PCI_MSIX_FLAGS, flags | (PCI_MSIX_FLAGS_ENABLE if on else 0))
+        for vector, was_masked in enumerate(masked):
+            self._msix_unmasked(vector, was_masked)
+
+    def msix_bar_read(self, offset: int, size: int) -> int:
+        """The table and PBA take 4- and 8-byte accesses; anything else in the BAR reads 0."""
+        _, table, pba = self.msix_layout()
+        for base, data in ((table, self.msix_table), (pba, self.msix_pba)):
+            if base <= offset < base + len(data) and size in (4, 8):
+                return int.from_bytes(data[offset - base:offset - base + size], "little")
+        return 0
+
+    def msix_bar_write(self, offset: int, size: int, value: int) -> None:
+        """Table writes take effect per entry; the PBA is read-only."""
+        _, table, _ = self.msix_layout()
+        if not (table <= offset < table + len(self.msix_table) and size in (4, 8)):
+            return
+        pos = offset - table
+        vector = pos // PCI_MSIX_ENTRY_SIZE
+        was_masked = self.msix_masked(vector)
+        self.msix_table[pos:pos + size] = value.to_bytes(size, "little")
+        self._msix_unmasked(vector, was_masked)
 
     def config_read(self, offset: int, size: int) -> int:
         return int.from_bytes(self.config[offset:offset + size], "little")
@@ -189,7 +416,10 @@ class PciFunction:
         return bool(self.command() & PCI_COMMAND_MASTER)
 
     def set_irq(self, level: bool) -> None:
-        """Drive the INTx pin; the status bit follows it as in PCI 2.3."""
+        """Drive the INTx pin; the status bit follows it as in PCI 2.3. Driving it to the level it
+        already has changes nothing, as in QEMU's pci_irq_handler."""
+        if level == self.intx_level:
+            return
         self.intx_level = level
         status = self.config_read(PCI_STATUS, 2)
         status = (status | PCI_STATUS_INTERRUPT) if level else (status & ~PCI_STATUS_INTERRUPT)
@@ -213,6 +443,14 @@ class PciFunction:
 
     def mmio_write(self, bar: int, offset: int, size: int, value: int) -> None:
         pass
+
+    def pm_reset(self) -> None:
+        """Linux's pci_pm_reset: D3hot and back to D0 through PMCSR. QEMU 7.2 devices keep all
+        their state across it, which is why the real runner's e1000e comes back unchanged."""
+        ctrl = self.find_cap(PCI_CAP_ID_PM).offset + PCI_PM_CTRL
+        csr = self.config_read(ctrl, 2) & ~PCI_PM_CTRL_STATE_MASK
+        self.config_write(ctrl, 2, csr | PCI_D3HOT)
+        self.config_write(ctrl, 2, csr)
 
     def reset(self) -> None:
         """Function level reset: registers back to power-on values, the line de-asserted."""

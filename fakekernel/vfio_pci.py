@@ -39,9 +39,25 @@ SET_IRQS_MINSZ = uapi.vfio_irq_set.offsetof("count") + 4
 DATA_MASK = uapi.VFIO_IRQ_SET_DATA_TYPE_MASK
 ACTION_MASK = uapi.VFIO_IRQ_SET_ACTION_TYPE_MASK
 
-# Capability lengths vfio-pci knows; 0 hides the capability, None means computed.
-CAP_LENGTHS = {pci.PCI_CAP_ID_PM: 8, pci.PCI_CAP_ID_MSI: None, pci.PCI_CAP_ID_EXP: None,
-               pci.PCI_CAP_ID_MSIX: 12, 0x03: 8, 0x04: 4, 0x06: 4, 0x09: None, 0x0D: 8, 0x13: 6}
+UNASSIGNED = 0xFF
+BASIC = 0
+# pci_cap_length / pci_ext_cap_length: 0 hides a capability, None means its length is read from it.
+# Capabilities whose length needs a walk the catalog never exercises (PCI-X, HyperTransport, SATA,
+# VC, ACS, Resizable BAR, DPA, TPH) are left out, so the fake hides them where Linux shows them.
+CAP_LENGTHS = {pci.PCI_CAP_ID_PM: pci.PCI_PM_SIZEOF, 0x02: 12, 0x03: 8, 0x04: 0, pci.PCI_CAP_ID_MSI: None,
+               0x06: 0, 0x09: None, 0x0A: 0, 0x0B: 0, 0x0C: 0, 0x0D: 0, 0x0E: 0, 0x0F: 0,
+               pci.PCI_CAP_ID_EXP: None, pci.PCI_CAP_ID_MSIX: pci.PCI_CAP_MSIX_SIZEOF, 0x13: 6}
+EXT_CAP_LENGTHS = {pci.PCI_EXT_CAP_ID_ERR: 0x2C, pci.PCI_EXT_CAP_ID_DSN: pci.PCI_EXT_CAP_DSN_SIZEOF, 0x04: 0x10,
+                   0x05: 0, 0x06: 0, 0x07: 0, 0x0A: 0, 0x0B: None, 0x0C: 0, 0x0E: 8, 0x0F: 8, 0x10: 0x40,
+                   0x11: 0, 0x12: 40, 0x13: 16, 0x14: 0, 0x18: 8, 0x19: 0, 0x1A: 0, 0x1B: 0}
+PCI_CAP_EXP_ENDPOINT_SIZEOF_V1 = 20
+PCI_CAP_EXP_ENDPOINT_SIZEOF_V2 = 0x32
+PCI_CAP_EXP_RC_ENDPOINT_SIZEOF_V1 = 12
+PCI_CAP_EXP_RC_ENDPOINT_SIZEOF_V2 = 0x2C
+# The error bits init_pci_ext_cap_err_perm lets a user write.
+AER_UNC_WRITABLE = 0x03FFF031
+AER_COR_WRITABLE = 0x0000F1C1
+MSIX_REMAPPED_MSG = 0xFEE00018  # a remappable-format address, as Linux writes under intremap
 
 
 def _einval(what: str) -> OSError:
@@ -75,10 +91,16 @@ class VfioPciDevice:
         self.function = function
         self.bdf = bdf
         self.open_count = 0
-        self.reset_works = getattr(function, "reset_works", False)
-        self.vconfig = bytearray(len(function.config))
-        self.virt = bytearray(len(function.config))
-        self.writable = bytearray(len(function.config))
+        self.reset_works = function.reset_works
+        n = len(function.config)
+        self.vconfig = bytearray(n)
+        self.virt = bytearray(n)
+        self.writable = bytearray(n)
+        self.cap_map = bytearray(n)
+        self.extended_caps = False
+        self.bardirty = True
+        self.msi_qmax = 0
+        self.saved_state = b""
         self.ram: dict[int, int] = {}
         self.irq_type = IRQ_NONE
         self.intx = IRQContext()
@@ -96,11 +118,16 @@ class VfioPciDevice:
 
     # -- open / close -------------------------------------------------------------------------
     def open_device(self) -> None:
-        """First open: enable the function, copy config into vconfig and set up permissions."""
+        """First open, as vfio_pci_core_enable: bus master off, a reset, the header saved for the
+        last close, INTx unmasked, then vconfig and its permissions."""
         self.open_count += 1
         if self.open_count > 1:
             return
         f = self.function
+        f.config_write(pci.PCI_COMMAND, 2, f.command() & ~pci.PCI_COMMAND_MASTER)
+        if self.reset_works:
+            self._reset_function()
+        self.saved_state = bytes(f.config[:pci.PCI_STD_HEADER_SIZEOF])
         f.config_write(pci.PCI_COMMAND, 2, f.command() & ~pci.PCI_COMMAND_INTX_DISABLE)
         self._config_init()
         for index, bar in enumerate(f.bars):
@@ -110,7 +137,8 @@ class VfioPciDevice:
                 self.ram[index] = fd
 
     def close_device(self) -> None:
-        """Last close: tear interrupts down, stop DMA and reset, as vfio_pci_core_disable does."""
+        """Last close, as vfio_pci_core_disable: interrupts torn down, a reset, and the header
+        saved at open written back, which also turns bus master off."""
         self.open_count -= 1
         if self.open_count:
             return
@@ -122,153 +150,287 @@ class VfioPciDevice:
             self.req_trigger.put()
             self.req_trigger = None
         f = self.function
-        f.config_write(pci.PCI_COMMAND, 2, f.command() & ~pci.PCI_COMMAND_MASTER)
+        f.config_write(pci.PCI_COMMAND, 2, pci.PCI_COMMAND_INTX_DISABLE)
         if self.reset_works:
-            f.reset()
+            self._reset_function()
+        self._restore_header(self.saved_state)
 
     def release(self) -> None:
         for fd in self.ram.values():
             os.close(fd)
         self.ram.clear()
 
-    # -- config space virtualization ----------------------------------------------------------
+    # -- config space virtualization (vfio_pci_config.c) ----------------------------------------
     def _perm(self, offset: int, size: int, virt: int, write: int) -> None:
         for i in range(size):
             self.virt[offset + i] = (virt >> (8 * i)) & 0xFF
             self.writable[offset + i] = (write >> (8 * i)) & 0xFF
 
     def _config_init(self) -> None:
+        """vfio_config_init: vconfig starts as the hardware's bytes. Bytes no capability claims
+        stay raw (read from and written to the device, which applies its own write mask)."""
         f = self.function
         n = len(f.config)
         self.vconfig[:] = f.config
         self.virt[:] = bytes(n)
-        self.writable[:] = bytes(n)
+        self.writable[:] = b"\xff" * n
+        self.cap_map[:] = bytes([UNASSIGNED]) * n
+        self.cap_map[:pci.PCI_STD_HEADER_SIZEOF] = bytes(pci.PCI_STD_HEADER_SIZEOF)
+        self.extended_caps = False
+        self.bardirty = True
+        self._perm(0, pci.PCI_STD_HEADER_SIZEOF, 0, 0)
         self._perm(pci.PCI_VENDOR_ID, 4, 0xFFFFFFFF, 0)
         self._perm(pci.PCI_COMMAND, 2, pci.PCI_COMMAND_INTX_DISABLE, 0xFFFF)
         self._perm(pci.PCI_STATUS, 2, pci.PCI_STATUS_CAP_LIST, 0)
         for off in (0x0C, 0x0D, 0x0F):
             self._perm(off, 1, 0, 0xFF)
-        for off in range(pci.PCI_BASE_ADDRESS_0, pci.PCI_BASE_ADDRESS_0 + 24, 4):
+        for off in list(range(pci.PCI_BASE_ADDRESS_0, pci.PCI_BASE_ADDRESS_0 + 24, 4)) + [pci.PCI_ROM_ADDRESS]:
             self._perm(off, 4, 0xFFFFFFFF, 0xFFFFFFFF)
-        self._perm(pci.PCI_ROM_ADDRESS, 4, 0xFFFFFFFF, 0xFFFFFFFF)
         self._perm(pci.PCI_CAPABILITY_LIST, 1, 0xFF, 0)
         self._perm(pci.PCI_INTERRUPT_LINE, 1, 0xFF, 0xFF)
         self._perm(pci.PCI_INTERRUPT_PIN, 1, 0xFF, 0)
-        for off in range(0x10, 0x40):
-            if not self.virt[off] and not self.writable[off] and off not in (0x2C, 0x2D, 0x2E, 0x2F):
-                self.virt[off] = 0xFF
         self._cap_init()
+        self._ecap_init()
+
+    def _claim(self, cap_id: int, pos: int, length: int) -> None:
+        """A capability vfio-pci shows: read-only from the hardware unless its table says more."""
+        self.cap_map[pos:pos + length] = bytes([cap_id]) * length
+        self._perm(pos, length, 0, 0)
 
     def _cap_init(self) -> None:
-        """Walk the capability list, hiding capabilities vfio-pci does not know."""
+        """vfio_cap_init: walk the list, hiding capabilities vfio-pci does not know."""
         f = self.function
         prev = pci.PCI_CAPABILITY_LIST
-        pos = f.config[prev]
-        seen = set()
-        while pos and pos not in seen:
-            seen.add(pos)
-            cap_id, nxt = f.config[pos], f.config[pos + 1]
+        pos = f.config[prev] if f.config_read(pci.PCI_STATUS, 2) & pci.PCI_STATUS_CAP_LIST else 0
+        loops = (pci.PCI_CFG_SPACE_SIZE - pci.PCI_STD_HEADER_SIZEOF) // 4
+        shown = 0
+        while pos and loops:
+            loops -= 1
+            cap_id, nxt = f.config[pos], f.config[pos + pci.PCI_CAP_LIST_NEXT]
             length = self._cap_length(cap_id, pos)
             if not length:
                 self.vconfig[prev] = nxt
                 pos = nxt
                 continue
-            self._perm(pos, 2, 0xFFFF, 0)
-            if cap_id == pci.PCI_CAP_ID_MSI:
-                self._perm(pos + 2, length - 2, (1 << (8 * (length - 2))) - 1, (1 << (8 * (length - 2))) - 1)
-                flags = struct.unpack_from("<H", self.vconfig, pos + 2)[0]
-                struct.pack_into("<H", self.vconfig, pos + 2, flags & ~(pci.PCI_MSI_FLAGS_ENABLE | pci.PCI_MSI_FLAGS_QSIZE))
-            elif cap_id == pci.PCI_CAP_ID_PM:
-                self._perm(pos + 4, 2, 0, 0x8103)
-            prev = pos + 1
+            self._claim(cap_id, pos, length)
+            CAP_PERMS.get(cap_id, VfioPciDevice._direct_perms)(self, pos, length)
+            prev = pos + pci.PCI_CAP_LIST_NEXT
             pos = nxt
+            shown += 1
+        if not shown:
+            struct.pack_into("<H", self.vconfig, pci.PCI_STATUS,
+                             struct.unpack_from("<H", self.vconfig, pci.PCI_STATUS)[0] & ~pci.PCI_STATUS_CAP_LIST)
 
     def _cap_length(self, cap_id: int, pos: int) -> int:
-        if cap_id not in CAP_LENGTHS:
-            return 0
-        length = CAP_LENGTHS[cap_id]
+        length = CAP_LENGTHS.get(cap_id, 0)
         if length is not None:
             return length
+        f = self.function
         if cap_id == pci.PCI_CAP_ID_MSI:
-            flags = self.function.config_read(pos + 2, 2)
+            flags = f.config_read(pos + pci.PCI_MSI_FLAGS, 2)
             return 0xA + (4 if flags & pci.PCI_MSI_FLAGS_64BIT else 0) + (0xA if flags & pci.PCI_MSI_FLAGS_MASKBIT else 0)
         if cap_id == pci.PCI_CAP_ID_EXP:
-            return 0x3C
-        return self.function.config[pos + 2]
+            if len(f.config) > pci.PCI_CFG_SPACE_SIZE:
+                self.extended_caps = f.config_read(pci.PCI_CFG_SPACE_SIZE, 4) != 0
+            flags = f.config_read(pos + pci.PCI_EXP_FLAGS, 2)
+            rc_end = (flags & pci.PCI_EXP_FLAGS_TYPE) >> 4 == pci.PCI_EXP_TYPE_RC_END
+            if flags & pci.PCI_EXP_FLAGS_VERS == 1:
+                return PCI_CAP_EXP_RC_ENDPOINT_SIZEOF_V1 if rc_end else PCI_CAP_EXP_ENDPOINT_SIZEOF_V1
+            return PCI_CAP_EXP_RC_ENDPOINT_SIZEOF_V2 if rc_end else PCI_CAP_EXP_ENDPOINT_SIZEOF_V2
+        return f.config[pos + 2]
 
-    def _bar_fixup(self, offset: int) -> int:
-        """A BAR reads as the written address masked by its size, plus the type bits."""
+    def _direct_perms(self, pos: int, length: int) -> None:
+        """vfio_direct_config_read: the hardware's bytes, but the ID and next pointer vfio-pci
+        may have rewritten; writes are dropped."""
+        self._perm(pos, 2, 0xFFFF, 0)
+
+    def _pm_perms(self, pos: int, length: int) -> None:
+        """PME cannot reach the user, so its support, enable and status bits read as 0; the power
+        state is trapped, so its bits are not written through either."""
+        self._perm(pos + pci.PCI_CAP_LIST_NEXT, 1, 0xFF, 0)
+        self._perm(pos + pci.PCI_PM_PMC, 2, pci.PCI_PM_CAP_PME_MASK, 0)
+        pme = pci.PCI_PM_CTRL_PME_ENABLE | pci.PCI_PM_CTRL_PME_STATUS
+        self._perm(pos + pci.PCI_PM_CTRL, 4, pme, ~(pme | pci.PCI_PM_CTRL_STATE_MASK) & 0xFFFFFFFF)
+        for off, bits in ((pci.PCI_PM_PMC, pci.PCI_PM_CAP_PME_MASK), (pci.PCI_PM_CTRL, pme)):
+            struct.pack_into("<H", self.vconfig, pos + off, struct.unpack_from("<H", self.vconfig, pos + off)[0] & ~bits)
+
+    def _msi_perms(self, pos: int, length: int) -> None:
+        """init_pci_cap_msi_perm: flags, address and data are virtual; mask and pending are not."""
+        flags = self.function.config_read(pos + pci.PCI_MSI_FLAGS, 2)
+        self._perm(pos + pci.PCI_CAP_LIST_NEXT, 1, 0xFF, 0)
+        self._perm(pos + pci.PCI_MSI_FLAGS, 1, 0xFF, 0xFF)
+        self._perm(pos + 4, 4, 0xFFFFFFFF, 0xFFFFFFFF)
+        data = 0x8
+        if flags & pci.PCI_MSI_FLAGS_64BIT:
+            self._perm(pos + 8, 4, 0xFFFFFFFF, 0xFFFFFFFF)
+            data = 0xC
+        self._perm(pos + data, 2, 0xFFFF, 0xFFFF)
+        if flags & pci.PCI_MSI_FLAGS_MASKBIT:
+            self._perm(pos + data + 4, 8, 0, (1 << 64) - 1)
+
+    def _exp_perms(self, pos: int, length: int) -> None:
+        """init_pci_cap_exp_perm: the user may write Device Control except Phantom Functions;
+        FLR, payload and read request size are virtual; Device Control 2 all but ARI."""
+        self._perm(pos + pci.PCI_CAP_LIST_NEXT, 1, 0xFF, 0)
+        self._perm(pos + pci.PCI_EXP_DEVCTL, 2,
+                   pci.PCI_EXP_DEVCTL_BCR_FLR | pci.PCI_EXP_DEVCTL_PAYLOAD | pci.PCI_EXP_DEVCTL_READRQ,
+                   ~pci.PCI_EXP_DEVCTL_PHANTOM & 0xFFFF)
+        if length > pci.PCI_EXP_DEVCTL2:
+            self._perm(pos + pci.PCI_EXP_DEVCTL2, 2, 0, ~pci.PCI_EXP_DEVCTL2_ARI & 0xFFFF)
+
+    def _ext_cap_length(self, ecap: int, pos: int) -> int:
+        length = EXT_CAP_LENGTHS.get(ecap, 0)
+        return self.function.config_read(pos + 4, 4) >> 20 if length is None else length
+
+    def _ecap_init(self) -> None:
+        """vfio_ecap_init: unknown extended capabilities are skipped in the chain; an unknown
+        first one stays as a header with only its next pointer, since 0x100 anchors the list."""
+        if not self.extended_caps:
+            return
         f = self.function
-        raw = int.from_bytes(self.vconfig[offset:offset + 4], "little")
-        if offset == pci.PCI_ROM_ADDRESS:
-            if not f.rom:
-                return 0
-            return raw & ((~(len(f.rom) - 1) & 0xFFFFFFFF) | 1)
-        index = (offset - pci.PCI_BASE_ADDRESS_0) // 4
-        bar = f.bars[index]
-        if bar is None:
-            lower = f.bars[index - 1] if index else None
-            if lower and lower.kind == pci.BAR_MEM64:
-                return raw & ((~(lower.size - 1)) >> 32) & 0xFFFFFFFF
-            return 0
-        return (raw & ~(bar.size - 1) & 0xFFFFFFF0) | bar.flags
+        epos, prev, shown = pci.PCI_CFG_SPACE_SIZE, None, 0
+        loops = (len(f.config) - pci.PCI_CFG_SPACE_SIZE) // 4
+        while loops and epos >= pci.PCI_CFG_SPACE_SIZE:
+            loops -= 1
+            header = f.config_read(epos, 4)
+            ecap, nxt = header & 0xFFFF, (header >> 20) & 0xFFC
+            length = self._ext_cap_length(ecap, epos)
+            if not length and prev is not None:
+                old = struct.unpack_from("<I", self.vconfig, prev)[0]
+                struct.pack_into("<I", self.vconfig, prev, (old & ~(0xFFC << 20)) | (nxt << 20))
+                epos = nxt
+                continue
+            self._claim(ecap & 0xFF, epos, length or 4)
+            self._perm(epos, 4, 0xFFFFFFFF, 0)
+            if not length:
+                struct.pack_into("<I", self.vconfig, epos, header & (0xFFC << 20))
+            else:
+                shown += 1
+                if ecap == pci.PCI_EXT_CAP_ID_ERR:
+                    self._aer_perms(epos)
+            prev = epos
+            epos = nxt
+        if not shown:
+            self.vconfig[pci.PCI_CFG_SPACE_SIZE:pci.PCI_CFG_SPACE_SIZE + 4] = bytes(4)
 
-    def _config_dword(self, base: int) -> int:
-        phys = int.from_bytes(self.function.config[base:base + 4], "little")
-        virt = int.from_bytes(self.vconfig[base:base + 4], "little")
-        mask = int.from_bytes(self.virt[base:base + 4], "little")
-        if pci.PCI_BASE_ADDRESS_0 <= base <= pci.PCI_ROM_ADDRESS and (base < 0x28 or base == pci.PCI_ROM_ADDRESS):
-            virt = self._bar_fixup(base)
-        return (phys & ~mask) | (virt & mask)
+    def _aer_perms(self, pos: int) -> None:
+        """init_pci_ext_cap_err_perm: error status, masks and severity, ECRC enables."""
+        for reg, bits in ((pci.PCI_ERR_UNCOR_STATUS, AER_UNC_WRITABLE), (pci.PCI_ERR_UNCOR_MASK, AER_UNC_WRITABLE),
+                          (pci.PCI_ERR_UNCOR_SEVER, AER_UNC_WRITABLE), (pci.PCI_ERR_COR_STATUS, AER_COR_WRITABLE),
+                          (pci.PCI_ERR_COR_MASK, AER_COR_WRITABLE),
+                          (pci.PCI_ERR_CAP, pci.PCI_ERR_CAP_ECRC_GENE | pci.PCI_ERR_CAP_ECRC_CHKE)):
+            self._perm(pos + reg, 4, 0, bits)
 
-    def config_read(self, offset: int, size: int) -> int:
-        base = offset & ~3
-        value = self._config_dword(base) if base + 4 <= len(self.vconfig) else 0
-        return (value >> (8 * (offset - base))) & ((1 << (8 * size)) - 1)
+    def _cap_start(self, pos: int) -> int:
+        """vfio_find_cap_start: back to the first byte of the capability holding pos."""
+        base = pci.PCI_CFG_SPACE_SIZE if pos >= pci.PCI_CFG_SPACE_SIZE else pci.PCI_STD_HEADER_SIZEOF
+        cap = self.cap_map[pos]
+        while pos - 1 >= base and self.cap_map[pos - 1] == cap:
+            pos -= 1
+        return pos
 
-    def config_write(self, offset: int, size: int, value: int) -> None:
-        old_cmd = self.config_read(pci.PCI_COMMAND, 2)
-        for i in range(size):
-            pos = offset + i
-            b = (value >> (8 * i)) & 0xFF
-            w = self.writable[pos]
-            v = self.virt[pos]
+    def _bar_fixup(self) -> None:
+        """vfio_bar_fixup: the virtual BARs keep only the bits their size lets a write set, plus
+        the type bits, which is what BAR sizing reads back."""
+        if not self.bardirty:
+            return
+        f = self.function
+        index = 0
+        while index < 6:
+            off = pci.PCI_BASE_ADDRESS_0 + 4 * index
+            bar = f.bars[index]
+            if bar is None:
+                struct.pack_into("<I", self.vconfig, off, 0)
+                index += 1
+                continue
+            mask = ~(bar.size - 1)
+            raw = struct.unpack_from("<I", self.vconfig, off)[0]
+            struct.pack_into("<I", self.vconfig, off, (raw & mask & 0xFFFFFFFF) | bar.flags)
+            if bar.kind == pci.BAR_MEM64:
+                upper = struct.unpack_from("<I", self.vconfig, off + 4)[0]
+                struct.pack_into("<I", self.vconfig, off + 4, upper & (mask >> 32) & 0xFFFFFFFF)
+                index += 1
+            index += 1
+        rom = struct.unpack_from("<I", self.vconfig, pci.PCI_ROM_ADDRESS)[0]
+        rom = rom & ((~(len(f.rom) - 1) & 0xFFFFFFFF) | 1) if f.rom else 0
+        struct.pack_into("<I", self.vconfig, pci.PCI_ROM_ADDRESS, rom)
+        self.bardirty = False
+
+    def _default_read(self, pos: int, count: int) -> int:
+        phys = self.function.config_read(pos, count)
+        virt = int.from_bytes(self.virt[pos:pos + count], "little")
+        return (phys & ~virt) | (int.from_bytes(self.vconfig[pos:pos + count], "little") & virt)
+
+    def _default_write(self, pos: int, count: int, value: int) -> None:
+        for i in range(count):
+            w, v = self.writable[pos + i], self.virt[pos + i]
             if not w:
                 continue
-            self.vconfig[pos] = (self.vconfig[pos] & ~(w & v)) | (b & w & v)
+            b = (value >> (8 * i)) & 0xFF
+            self.vconfig[pos + i] = (self.vconfig[pos + i] & ~(w & v)) | (b & w & v)
             phys_bits = w & ~v & 0xFF
             if phys_bits:
-                cur = self.function.config[pos]
-                self.function.config_write(pos, 1, (cur & ~phys_bits) | (b & phys_bits))
-        if offset < pci.PCI_COMMAND + 2 and offset + size > pci.PCI_COMMAND:
-            self._command_written(old_cmd)
-        msi = self.function.msi_cap()
-        if msi and offset < msi.offset + 4 and offset + size > msi.offset + 2:
-            self._msi_flags_written(msi.offset)
+                cur = self.function.config[pos + i]
+                self.function.config_write(pos + i, 1, (cur & ~phys_bits) | (b & phys_bits))
 
-    def _command_written(self, old_cmd: int) -> None:
-        new = self.config_read(pci.PCI_COMMAND, 2)
-        for bit in (pci.PCI_COMMAND_MEMORY, pci.PCI_COMMAND_IO):
-            virt = struct.unpack_from("<H", self.vconfig, pci.PCI_COMMAND)[0]
-            virt = (virt | bit) if new & bit else (virt & ~bit)
-            struct.pack_into("<H", self.vconfig, pci.PCI_COMMAND, virt)
-        disable = bool(new & pci.PCI_COMMAND_INTX_DISABLE)
-        if disable and not self.virq_disabled:
-            self.virq_disabled = True
-            self.intx_mask()
-        elif not disable and self.virq_disabled:
-            self.virq_disabled = False
-            self.intx_unmask_handler()
+    def config_read(self, pos: int, count: int) -> int:
+        """One access that stays inside one capability and one dword, as vfio_config_do_rw cuts them.
+
+        vfio_msi_config_read also stores msi_qmax into vconfig, but at the capability's first byte
+        rather than its flags, and that byte reads from the hardware: the flags stay as copied."""
+        if self.cap_map[pos] == BASIC and pci.PCI_BASE_ADDRESS_0 <= pos < pci.PCI_ROM_ADDRESS + 4:
+            self._bar_fixup()
+        return self._default_read(pos, count)
+
+    def config_write(self, pos: int, count: int, value: int) -> None:
+        cap = self.cap_map[pos]
+        self._default_write(pos, count, value)
+        if cap == BASIC and pos < pci.PCI_CFG_SPACE_SIZE:
+            self._basic_written(pos, value)
+        elif pos < pci.PCI_CFG_SPACE_SIZE and cap == pci.PCI_CAP_ID_MSI:
+            start = self._cap_start(pos)
+            if pos - start <= pci.PCI_MSI_FLAGS <= pos - start + count:
+                self._msi_flags_written(start)
+        elif pos < pci.PCI_CFG_SPACE_SIZE and cap == pci.PCI_CAP_ID_EXP:
+            self._exp_written(self._cap_start(pos))
+
+    def _basic_written(self, pos: int, value: int) -> None:
+        """vfio_basic_config_write: vconfig remembers the memory and I/O enables last written,
+        INTX_DISABLE masks INTx virtually, and a BAR write makes the BARs dirty."""
+        if pos == pci.PCI_COMMAND:
+            bits = pci.PCI_COMMAND_MEMORY | pci.PCI_COMMAND_IO
+            cmd = struct.unpack_from("<H", self.vconfig, pci.PCI_COMMAND)[0]
+            struct.pack_into("<H", self.vconfig, pci.PCI_COMMAND, (cmd & ~bits) | (value & bits))
+        if pos in (pci.PCI_COMMAND, pci.PCI_COMMAND + 1):
+            disable = bool(struct.unpack_from("<H", self.vconfig, pci.PCI_COMMAND)[0] & pci.PCI_COMMAND_INTX_DISABLE)
+            if disable and not self.virq_disabled:
+                self.virq_disabled = True
+                self.intx_mask()
+            elif not disable and self.virq_disabled:
+                self.virq_disabled = False
+                self.intx_unmask_handler()
+        if pci.PCI_BASE_ADDRESS_0 <= pos < pci.PCI_BASE_ADDRESS_0 + 24 or pci.PCI_ROM_ADDRESS <= pos < pci.PCI_ROM_ADDRESS + 4:
+            self.bardirty = True
 
     def _msi_flags_written(self, pos: int) -> None:
-        """Queue size is capped at what the device can do; enable stays virtual."""
-        hw = self.function.config_read(pos + 2, 2)
-        flags = struct.unpack_from("<H", self.vconfig, pos + 2)[0]
-        qmax = (hw & pci.PCI_MSI_FLAGS_QMASK) >> 1
-        qsize = min((flags & pci.PCI_MSI_FLAGS_QSIZE) >> 4, qmax)
-        flags = (flags & ~pci.PCI_MSI_FLAGS_QSIZE & (pci.PCI_MSI_FLAGS_ENABLE | pci.PCI_MSI_FLAGS_QSIZE)) | (qsize << 4)
-        flags |= hw & ~(pci.PCI_MSI_FLAGS_ENABLE | pci.PCI_MSI_FLAGS_QSIZE)
-        struct.pack_into("<H", self.vconfig, pos + 2, flags)
+        """vfio_msi_config_write: enable stays off outside MSI mode, the queue size is capped at
+        what was allocated, and the result is what the device gets."""
+        flags = struct.unpack_from("<H", self.vconfig, pos + pci.PCI_MSI_FLAGS)[0]
+        if self.irq_type != MSI:
+            flags &= ~pci.PCI_MSI_FLAGS_ENABLE
+        if (flags & pci.PCI_MSI_FLAGS_QSIZE) >> 4 > self.msi_qmax:
+            flags = (flags & ~pci.PCI_MSI_FLAGS_QSIZE) | (self.msi_qmax << 4)
+        struct.pack_into("<H", self.vconfig, pos + pci.PCI_MSI_FLAGS, flags)
+        self.function.config_write(pos + pci.PCI_MSI_FLAGS, 2, flags)
+
+    def _exp_written(self, pos: int) -> None:
+        """vfio_exp_config_write: the virtual FLR bit always reads 0; it resets the function when
+        Device Capabilities offers FLR."""
+        ctrl = struct.unpack_from("<H", self.vconfig, pos + pci.PCI_EXP_DEVCTL)[0]
+        if ctrl & pci.PCI_EXP_DEVCTL_BCR_FLR:
+            struct.pack_into("<H", self.vconfig, pos + pci.PCI_EXP_DEVCTL, ctrl & ~pci.PCI_EXP_DEVCTL_BCR_FLR)
+            if self.function.config_read(pos + pci.PCI_EXP_DEVCAP, 4) & pci.PCI_EXP_DEVCAP_FLR:
+                self.function.reset()
 
     def memory_enabled(self) -> bool:
         return bool(struct.unpack_from("<H", self.vconfig, pci.PCI_COMMAND)[0] & pci.PCI_COMMAND_MEMORY)
@@ -277,6 +439,23 @@ class VfioPciDevice:
     @property
     def num_regions(self) -> int:
         return NUM_REGIONS
+
+    def _mmap_supported(self, index: int) -> bool:
+        """vfio_pci_probe_mmaps: memory BARs of a page or more; a smaller one only when it starts a
+        page no other BAR shares, since Linux reserves the rest of that page for it."""
+        f = self.function
+        bar = f.bars[index]
+        if bar is None or bar.kind == pci.BAR_IO:
+            return False
+        if bar.size >= PAGE_SIZE:
+            return True
+        start = f.bar_address(index)
+        if start % PAGE_SIZE:
+            return False
+        rest = range(start + bar.size, start + PAGE_SIZE)
+        return not any(other.bar_address(i) in rest
+                       for other in self.kernel.functions.values()
+                       for i, b in enumerate(other.bars) if b is not None and b.kind != pci.BAR_IO)
 
     def region_info(self, index: int) -> tuple[int, int, list]:
         """(flags, size, caps) of a region, or EINVAL as vfio_pci_ioctl_get_region_info answers."""
@@ -288,9 +467,13 @@ class VfioPciDevice:
             if bar is None:
                 return 0, 0, []
             flags = uapi.VFIO_REGION_INFO_FLAG_READ | uapi.VFIO_REGION_INFO_FLAG_WRITE
-            if bar.kind != pci.BAR_IO and bar.size >= PAGE_SIZE:
+            caps = []
+            if self._mmap_supported(index):
                 flags |= uapi.VFIO_REGION_INFO_FLAG_MMAP
-            return flags, bar.size, []
+                msix = f.msix_layout()
+                if msix and msix[0] == index:
+                    caps.append(uapi.MsixMappableCap())
+            return flags, bar.size, caps
         if index == ROM:
             if not f.rom:
                 return 0, 0, []
@@ -313,17 +496,33 @@ class VfioPciDevice:
             raise _einval("not a VGA device")
         return self._bar_rw(index, pos, data, count)
 
+    def _config_chunk(self, pos: int, count: int) -> int:
+        """vfio_config_do_rw's cut: never past the capability or the dword, then 4, 2 or 1 bytes
+        by alignment."""
+        cap = self.cap_map[pos]
+        room = 1
+        while (pos + room) % 4 and self.cap_map[pos + room] == cap:
+            room += 1
+        count = min(count, room)
+        if count >= 4 and not pos % 4:
+            return 4
+        if count >= 2 and not pos % 2:
+            return 2
+        return 1
+
     def _config_rw(self, pos: int, data: bytes | None, count: int):
         if pos + count > len(self.vconfig):
             raise OSError(errno.EFAULT, "config access beyond the config space")
-        if data is None:
-            out = bytearray()
-            for off, size in split_access(pos, count, (4, 2, 1)):
-                out += self.config_read(off, size).to_bytes(size, "little")
-            return bytes(out)
-        for off, size in split_access(pos, count, (4, 2, 1)):
-            self.config_write(off, size, int.from_bytes(data[off - pos:off - pos + size], "little"))
-        return count
+        out = bytearray()
+        done = 0
+        while done < count:
+            n = self._config_chunk(pos + done, count - done)
+            if data is None:
+                out += self.config_read(pos + done, n).to_bytes(n, "little")
+            else:
+                self.config_write(pos + done, n, int.from_bytes(data[done:done + n], "little"))
+            done += n
+        return bytes(out) if data is None else count
 
     def _bar_rw(self, index: int, pos: int, data: bytes | None, count: int):
         f = self.function
@@ -341,14 +540,25 @@ class VfioPciDevice:
             if data is None:
                 return os.pread(self.ram[index], count, pos)
             return os.pwrite(self.ram[index], data[:count], pos)
-        if data is None:
-            out = bytearray()
-            for off, size in split_access(pos, count, (4, 2, 1)):
-                out += f.mmio_read(index, off, size).to_bytes(size, "little")
-            return bytes(out)
-        for off, size in split_access(pos, count, (4, 2, 1)):
-            f.mmio_write(index, off, size, int.from_bytes(data[off - pos:off - pos + size], "little"))
-        return count
+        x_start = x_end = 0
+        msix = f.msix_layout()
+        if msix and msix[0] == index:
+            x_start = msix[1]
+            x_end = x_start + ((f.msix_flags() & pci.PCI_MSIX_FLAGS_QSIZE) + 1) * pci.PCI_MSIX_ENTRY_SIZE
+        out = bytearray()
+        for start, end in ((pos, min(pos + count, x_start)), (max(pos, x_start), min(pos + count, x_end)),
+                           (max(pos, x_end), pos + count)):
+            if start >= end:
+                continue
+            if start >= x_start and end <= x_end:
+                out += b"\xff" * (end - start)
+                continue
+            for off, size in split_access(start, end - start, (4, 2, 1)):
+                if data is None:
+                    out += f.mmio_read(index, off, size).to_bytes(size, "little")
+                else:
+                    f.mmio_write(index, off, size, int.from_bytes(data[off - pos:off - pos + size], "little"))
+        return bytes(out) if data is None else count
 
     def mmap(self, offset: int, length: int, prot: int):
         index = offset >> OFFSET_SHIFT
@@ -377,7 +587,7 @@ class VfioPciDevice:
             cap = f.msi_cap()
             return 1 << ((f.config_read(cap.offset + 2, 2) & pci.PCI_MSI_FLAGS_QMASK) >> 1) if cap else 0
         if index == MSIX:
-            return getattr(f, "msix_vectors", 0)
+            return (f.msix_flags() & pci.PCI_MSIX_FLAGS_QSIZE) + 1 if f.msix_layout() else 0
         if index == ERR:
             return 1 if f.pcie else 0
         if index == REQ:
@@ -526,7 +736,7 @@ class VfioPciDevice:
 
     # MSI / MSI-X --------------------------------------------------------------------------------
     def _msi_message(self, vector: int) -> None:
-        if self.irq_type == MSI and vector < len(self.msi_ctx):
+        if self.irq_type in (MSI, MSIX) and vector < len(self.msi_ctx):
             self.msi_ctx[vector].signal()
 
     def _set_msi_trigger(self, index, start, count, data_type, data):
@@ -556,9 +766,9 @@ class VfioPciDevice:
         self.irq_type = index
         cap = self.function.msi_cap()
         if index == MSI and cap:
-            qsize = max(nvec - 1, 0).bit_length()
+            self.msi_qmax = (nvec * 2 - 1).bit_length() - 1
             flags = self.function.config_read(cap.offset + 2, 2) & ~pci.PCI_MSI_FLAGS_QSIZE
-            self.function.config_write(cap.offset + 2, 2, flags | pci.PCI_MSI_FLAGS_ENABLE | (qsize << 4))
+            self.function.config_write(cap.offset + 2, 2, flags | pci.PCI_MSI_FLAGS_ENABLE | (self.msi_qmax << 4))
         else:
             self.function.msix_enable(True)
 
@@ -567,15 +777,34 @@ class VfioPciDevice:
             raise _einval("vectors beyond those enabled")
         for j in range(count):
             try:
-                self.msi_ctx[start + j].set_trigger(fds[j])
+                self._set_vector(start + j, fds[j])
             except OSError:
                 for k in range(start, start + j):
-                    self.msi_ctx[k].set_trigger(-1)
+                    self._set_vector(k, -1)
                 raise
 
+    def _set_vector(self, vector: int, fd: int) -> None:
+        """vfio_msi_set_vector_signal: for MSI-X, freeing the IRQ masks the table entry and zeroes
+        its message; requesting it writes the message and unmasks, so a pending vector fires."""
+        ctx = self.msi_ctx[vector]
+        if self.irq_type == MSIX and ctx.trigger:
+            self._msix_entry(vector, None)
+        ctx.set_trigger(fd)
+        if self.irq_type == MSIX and ctx.trigger:
+            self._msix_entry(vector, MSIX_REMAPPED_MSG | (vector << 5))
+
+    def _msix_entry(self, vector: int, address: int | None) -> None:
+        f = self.function
+        entry = f.msix_layout()[1] + vector * pci.PCI_MSIX_ENTRY_SIZE
+        f.msix_bar_write(entry + pci.PCI_MSIX_ENTRY_VECTOR_CTRL, 4, pci.PCI_MSIX_ENTRY_CTRL_MASKBIT)
+        f.msix_bar_write(entry, 8, address or 0)
+        f.msix_bar_write(entry + 8, 4, 0)
+        if address is not None:
+            f.msix_bar_write(entry + pci.PCI_MSIX_ENTRY_VECTOR_CTRL, 4, 0)
+
     def _msi_disable(self) -> None:
-        for ctx in self.msi_ctx:
-            ctx.set_trigger(-1)
+        for vector in range(len(self.msi_ctx)):
+            self._set_vector(vector, -1)
         cap = self.function.msi_cap()
         if self.irq_type == MSI and cap:
             flags = self.function.config_read(cap.offset + 2, 2)
@@ -638,17 +867,35 @@ class VfioPciDevice:
         return iommu.dma_write(addr, data) if iommu is not None else False
 
     # reset ----------------------------------------------------------------------------------------
+    def _reset_function(self) -> None:
+        """__pci_reset_function_locked with the function's one reset method."""
+        if self.function.reset_by_pm:
+            self.function.pm_reset()
+        else:
+            self.function.reset()
+
+    def _restore_header(self, saved: bytes) -> None:
+        """pci_restore_config_space: header dwords that differ are written back, BARs before COMMAND."""
+        f = self.function
+        for index in (*range(15, 9, -1), *range(9, 3, -1), *range(3, -1, -1)):
+            value = int.from_bytes(saved[4 * index:4 * index + 4], "little")
+            if f.config_read(4 * index, 4) != value:
+                f.config_write(4 * index, 4, value)
+
     def reset(self) -> None:
         """pci_try_reset_function: the function resets, then its saved header and MSI state return."""
         if not self.reset_works:
             raise _einval("device has no reset method")
         f = self.function
         saved = bytes(f.config)
-        f.reset()
-        status = f.config[pci.PCI_STATUS:pci.PCI_STATUS + 2]
-        f.config[:0x40] = saved[:0x40]
-        f.config[pci.PCI_STATUS:pci.PCI_STATUS + 2] = status
+        f.config_write(pci.PCI_COMMAND, 2, pci.PCI_COMMAND_INTX_DISABLE)
+        self._reset_function()
+        self._restore_header(saved)
         cap = f.msi_cap()
         if cap:
             f.config[cap.offset:cap.offset + cap.size] = saved[cap.offset:cap.offset + cap.size]
         self.resets += 1
+
+
+CAP_PERMS = {pci.PCI_CAP_ID_PM: VfioPciDevice._pm_perms, pci.PCI_CAP_ID_MSI: VfioPciDevice._msi_perms,
+             pci.PCI_CAP_ID_EXP: VfioPciDevice._exp_perms}
