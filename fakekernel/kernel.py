@@ -388,22 +388,29 @@ class DeviceFile(File):
 
 
 MMIO_WINDOW = 0xFE000000
+IO_WINDOW = 0xC000
 
 
-def _firmware(functions) -> None:
-    """What SeaBIOS and Linux leave behind: BARs placed in the MMIO window, decode enabled.
+def _firmware(specs: list[PciDeviceSpec], functions: dict[str, pci.PciFunction]) -> None:
+    """What SeaBIOS and Linux leave behind: BARs placed, decode enabled, the IRQ line routed.
 
-    The real runner's edu reads COMMAND 0x0103 (I/O, memory, SERR) and BAR0 0xfe600000.
+    A topology may give the addresses the real runner's firmware chose (its edu reads COMMAND
+    0x0103 and BAR0 0xfe600000); other BARs are packed into the memory and I/O windows.
     """
-    base = MMIO_WINDOW
-    for fn in functions:
+    next_free = {False: MMIO_WINDOW, True: IO_WINDOW}
+    for spec in specs:
+        fn = functions[spec.bdf]
         for index, bar in enumerate(fn.bars):
             if bar is None:
                 continue
-            base = (base + bar.size - 1) & ~(bar.size - 1)
+            io = bar.kind == pci.BAR_IO
+            base = spec.bars.get(index)
+            if base is None:
+                base = (next_free[io] + bar.size - 1) & ~(bar.size - 1)
+                next_free[io] = base + bar.size
             off = pci.PCI_BASE_ADDRESS_0 + 4 * index
             struct.pack_into("<I", fn.config, off, (base & 0xFFFFFFF0) | bar.flags)
-            base += bar.size
+        fn.config[pci.PCI_INTERRUPT_LINE] = spec.interrupt_line
         fn.config_write(pci.PCI_COMMAND, 2, pci.PCI_COMMAND_IO | pci.PCI_COMMAND_MEMORY | pci.PCI_COMMAND_SERR)
 
 
@@ -458,7 +465,7 @@ class FakeKernel(EventfdMixin):
         self.topology = topology or Topology.default()
         self.profile = profile if isinstance(profile, Profile) else Profile.named(profile or "6.1")
         self.functions = {d.bdf: _devices.CATALOG[d.model]() for d in self.topology.devices}
-        _firmware(self.functions.values())
+        _firmware(self.topology.devices, self.functions)
         self.sysfs = Sysfs(self.topology, self.functions)
         self.fs = self.sysfs.fs
         self._os = fake_os.FakeOsModule(self.fs)

@@ -11,10 +11,15 @@ VIABLE_DRIVERS = (None, "vfio-pci", "pci-stub", "pcieport")
 
 @dataclass(slots=True)
 class PciDeviceSpec:
+    """One function; `bars` (index -> address) and `interrupt_line` pin down what a real
+    machine's firmware assigned, otherwise the fake firmware packs the BARs itself."""
+
     bdf: str
     model: str = "edu"
     group: int | None = None
     driver: str | None = "vfio-pci"
+    bars: dict[int, int] = field(default_factory=dict)
+    interrupt_line: int = 0
 
 
 @dataclass(slots=True)
@@ -49,4 +54,9 @@ NAMED = {
     "nonviable": lambda: [PciDeviceSpec("0000:01:00.0", "edu", 5),
                           PciDeviceSpec("0000:01:01.0", "edu", 5, driver="edu-host-driver")],
     "no-group": lambda: [PciDeviceSpec("0000:00:03.0", "edu", None)],
+    # ci/real-vm.sh: its groups, and where its SeaBIOS put each BAR and routed each pin.
+    "vm": lambda: [PciDeviceSpec("0000:00:03.0", "edu", 1, bars={0: 0xFE600000}, interrupt_line=0x0B),
+                   PciDeviceSpec("0000:00:04.0", "ivshmem", 2, bars={0: 0xFE700000, 2: 0xFEA00000}),
+                   PciDeviceSpec("0000:01:00.0", "e1000e", 8, interrupt_line=0x0A,
+                                 bars={0: 0xFE400000, 1: 0xFE420000, 2: 0xC000, 3: 0xFE440000})],
 }

@@ -1,5 +1,7 @@
 """Emulated devices of the fake kernel's catalog, each mirroring a device the real runner has."""
 
+from .e1000e import E1000e
 from .edu import Edu
+from .ivshmem import Ivshmem
 
-CATALOG = {"edu": Edu}
+CATALOG = {"edu": Edu, "ivshmem": Ivshmem, "e1000e": E1000e}
