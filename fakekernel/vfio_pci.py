@@ -126,7 +126,7 @@ class VfioPciDevice:
         f = self.function
         f.config_write(pci.PCI_COMMAND, 2, f.command() & ~pci.PCI_COMMAND_MASTER)
         if self.reset_works:
-            self._reset_function()
+            self._try_reset()
         self.saved_state = bytes(f.config[:pci.PCI_STD_HEADER_SIZEOF])
         f.config_write(pci.PCI_COMMAND, 2, f.command() & ~pci.PCI_COMMAND_INTX_DISABLE)
         self._config_init()
@@ -430,7 +430,7 @@ class VfioPciDevice:
         if ctrl & pci.PCI_EXP_DEVCTL_BCR_FLR:
             struct.pack_into("<H", self.vconfig, pos + pci.PCI_EXP_DEVCTL, ctrl & ~pci.PCI_EXP_DEVCTL_BCR_FLR)
             if self.function.config_read(pos + pci.PCI_EXP_DEVCAP, 4) & pci.PCI_EXP_DEVCAP_FLR:
-                self.function.reset()
+                self._try_reset()
 
     def memory_enabled(self) -> bool:
         return bool(struct.unpack_from("<H", self.vconfig, pci.PCI_COMMAND)[0] & pci.PCI_COMMAND_MEMORY)
@@ -882,10 +882,8 @@ class VfioPciDevice:
             if f.config_read(4 * index, 4) != value:
                 f.config_write(4 * index, 4, value)
 
-    def reset(self) -> None:
-        """pci_try_reset_function: the function resets, then its saved header and MSI state return."""
-        if not self.reset_works:
-            raise _einval("device has no reset method")
+    def _try_reset(self) -> None:
+        """pci_try_reset_function: the reset, with the header and MSI state saved around it."""
         f = self.function
         saved = bytes(f.config)
         f.config_write(pci.PCI_COMMAND, 2, pci.PCI_COMMAND_INTX_DISABLE)
@@ -894,6 +892,11 @@ class VfioPciDevice:
         cap = f.msi_cap()
         if cap:
             f.config[cap.offset:cap.offset + cap.size] = saved[cap.offset:cap.offset + cap.size]
+
+    def reset(self) -> None:
+        if not self.reset_works:
+            raise _einval("device has no reset method")
+        self._try_reset()
         self.resets += 1
 
 

@@ -72,6 +72,22 @@ def set_irqs(s, fd, index, flags, start, count, fds=()):
     s.host.ioctl(fd, uapi.VFIO_DEVICE_SET_IRQS, buf)
 
 
+def enable_msix(s, fd):
+    """All five vectors on, one eventfd each."""
+    efds = [s.eventfd() for _ in range(5)]
+    set_irqs(s, fd, MSIX, EVENTFD | TRIGGER, 0, 5, efds)
+    return efds
+
+
+def raise_lsc(s, fd, index):
+    """One eventfd on INTx or MSI, then the NIC raises a link status change it has enabled."""
+    efd = s.eventfd()
+    set_irqs(s, fd, index, EVENTFD | TRIGGER, 0, 1, [efd])
+    s.bar_write(fd, 0, e.IMS, e.ICR_LSC)
+    s.bar_write(fd, 0, e.ICS, e.ICR_LSC)
+    return efd
+
+
 def fired(s, efds):
     return [s.host.eventfd_read(f) for f in efds]
 
@@ -263,8 +279,7 @@ def test_e1000e_icr_clears_on_read_unless_msix(nic):
     s.bar_write(fd, 0, e.ICS, e.ICR_LSC | e.ICR_RXO)
     s.bar_write(fd, 0, e.ICR, e.ICR_OTHER)
     assert s.bar_read(fd, 0, e.ICS) == 0, "clearing OTHER clears the causes it stands for"
-    efds = [s.eventfd() for _ in range(5)]
-    set_irqs(s, fd, MSIX, EVENTFD | TRIGGER, 0, 5, efds)
+    efds = enable_msix(s, fd)
     s.bar_write(fd, 0, e.IMS, e.ICR_LSC)
     s.bar_write(fd, 0, e.ICS, e.ICR_LSC)
     assert [s.bar_read(fd, 0, e.ICR), s.bar_read(fd, 0, e.ICR)] == [0x81000004] * 2
@@ -272,8 +287,7 @@ def test_e1000e_icr_clears_on_read_unless_msix(nic):
 
 def test_e1000e_msix_needs_other_in_ims(nic):
     s, fd = nic
-    efds = [s.eventfd() for _ in range(5)]
-    set_irqs(s, fd, MSIX, EVENTFD | TRIGGER, 0, 5, efds)
+    efds = enable_msix(s, fd)
     s.bar_write(fd, 0, e.IVAR, 0x8 | (0x9 << 8) | (0xA << 16))
     s.bar_write(fd, 0, e.IMS, e.ICR_LSC)
     s.bar_write(fd, 0, e.ICS, e.ICR_LSC)
@@ -286,8 +300,7 @@ def test_e1000e_msix_needs_other_in_ims(nic):
 
 def test_e1000e_msix_routes_queue_causes_through_ivar(nic):
     s, fd = nic
-    efds = [s.eventfd() for _ in range(5)]
-    set_irqs(s, fd, MSIX, EVENTFD | TRIGGER, 0, 5, efds)
+    efds = enable_msix(s, fd)
     s.bar_write(fd, 0, e.IVAR, 0x8 | (0xB << 4) | (0x9 << 8) | (0xC << 12) | (0xA << 16))
     s.bar_write(fd, 0, e.IMS, 0x01F00000)
     s.bar_write(fd, 0, e.ICS, e.ICR_RXQ0 | e.ICR_RXQ1 | e.ICR_TXQ0 | e.ICR_TXQ1)
@@ -305,8 +318,7 @@ def test_e1000e_msix_routes_queue_causes_through_ivar(nic):
 
 def test_e1000e_masked_vector_waits_in_the_pba(nic):
     s, fd = nic
-    efds = [s.eventfd() for _ in range(5)]
-    set_irqs(s, fd, MSIX, EVENTFD | TRIGGER, 0, 5, efds)
+    efds = enable_msix(s, fd)
     s.bar_write(fd, 0, e.IVAR, 0x8)
     s.bar_write(fd, 0, e.IMS, e.ICR_RXQ0)
     set_irqs(s, fd, MSIX, EVENTFD | TRIGGER, 0, 1, [-1])
@@ -334,10 +346,7 @@ def test_e1000e_msix_table_is_a_hole_for_pread(nic):
 
 def test_e1000e_intx_follows_icr_and_ims(nic):
     s, fd = nic
-    efd = s.eventfd()
-    set_irqs(s, fd, INTX, EVENTFD | TRIGGER, 0, 1, [efd])
-    s.bar_write(fd, 0, e.IMS, e.ICR_LSC)
-    s.bar_write(fd, 0, e.ICS, e.ICR_LSC)
+    efd = raise_lsc(s, fd, INTX)
     assert s.host.eventfd_read(efd) == 1
     assert s.config_read(fd, pci.PCI_STATUS, 2) & pci.PCI_STATUS_INTERRUPT
     set_irqs(s, fd, INTX, NONE | UNMASK, 0, 1)
@@ -353,10 +362,7 @@ def test_e1000e_intx_follows_icr_and_ims(nic):
 
 def test_e1000e_msi_once_per_new_cause(nic):
     s, fd = nic
-    efd = s.eventfd()
-    set_irqs(s, fd, MSI, EVENTFD | TRIGGER, 0, 1, [efd])
-    s.bar_write(fd, 0, e.IMS, e.ICR_LSC)
-    s.bar_write(fd, 0, e.ICS, e.ICR_LSC)
+    efd = raise_lsc(s, fd, MSI)
     s.bar_write(fd, 0, e.ICS, e.ICR_LSC)
     assert s.host.eventfd_read(efd) == 1
     assert s.bar_read(fd, 0, e.ICR) == 0x80000004

@@ -88,7 +88,7 @@ class E1000e(PciFunction):
         self.add_msix(0xA0, MSIX_VEC_NUM, MSIX_BAR, MSIX_TABLE, MSIX_PBA)
         self.add_aer(0x100)
         self.add_dsn(0x140, _dsn(MAC))
-        self.mac = {reg: 0 for reg in (CTRL, STATUS, CTRL_EXT, ICR, ICS, IMS, IAC, *PLAIN)} | POWER_ON
+        self.regs = {reg: 0 for reg in (CTRL, STATUS, CTRL_EXT, ICR, ICS, IMS, IAC, *PLAIN)} | POWER_ON
         self.itr = 0
         self.eitr = [0] * MSIX_VEC_NUM
         self.msi_causes_pending = 0
@@ -97,7 +97,7 @@ class E1000e(PciFunction):
     # -- registers ------------------------------------------------------------------------------
     def _status(self) -> int:
         """e1000e_get_status: link, duplex and speed follow CTRL."""
-        m = self.mac
+        m = self.regs
         res = m[STATUS]
         if not m[CTRL] & CTRL_GIO_MASTER_DISABLE:
             res |= STATUS_GIO_MASTER_ENABLE
@@ -112,7 +112,7 @@ class E1000e(PciFunction):
 
     def core_read(self, addr: int) -> int:
         reg = addr & 0x1FFFC
-        m = self.mac
+        m = self.regs
         if reg == ICR:
             return self._icr_read()
         if reg == STATUS:
@@ -128,7 +128,7 @@ class E1000e(PciFunction):
 
     def core_write(self, addr: int, value: int) -> None:
         reg = addr & 0x1FFFC
-        m = self.mac
+        m = self.regs
         if reg == CTRL:
             m[CTRL] = value & ~CTRL_RST
             if value & CTRL_PHY_RST:
@@ -158,7 +158,7 @@ class E1000e(PciFunction):
     def _icr_read(self) -> int:
         """Reading ICR clears it unless MSI-X is on, where only a zero IMS or IAME does; IAME
         also masks the causes IAM names."""
-        m = self.mac
+        m = self.regs
         value = m[ICR]
         if not m[IMS] or not self.msix_enabled():
             m[ICR] = 0
@@ -170,7 +170,7 @@ class E1000e(PciFunction):
 
     def _icr_write(self, value: int) -> None:
         """Write 1 to clear; clearing OTHER clears the causes it stands for."""
-        m = self.mac
+        m = self.regs
         if m[ICR] & ICR_ASSERTED and m[CTRL_EXT] & CTRL_EXT_IAME:
             m[IMS] &= ~m[IAM]
         icr = m[ICR] & ~value
@@ -179,12 +179,12 @@ class E1000e(PciFunction):
 
     # -- interrupts -----------------------------------------------------------------------------
     def set_interrupt_cause(self, causes: int) -> None:
-        self.mac[ICR] |= causes
+        self.regs[ICR] |= causes
         self.update_interrupt_state()
 
     def update_interrupt_state(self) -> None:
         """ICR and IMS decide: MSI-X and MSI send once per newly pending cause, INTx follows the level."""
-        m = self.mac
+        m = self.regs
         msix = self.msix_enabled()
         if msix and m[ICR] & ICR_OTHER_CAUSES:
             m[ICR] |= ICR_OTHER
@@ -203,7 +203,7 @@ class E1000e(PciFunction):
             self.set_irq(False)
 
     def _send_msi(self, msix: bool) -> None:
-        causes = self.mac[ICR] & self.mac[IMS] & ~ICR_ASSERTED
+        causes = self.regs[ICR] & self.regs[IMS] & ~ICR_ASSERTED
         self.msi_causes_pending &= causes
         causes ^= self.msi_causes_pending
         if not causes:
@@ -214,11 +214,11 @@ class E1000e(PciFunction):
             return
         for cause, shift in IVAR_SHIFTS:
             if causes & cause:
-                self._msix_notify_one(cause, self.mac[IVAR] >> shift)
+                self._msix_notify_one(cause, self.regs[IVAR] >> shift)
 
     def _msix_notify_one(self, cause: int, entry: int) -> None:
         """Send on the IVAR vector, then the auto-clear (EIAC) and auto-mask (EIAME) of the cause."""
-        m = self.mac
+        m = self.regs
         if entry & IVAR_ENTRY_VALID and entry & IVAR_ENTRY_VEC < MSIX_VEC_NUM:
             self.msix_notify(entry & IVAR_ENTRY_VEC)
         if m[CTRL_EXT] & CTRL_EXT_EIAME:
