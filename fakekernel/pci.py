@@ -239,8 +239,9 @@ class PciFunction:
         struct.pack_into("<I", self.wmask, PCI_ROM_ADDRESS, (~(size - 1) & 0xFFFFF800) | 1)
 
     def add_capability(self, cap_id: int, offset: int, size: int) -> None:
-        """Chains the new capability at the end of the list, as QEMU's pci_add_capability does;
-        its bytes are read-only until the capability opens some of them."""
+        """Chains the new capability at the end of the list (QEMU's pci_add_capability puts it at
+        the head, so devices add theirs in chain order); its bytes are read-only until the
+        capability opens some of them."""
         c = self.config
         if self.caps:
             c[self.caps[-1].offset + 1] = offset
