@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     dev = sub.add_parser("devices", help="list what a backend offers")
     dev.add_argument("--backend", choices=("fake", "real"), default="fake")
     dev.add_argument("--device", action="append", default=[], metavar="BDF|SYSFS")
-    dev.add_argument("--topology", default="default", help="fake kernel topology")
+    dev.add_argument("--topology", default="vm", help="fake kernel topology (default: vm, the CI VM's devices)")
     dev.set_defaults(func=cmd_devices)
     rep = sub.add_parser("report", help="compare runs side by side; exit 1 on a divergence")
     rep.add_argument("reports", nargs="+", metavar="JSON", help="run --json files, e.g. fake.json real.json")

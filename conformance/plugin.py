@@ -13,6 +13,9 @@ import pytest
 
 # The plugin loads before coverage starts, so the packages under test are imported lazily.
 
+# The fake mirrors the CI VM by default, so every test that runs on real also runs on the fake.
+FAKE_TOPOLOGY = "vm"
+
 
 def pytest_addoption(parser) -> None:
     group = parser.getgroup("vfio", "VFIO conformance")
@@ -70,7 +73,7 @@ def vfio(request):
         yield backend
         return
     before = _open_fds()
-    kernel = FakeKernel(Topology.named(need.get("topology") or "default"))
+    kernel = FakeKernel(Topology.named(need.get("topology") or FAKE_TOPOLOGY))
     backend = Backend("fake", kernel, f"fake {kernel.profile.name}", destructive=True)
     backend.devices = [describe(kernel, spec.bdf) for spec in kernel.topology.devices]
     try:
