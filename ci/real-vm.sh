@@ -189,6 +189,7 @@ trap 'exit 143' TERM
 {
     echo "RESULTS_PATH=$(q "$results")"
     echo "DEVICES=$(q "${devices[*]}")"
+    echo "KEEP_PATHS=$(q "$root${pybin:+ $(dirname "$pybin")}")"
 } > "$run/config"
 {
     echo "cd $(q "$root") || exit 126"
