@@ -101,6 +101,36 @@ def vfio_device(request, vfio):
 
 
 @pytest.fixture
+def vfio_pci(request, vfio):
+    """Realizes the marker's device through vfio_impl's PCI flavour, as a VMM would: a Machine on
+    a virtual clock, its address space, then `VFIOPCIDevice.realize(**options)`. A factory, so a
+    test picks the realize options; everything it realized is torn down after the test."""
+    from vfio_impl.container import AddressSpace
+    from vfio_impl.machine import Machine, VirtualClock
+    from vfio_impl.pci import VFIOPCIDevice
+
+    model = _requirements(request).get("device")
+    if not model:
+        raise pytest.UsageError("vfio_pci needs @pytest.mark.vfio(device=...)")
+    machine = Machine(VirtualClock())
+    space = AddressSpace(vfio.host, machine)
+    realized = []
+
+    def realize(**options):
+        dev = VFIOPCIDevice.realize(space, machine, sysfsdev=vfio.find(model).sysfs, **options)
+        realized.append(dev)
+        return dev
+
+    try:
+        yield realize
+    finally:
+        for dev in reversed(realized):
+            dev.exit()
+        space.close()
+        machine.close()
+
+
+@pytest.fixture
 def fake_kernel(vfio):
     """The FakeKernel itself, for tests that inspect fake state; skipped on real backends."""
     if vfio.kind != "fake":
