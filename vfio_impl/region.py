@@ -16,6 +16,10 @@ from .trace import trace
 _PAGE = _mmap.PAGESIZE
 # Native formats of each access size; VFIO regions are little-endian, as the hosts this runs on.
 _WORD_FORMATS = {1: "B", 2: "H", 4: "I", 8: "Q"}
+# A narrow load from MMIO can come back with the register's other bytes above it: QEMU 7.2's TCG
+# does not zero-extend a 1- or 2-byte MMIO load from a device that implements 4-byte registers
+# (e1000e), and CPython trusts the CPU's zero extension. The trapped path never sees this.
+_NARROW_MASKS = {1: 0xFF, 2: 0xFFFF}
 
 
 @dataclass(slots=True, frozen=True)
@@ -127,7 +131,8 @@ class Region:
                     if not area.words:
                         return area.view.read(rel, size)
                     if not rel % size:
-                        return area.words[size][rel // size]
+                        value = area.words[size][rel // size]
+                        return value & _NARROW_MASKS[size] if size < 4 else value
         return None
 
     def write_mapped(self, addr: int, size: int, value: int) -> bool:
