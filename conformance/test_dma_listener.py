@@ -115,6 +115,19 @@ def test_removed_ram_is_unmapped(edu):
     assert ram.memory[PAGE // 2:PAGE // 2 + len(PATTERN)] == PATTERN, "the DMA engine itself failed"
 
 
+def test_a_device_reading_removed_ram_gets_zeros(edu):
+    """The IOMMU refuses the read and QEMU's memory core answers a refused read with zeros,
+    which edu copies into its buffer like any data."""
+    ram = edu.machine.add_ram(RAM, 2 * PAGE)
+    gone = edu.machine.add_ram(ROM, PAGE)
+    gone.memory[0:len(PATTERN)] = PATTERN
+    edu.machine.remove_ram(gone)
+    assert round_trip(edu, ram)
+    load(edu, ROM)
+    store(edu, RAM + PAGE)
+    assert ram.memory[PAGE:PAGE + len(PATTERN)] == bytes(len(PATTERN))
+
+
 def test_an_overlapping_section_is_refused_without_touching_the_first(edu):
     """The kernel answers EEXIST, which is not the EBUSY the listener retries after an unmap."""
     ram = edu.machine.add_ram(RAM, 2 * PAGE)

@@ -134,7 +134,9 @@ class Edu(PciFunction):
         return False
 
     def _dma(self) -> None:
-        """QEMU aborts on a bad range; the fake records the error and drops the transfer."""
+        """QEMU aborts on a bad range; the fake records the error and drops the transfer. A read
+        the IOMMU or a cleared bus master refuses still fills the buffer: QEMU's memory core
+        answers it as unassigned memory, with zeros (the CI VM's edu does the same)."""
         count = self.dma_cnt
         if self.dma_cmd & DMA_DIR_TO_PCI:
             if self._in_buffer(self.dma_src, count):
@@ -142,9 +144,8 @@ class Edu(PciFunction):
                 self.dma_write(self.dma_dst & DMA_MASK, bytes(self.dma_buf[start:start + count]))
         elif self._in_buffer(self.dma_dst, count):
             data = self.dma_read(self.dma_src & DMA_MASK, count)
-            if data is not None:
-                start = self.dma_dst - DMA_START
-                self.dma_buf[start:start + count] = data
+            start = self.dma_dst - DMA_START
+            self.dma_buf[start:start + count] = bytes(count) if data is None else data
         self.dma_cmd &= ~DMA_RUN
         if self.dma_cmd & DMA_IRQ_ENABLE:
             self.raise_irq(DMA_IRQ)
