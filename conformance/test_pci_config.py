@@ -44,11 +44,11 @@ def test_identity_and_class_ignore_writes(model, access):
 
 @each()
 def test_command_decode_and_master_bits_are_writable(model, access):
-    cmd = access.config_read(COMMAND, 2)
-    access.config_write(COMMAND, 2, cmd & ~(IO | MEM | MASTER))
+    cmd, bits = access.config_read(COMMAND, 2), IO | MEM | MASTER
+    access.config_write(COMMAND, 2, cmd & ~bits)
     cleared = access.config_read(COMMAND, 2)
-    access.config_write(COMMAND, 2, cmd | IO | MEM | MASTER)
-    assert (cleared & (IO | MEM | MASTER), access.config_read(COMMAND, 2) & (IO | MEM | MASTER)) == (0, IO | MEM | MASTER)
+    access.config_write(COMMAND, 2, cmd | bits)
+    assert (cleared & bits, access.config_read(COMMAND, 2) & bits) == (0, bits)
 
 
 @each("edu")

@@ -3,6 +3,8 @@ flavour's reset, and the header vfio-pci saves at open and writes back at the la
 
 import errno
 
+import pytest
+
 from vfio_impl import VFIOError, uapi
 from vfio_impl.pci import VFIO_INT_INTX, VFIO_INT_MSI, VFIO_INT_NONE
 from vfio_impl.trace import TraceRecorder
@@ -48,13 +50,13 @@ def test_e1000e_registers_survive_its_pm_reset(model, vfio, raw):
     assert (raw.bar_read(d, 0, E1000E_RAL0), raw.bar_read(d, 0, E1000E_IVAR)) == (0x12345678, 0x8A)
 
 
-@each(destructive=True)
+@each("e1000e", destructive=True)
 def test_reset_keeps_the_config_header(model, vfio, raw):
     """The kernel saves the header around the reset: BARs and COMMAND read as before it."""
     _, _, d = raw.open_device()
     raw.enable_device(d, master=True)
     header = [raw.config_read(d, off, 4) for off in range(0, 0x40, 4)]
-    errno_of(reset, vfio, d)
+    reset(vfio, d)
     assert [raw.config_read(d, off, 4) for off in range(0, 0x40, 4)] == header
 
 
@@ -99,12 +101,9 @@ def test_flavour_hot_reset_info_lists_the_bus(model, vfio_pci, vfio_device):
     dev = vfio_pci()
     domain, bus, _ = vfio_device.bdf.split(":")
     if bus == "00":
-        try:
+        with pytest.raises(VFIOError, match="no available reset mechanism") as exc:
             dev.hot_reset_info()
-        except VFIOError as e:
-            assert e.errno == errno.ENODEV and "no available reset mechanism" in e.message
-        else:
-            raise AssertionError("a root-bus device offered a hot reset")
+        assert exc.value.errno == errno.ENODEV
     else:
         assert dev.hot_reset_info() == [(vfio_device.group, int(domain, 16), int(bus, 16), 0)]
 
@@ -115,7 +114,8 @@ def test_last_close_restores_the_header_saved_at_open(model, raw):
     cmd, cls = raw.config_read(d, COMMAND, 2), raw.config_read(d, CACHE_LINE_SIZE, 1)
     raw.config_write(d, COMMAND, 2, (cmd & ~MEM) | MASTER)
     raw.config_write(d, CACHE_LINE_SIZE, 1, cls ^ 0x10)
-    assert (raw.config_read(d, COMMAND, 2), raw.config_read(d, CACHE_LINE_SIZE, 1)) == ((cmd & ~MEM) | MASTER, cls ^ 0x10)
+    changed = (raw.config_read(d, COMMAND, 2), raw.config_read(d, CACHE_LINE_SIZE, 1))
+    assert changed == ((cmd & ~MEM) | MASTER, cls ^ 0x10)
     raw.close_fd(d)
     d = raw.device(g)
     assert (raw.config_read(d, COMMAND, 2), raw.config_read(d, CACHE_LINE_SIZE, 1)) == (cmd, cls)
