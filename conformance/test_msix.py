@@ -14,8 +14,7 @@ MSIX = uapi.VFIO_PCI_MSIX_IRQ_INDEX
 ENABLE, MASKALL = 0x8000, 0x4000
 ICR, ICS, IMS, IMC, EIAC, IVAR = 0xC0, 0xC8, 0xD0, 0xD8, 0xDC, 0xE4
 RXQ0, TXQ0, OTHER = 0x00100000, 0x00400000, 0x01000000
-# IVAR fields: valid bit and vector, RXQ0 in bits 0-3 and TXQ0 in bits 8-11.
-RXQ0_TO, TXQ0_TO = (lambda vector: 0x8 | vector), (lambda vector: (0x8 | vector) << 8)
+IVAR_VALID = 0x8
 ADDRESS, DATA = 0xFEE00000, 0x4060
 WAIT = 2.0
 
@@ -53,10 +52,20 @@ def raise_cause(dev, ivar: int, cause: int) -> None:
     dev.bar_write(0, ICS, cause, 4)
 
 
-def messages(dev, count: int) -> set:
+def rxq0_to(vector: int) -> int:
+    """IVAR's RXQ0 field (bits 0-3): valid bit and vector."""
+    return IVAR_VALID | vector
+
+
+def txq0_to(vector: int) -> int:
+    """IVAR's TXQ0 field (bits 8-11)."""
+    return (IVAR_VALID | vector) << 8
+
+
+def messages(dev, count: int) -> list:
     machine = dev.machine
     assert machine.run_until(lambda: len(machine.msi_messages) >= count, WAIT), "an MSI-X vector never arrived"
-    return set(machine.msi_messages)
+    return sorted(machine.msi_messages)
 
 
 def accepts(dev, vector: int) -> bool:
@@ -85,8 +94,8 @@ def test_enabling_msix_leaves_one_kernel_vector_and_none_in_use(nic):
 def test_a_device_raised_vector_reaches_the_machine_with_the_programmed_message(nic):
     msix_control(nic, ENABLE)
     program(nic, 0)
-    raise_cause(nic, RXQ0_TO(0), RXQ0)
-    assert messages(nic, 1) == {(ADDRESS, DATA)}
+    raise_cause(nic, rxq0_to(0), RXQ0)
+    assert messages(nic, 1) == [(ADDRESS, DATA)]
     assert not nic.intx.line.history
 
 
@@ -98,8 +107,8 @@ def test_vectors_grow_one_index_at_a_time(nic):
     assert nic.nr_vectors == kernel_vectors(nic) == 2
     program(nic, 3)
     assert nic.nr_vectors == kernel_vectors(nic) == 4
-    raise_cause(nic, RXQ0_TO(1) | TXQ0_TO(3), RXQ0 | TXQ0)
-    assert messages(nic, 2) == {(ADDRESS, DATA + 1), (ADDRESS, DATA + 3)}
+    raise_cause(nic, rxq0_to(1) | txq0_to(3), RXQ0 | TXQ0)
+    assert messages(nic, 2) == [(ADDRESS, DATA + 1), (ADDRESS, DATA + 3)]
 
 
 def test_masking_a_vector_releases_it_and_the_device_holds_what_it_raised(nic):
@@ -109,11 +118,11 @@ def test_masking_a_vector_releases_it_and_the_device_holds_what_it_raised(nic):
     program(nic, 1, masked=True)
     vector = nic.msix_vectors[1]
     assert not vector.use and vector.fd == -1 and nic.vbasedev.eventfds == set()
-    raise_cause(nic, RXQ0_TO(1), RXQ0)
+    raise_cause(nic, rxq0_to(1), RXQ0)
     assert not nic.machine.run_until(lambda: nic.machine.msi_messages, 0.2)
     program(nic, 1)
     assert vector.use and vector.fd >= 0
-    assert messages(nic, 1) == {(ADDRESS, DATA + 1)}
+    assert messages(nic, 1) == [(ADDRESS, DATA + 1)]
 
 
 def test_the_function_mask_releases_every_vector_until_cleared(nic):
@@ -124,8 +133,8 @@ def test_the_function_mask_releases_every_vector_until_cleared(nic):
     assert not any(v.use for v in nic.msix_vectors) and nic.vbasedev.eventfds == set()
     msix_control(nic, ENABLE)
     assert [v.nr for v in nic.msix_vectors if v.use] == [0, 2]
-    raise_cause(nic, RXQ0_TO(2), RXQ0)
-    assert messages(nic, 1) == {(ADDRESS, DATA + 2)}
+    raise_cause(nic, rxq0_to(2), RXQ0)
+    assert messages(nic, 1) == [(ADDRESS, DATA + 2)]
 
 
 def test_disabling_msix_tears_it_down_and_returns_to_intx(nic):
@@ -135,6 +144,6 @@ def test_disabling_msix_tears_it_down_and_returns_to_intx(nic):
     msix_control(nic, 0)
     assert nic.interrupt == "intx" and nic.msix_vectors == [] and nic.nr_vectors == 0
     assert nic.vbasedev.eventfds == {nic.intx.interrupt} and kernel_vectors(nic) == 0
-    raise_cause(nic, RXQ0_TO(0), RXQ0)
+    raise_cause(nic, rxq0_to(0), RXQ0)
     assert nic.machine.run_until(lambda: nic.intx.pending, WAIT), "INTx did not come back after MSI-X"
     assert nic.machine.msi_messages == []
