@@ -31,7 +31,8 @@ def pytest_addoption(parser) -> None:
 def pytest_configure(config) -> None:
     config.addinivalue_line(
         "markers",
-        "vfio(device=None, topology=None, destructive=False, fake_only=None): what a conformance "
+        "vfio(device=None, topology=None, destructive=False, fake_only=None, platform=False): what a "
+        "conformance "
         "test needs; anything the backend lacks skips the test with a reason naming it")
     if config.getoption("--vfio-json", None) and not hasattr(config, "workerinput"):
         config.pluginmanager.register(JSONReport(config), "vfio-json-report")
@@ -61,6 +62,8 @@ def vfio(request):
     if kind == "real":
         if not real_available():
             pytest.skip(REAL_MISSING)
+        if need.get("platform"):
+            pytest.skip("real backend: no vfio-platform device")
         if need.get("fake_only"):
             pytest.skip(f"real backend: needs {need['fake_only']}")
         if need.get("topology"):
@@ -73,7 +76,8 @@ def vfio(request):
         yield backend
         return
     before = _open_fds()
-    kernel = FakeKernel(Topology.named(need.get("topology") or FAKE_TOPOLOGY))
+    default = "platform" if need.get("platform") else FAKE_TOPOLOGY
+    kernel = FakeKernel(Topology.named(need.get("topology") or default))
     backend = Backend("fake", kernel, f"fake {kernel.profile.name}", destructive=True)
     backend.devices = [describe(kernel, spec.bdf) for spec in kernel.topology.devices]
     try:
