@@ -32,8 +32,7 @@ def pytest_configure(config) -> None:
     config.addinivalue_line(
         "markers",
         "vfio(device=None, topology=None, destructive=False, fake_only=None, platform=False): what a "
-        "conformance "
-        "test needs; anything the backend lacks skips the test with a reason naming it")
+        "conformance test needs; anything the backend lacks skips the test with a reason naming it")
     if config.getoption("--vfio-json", None) and not hasattr(config, "workerinput"):
         config.pluginmanager.register(JSONReport(config), "vfio-json-report")
 
