@@ -1,6 +1,9 @@
 """The machine: virtual clock timers, the fd loop, guest RAM and listeners, IRQ lines."""
 
+import errno
 import os
+
+import pytest
 
 from vfio_impl.machine import Machine, RealClock, VirtualClock
 
@@ -106,3 +109,63 @@ def test_irq_line_history_and_msi():
     m.msi_notify(0xFEE00000, 0x41)
     assert got == m.msi_messages == [(0xFEE00000, 0x41)]
     assert RealClock().now_ms() > 0
+
+
+def test_irqfd_is_opt_in():
+    m = Machine()
+    fd = os.eventfd(0, os.EFD_NONBLOCK)
+    with pytest.raises(OSError) as e:
+        m.add_irqfd(fd, m.irq_line("spi 5"))
+    assert e.value.errno == errno.ENOSYS
+    assert not m.irqfd_available and not m.irqfds
+    os.close(fd)
+    m.close()
+
+
+def test_an_irqfd_without_resample_is_an_edge():
+    m = Machine(irqfd=True)
+    fd = os.eventfd(0, os.EFD_NONBLOCK)
+    line = m.irq_line("spi 6")
+    m.add_irqfd(fd, line)
+    os.eventfd_write(fd, 1)
+    assert m.run_until(lambda: line.history, timeout=1)
+    assert line.history == [True, False] and not line.level
+    assert not m.eoi("spi 6"), "an edge irqfd has nothing to resample"
+    m.remove_irqfd(fd)
+    os.close(fd)
+    m.close()
+
+
+def test_a_resampling_irqfd_holds_the_line_until_the_eoi_writes_the_resample_fd():
+    m = Machine(irqfd=True)
+    trigger, resample = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    line = m.irq_line("spi 7")
+    m.add_irqfd(trigger, line, resample)
+    user = []
+    m.set_fd_handler(trigger, lambda: user.append("user"))
+    m.set_fd_handler(trigger, None)
+    os.eventfd_write(trigger, 1)
+    assert m.run_until(lambda: line.level, timeout=1), "removing a user handler removed the irqfd"
+    assert m.poll(0) == 0 and line.history == [True] and not user
+    assert m.eoi("spi 7") and not line.level
+    assert os.eventfd_read(resample) == 1
+    assert not m.eoi("spi 8")
+    for fd in (trigger, resample):
+        os.close(fd)
+    m.close()
+
+
+def test_a_second_irqfd_on_one_eventfd_is_refused_and_removal_empties_the_loop():
+    m = Machine(irqfd=True)
+    fd = os.eventfd(0, os.EFD_NONBLOCK)
+    m.add_irqfd(fd, m.irq_line("a"))
+    with pytest.raises(OSError) as e:
+        m.add_irqfd(fd, m.irq_line("b"))
+    assert e.value.errno == errno.EBUSY
+    m.remove_irqfd(fd)
+    m.remove_irqfd(fd)
+    assert not m.irqfds and not m.selector.get_map()
+    os.eventfd_write(fd, 1)
+    assert m.poll(0) == 0 and not m.irq_line("a").history
+    os.close(fd)
+    m.close()

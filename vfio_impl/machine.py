@@ -1,15 +1,18 @@
 """What QEMU gives a device: an event loop, a clock, guest RAM for DMA, and interrupt lines.
 
 The clock is injectable so timers (such as the 1100 ms INTx mmap timeout) are tested by
-advancing a VirtualClock, never by sleeping.
+advancing a VirtualClock, never by sleeping. A machine built with irqfd=True also plays KVM's
+irqfd and resamplefd, so a device can hand its trigger eventfd to "the hypervisor".
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import heapq
 import itertools
 import mmap
+import os
 import selectors
 import time
 from dataclasses import dataclass, field
@@ -110,6 +113,19 @@ class RAMArea:
         return ctypes.addressof(ctypes.c_char.from_buffer(self.memory))
 
 
+@dataclass(slots=True)
+class IRQfd:
+    """KVM's irqfd: a signalled trigger asserts the line with no device code in between.
+
+    Without a resample eventfd the interrupt is an edge (asserted and lowered at once); with
+    one the line stays up until the guest's EOI, which lowers it and writes the resample fd.
+    """
+
+    trigger: int
+    line: IRQLine
+    resample: int | None = None
+
+
 class MemoryListener(Protocol):
     def region_add(self, area: RAMArea) -> None: ...
     def region_del(self, area: RAMArea) -> None: ...
@@ -118,7 +134,7 @@ class MemoryListener(Protocol):
 class Machine:
     """One VM's worth of loop, clock, memory and interrupts."""
 
-    def __init__(self, clock: Clock | None = None):
+    def __init__(self, clock: Clock | None = None, irqfd: bool = False):
         self.clock = clock or RealClock()
         if isinstance(self.clock, VirtualClock):
             self.clock.machine = self
@@ -130,6 +146,12 @@ class Machine:
         self.irq_lines: dict[str, IRQLine] = {}
         self.msi_messages: list[tuple[int, int]] = []
         self.msi_handlers: list[Callable[[int, int], None]] = []
+        # The irqfds live in their own epoll set, as KVM's live in the kernel: the device's
+        # own fd handlers never see (or unregister) them. While it holds any, the set's fd is
+        # one reader of the loop.
+        self.irqfd_available = irqfd
+        self.irqfds: dict[int, IRQfd] = {}
+        self._kvm = selectors.DefaultSelector()
 
     # -- loop ---------------------------------------------------------------------------------
     def set_fd_handler(self, fd: int, handler: Callable[[], None] | None) -> None:
@@ -216,8 +238,52 @@ class Machine:
         for handler in self.msi_handlers:
             handler(address, data)
 
+    # -- KVM's irqfd and resamplefd -------------------------------------------------------------
+    def add_irqfd(self, trigger: int, line: IRQLine, resample: int | None = None) -> IRQfd:
+        """kvm_irqchip_add_irqfd_notifier; OSError as KVM answers: ENOSYS without irqfd, EBUSY twice."""
+        if not self.irqfd_available:
+            raise OSError(errno.ENOSYS, "this machine has no irqfd")
+        if trigger in self.irqfds:
+            raise OSError(errno.EBUSY, f"eventfd {trigger} is already an irqfd")
+        irqfd = IRQfd(trigger, line, resample)
+        self._kvm.register(trigger, selectors.EVENT_READ, irqfd)
+        if not self.irqfds:
+            self.set_fd_handler(self._kvm.fileno(), self._kvm_run)
+        self.irqfds[trigger] = irqfd
+        return irqfd
+
+    def remove_irqfd(self, trigger: int) -> None:
+        """Before the trigger eventfd is closed: epoll would keep a closed fd another holder dup'ed."""
+        if self.irqfds.pop(trigger, None) is not None:
+            self._kvm.unregister(trigger)
+            if not self.irqfds:
+                self.set_fd_handler(self._kvm.fileno(), None)
+
+    def _kvm_run(self) -> None:
+        for key, _ in self._kvm.select(0):
+            irqfd = key.data
+            try:
+                os.eventfd_read(irqfd.trigger)
+            except BlockingIOError:
+                continue
+            irqfd.line.set(True)
+            if irqfd.resample is None:
+                irqfd.line.set(False)
+
+    def eoi(self, name: str) -> bool:
+        """The guest's EOI on a line: a resampling irqfd on it lowers it and writes its resample
+        eventfd. Returns whether one did; a line with no irqfd is the device model's business."""
+        done = False
+        for irqfd in list(self.irqfds.values()):
+            if irqfd.line.name == name and irqfd.resample is not None:
+                irqfd.line.set(False)
+                os.eventfd_write(irqfd.resample, 1)
+                done = True
+        return done
+
     def close(self) -> None:
         for area in list(self.ram):
             self.remove_ram(area)
             area.memory.close()
+        self._kvm.close()
         self.selector.close()
