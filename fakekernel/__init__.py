@@ -2,6 +2,6 @@
 
 from .kernel import FakeKernel
 from .profile import Profile
-from .topology import PciDeviceSpec, Topology
+from .topology import PciDeviceSpec, PlatformDeviceSpec, Topology
 
-__all__ = ["FakeKernel", "PciDeviceSpec", "Profile", "Topology"]
+__all__ = ["FakeKernel", "PciDeviceSpec", "PlatformDeviceSpec", "Profile", "Topology"]

@@ -22,8 +22,9 @@ from . import pci
 from .iommu import PAGE_SIZE, Type1IOMMU
 from .profile import Profile
 from .sysfs import Sysfs
-from .topology import PciDeviceSpec, Topology
+from .topology import PciDeviceSpec, PlatformDeviceSpec, Topology
 from .vfio_pci import VfioPciDevice
+from .vfio_platform import VfioPlatformDevice
 
 _GROUP_RE = re.compile(r"^/dev/vfio/(\d+)$")
 _INT = struct.Struct("=i")
@@ -271,19 +272,25 @@ class GroupFile(File):
             raise _err(errno.EINVAL, "device name is not NUL-terminated within a page")
         name = raw[:nul].decode("ascii", "replace")
         bdf, _, options = name.partition(" ")
-        spec = next((d for d in self.kernel.topology.group_members(self.group.number)
+        topology = self.kernel.topology
+        spec = next((d for d in topology.group_members(self.group.number)
                      if d.bdf == bdf and d.driver == "vfio-pci"), None)
-        if spec is None:
+        platform = next((d for d in topology.platform_members(self.group.number)
+                         if d.name == name and d.driver == "vfio-platform"), None)
+        if spec is None and platform is None:
             raise _err(errno.ENODEV, f"no device {name!r} in group {self.group.number}")
-        if options.strip():
+        if spec is not None and options.strip():
             raise _err(errno.EINVAL, f"unknown device options {options.strip()!r}")
         container = self.group.container
         if container is None or container.iommu is None:
             raise _err(errno.EINVAL, "the group's container has no IOMMU set")
-        device = self.kernel.vfio_devices[bdf]
+        if platform is not None:
+            device, cls = self.kernel.platform_devices[name], PlatformDeviceFile
+        else:
+            device, cls = self.kernel.vfio_devices[bdf], DeviceFile
         device.open_device()
         self.group.device_fds += 1
-        return self.kernel._install(DeviceFile(self.kernel, device, self.group))
+        return self.kernel._install(cls(self.kernel, device, self.group))
 
     def release(self) -> None:
         """Device fds hold the group file, so detaching waits for the last of them."""
@@ -387,6 +394,51 @@ class DeviceFile(File):
             opened.finish_release()
 
 
+class PlatformDeviceFile(DeviceFile):
+    """A vfio-platform device fd: vfio_platform_ioctl's argsz rules, which echo more than vfio-pci's."""
+
+    def ioctl(self, request: int, arg) -> int:
+        dev = self.device
+        if request == uapi.VFIO_DEVICE_GET_INFO:
+            buf = _buf_arg(arg)
+            layout = uapi.vfio_device_info
+            minsz = layout.offsetof("num_irqs") + 4
+            info = _unpack_min(layout, buf, minsz)
+            if info.argsz < minsz:
+                raise _err(errno.EINVAL, "argsz below vfio_device_info's minimum")
+            out = layout.pack(argsz=info.argsz, flags=dev.flags, num_regions=dev.num_regions,
+                              num_irqs=dev.num_irqs, cap_offset=0)
+            buf[:minsz] = out[:minsz]
+            return 0
+        if request == uapi.VFIO_DEVICE_GET_REGION_INFO:
+            buf = _buf_arg(arg)
+            layout = uapi.vfio_region_info
+            info = _unpack_min(layout, buf, layout.size)
+            if info.argsz < layout.size:
+                raise _err(errno.EINVAL, "argsz below vfio_region_info")
+            flags, size = dev.region_info(info.index)
+            layout.pack_into(buf, 0, argsz=info.argsz, flags=flags, index=info.index, cap_offset=info.cap_offset,
+                             size=size, offset=info.index << 40)
+            return 0
+        if request == uapi.VFIO_DEVICE_GET_IRQ_INFO:
+            buf = _buf_arg(arg)
+            layout = uapi.vfio_irq_info
+            info = _unpack_min(layout, buf, layout.size)
+            if info.argsz < layout.size:
+                raise _err(errno.EINVAL, "argsz below vfio_irq_info")
+            flags, count = dev.irq_info(info.index)
+            layout.pack_into(buf, 0, argsz=info.argsz, flags=flags, index=info.index, count=count)
+            return 0
+        if request == uapi.VFIO_DEVICE_SET_IRQS:
+            buf = _buf_arg(arg)
+            _unpack_min(uapi.vfio_irq_set, buf, uapi.vfio_irq_set.size)
+            return dev.set_irqs(buf)
+        if request == uapi.VFIO_DEVICE_RESET:
+            dev.reset()
+            return 0
+        return File.ioctl(self, request, arg)
+
+
 MMIO_WINDOW = 0xFE000000
 IO_WINDOW = 0xC000
 
@@ -473,6 +525,8 @@ class FakeKernel(EventfdMixin):
         self.files: dict[int, File] = {}
         self.groups = {n: IommuGroup(n) for n in self.topology.groups()}
         self.vfio_devices = {bdf: VfioPciDevice(self, fn, bdf) for bdf, fn in self.functions.items()}
+        self.platform_devices = {d.name: VfioPlatformDevice(self, _devices.CATALOG[d.model](), d.name)
+                                 for d in self.topology.platform}
         self._mappings: list[weakref.ref] = []
         self._lock = threading.RLock()
         self._virqfd: _Virqfd | None = None
@@ -620,6 +674,10 @@ class FakeKernel(EventfdMixin):
         spec = self._spec(bdf)
         return self.groups.get(spec.group) if spec.group is not None else None
 
+    def platform_device(self, name: str) -> VfioPlatformDevice:
+        """The vfio-platform state of a device (its model is `.model`), for tests to look into."""
+        return self.platform_devices[name]
+
     def hot_reset_set(self, bdf: str) -> list[PciDeviceSpec] | None:
         """Functions a bus reset would hit; none on the root bus, as on q35's bus 0."""
         bus = bdf[:7]
@@ -648,7 +706,7 @@ class FakeKernel(EventfdMixin):
             for kind in (DeviceFile, GroupFile, ContainerFile):
                 for fd in [fd for fd, f in self.files.items() if isinstance(f, kind)]:
                     self.close(fd)
-            for dev in self.vfio_devices.values():
+            for dev in (*self.vfio_devices.values(), *self.platform_devices.values()):
                 dev.release()
         if self._virqfd:
             self._virqfd.stop()

@@ -5,15 +5,28 @@ from __future__ import annotations
 from pyfakefs.fake_filesystem import FakeFilesystem
 
 from .pci import PciFunction
-from .topology import PciDeviceSpec, Topology, VIABLE_DRIVERS, VFIO_DRIVERS
+from .topology import PciDeviceSpec, PlatformDeviceSpec, Topology, VIABLE_DRIVERS, VFIO_DRIVERS
 
 PCI_DEVICES = "/sys/bus/pci/devices"
 PCI_DRIVERS = "/sys/bus/pci/drivers"
+PLATFORM_DEVICES = "/sys/bus/platform/devices"
+PLATFORM_DRIVERS = "/sys/bus/platform/drivers"
 IOMMU_GROUPS = "/sys/kernel/iommu_groups"
+DEVICETREE = "/sys/firmware/devicetree/base"
 
 
 def device_dir(bdf: str) -> str:
     return f"/sys/devices/pci{bdf[:7]}/{bdf}"
+
+
+def platform_dir(name: str) -> str:
+    return f"/sys/devices/platform/{name}"
+
+
+def of_node_name(name: str) -> str:
+    """c0000000.platform-test is the devicetree node platform-test@c0000000."""
+    addr, _, node = name.partition(".")
+    return f"{node}@{addr}"
 
 
 class Sysfs:
@@ -23,8 +36,12 @@ class Sysfs:
         self.fs = FakeFilesystem(path_separator="/")
         self.topology = topology
         self.fs.create_file("/dev/vfio/vfio")
+        for path in (PCI_DEVICES, PLATFORM_DEVICES):
+            self.fs.create_dir(path)
         for spec in topology.devices:
             self._add_device(spec, functions[spec.bdf])
+        for spec in topology.platform:
+            self._add_platform_device(spec)
         for group in topology.groups():
             self.sync_group(group)
 
@@ -37,36 +54,65 @@ class Sysfs:
                             ("driver_override", "(null)")):
             fs.create_file(f"{path}/{name}", contents=value + "\n")
         fs.create_symlink(f"{PCI_DEVICES}/{spec.bdf}", f"../../../devices/pci{spec.bdf[:7]}/{spec.bdf}")
-        if spec.group is not None:
-            if not fs.exists(f"{IOMMU_GROUPS}/{spec.group}/devices"):
-                fs.create_dir(f"{IOMMU_GROUPS}/{spec.group}/devices")
-            fs.create_symlink(f"{path}/iommu_group", f"../../../kernel/iommu_groups/{spec.group}")
-            fs.create_symlink(f"{IOMMU_GROUPS}/{spec.group}/devices/{spec.bdf}", f"../../../../devices/pci{spec.bdf[:7]}/{spec.bdf}")
+        self._add_to_group(path, spec.bdf, spec.group, None)
         self.set_driver(spec, spec.driver)
 
-    def set_driver(self, spec: PciDeviceSpec, driver: str | None) -> None:
-        fs, link = self.fs, f"{device_dir(spec.bdf)}/driver"
+    def _add_to_group(self, path: str, name: str, group: int | None, link: str | None) -> None:
+        """The device's iommu_group link and its entry in the group's devices directory."""
+        fs = self.fs
+        if group is not None:
+            if not fs.exists(f"{IOMMU_GROUPS}/{group}/devices"):
+                fs.create_dir(f"{IOMMU_GROUPS}/{group}/devices")
+            fs.create_symlink(f"{IOMMU_GROUPS}/{group}/devices/{name}", "../../../.." + path[len("/sys"):])
+            link = link or f"../../../kernel/iommu_groups/{group}"
+        if link:
+            fs.create_symlink(f"{path}/iommu_group", link)
+
+    def _add_platform_device(self, spec: PlatformDeviceSpec) -> None:
+        """A devicetree platform device: of_node is a link into /sys/firmware/devicetree, whose
+        compatible holds each string NUL-terminated."""
+        fs, path = self.fs, platform_dir(spec.name)
+        fs.create_file(f"{path}/driver_override", contents="(null)\n")
+        fs.create_symlink(f"{PLATFORM_DEVICES}/{spec.name}", f"../../../devices/platform/{spec.name}")
+        if spec.compatible is not None:
+            node = f"{DEVICETREE}/{of_node_name(spec.name)}"
+            fs.create_file(f"{node}/compatible", contents="".join(c + "\0" for c in spec.compatible))
+            fs.create_file(f"{node}/name", contents=spec.model + "\0")
+            fs.create_symlink(f"{path}/of_node", f"../../../firmware/devicetree/base/{of_node_name(spec.name)}")
+        self._add_to_group(path, spec.name, spec.group, spec.group_link)
+        self.set_driver(spec, spec.driver)
+
+    def set_driver(self, spec: PciDeviceSpec | PlatformDeviceSpec, driver: str | None) -> None:
+        fs = self.fs
+        if isinstance(spec, PlatformDeviceSpec):
+            bus, name, path, files = "platform", spec.name, platform_dir(spec.name), ("bind", "unbind")
+        else:
+            bus, name, path, files = "pci", spec.bdf, device_dir(spec.bdf), ("bind", "unbind", "new_id", "remove_id")
+        drivers, link = f"/sys/bus/{bus}/drivers", f"{path}/driver"
         if fs.exists(link) or fs.islink(link):
             fs.remove_object(link)
-            fs.remove_object(f"{PCI_DRIVERS}/{spec.driver}/{spec.bdf}")
+            fs.remove_object(f"{drivers}/{spec.driver}/{name}")
         spec.driver = driver
         if driver:
-            if not fs.exists(f"{PCI_DRIVERS}/{driver}"):
-                for name in ("bind", "unbind", "new_id", "remove_id"):
-                    fs.create_file(f"{PCI_DRIVERS}/{driver}/{name}")
-            fs.create_symlink(link, f"../../../bus/pci/drivers/{driver}")
-            fs.create_symlink(f"{PCI_DRIVERS}/{driver}/{spec.bdf}", f"../../../../devices/pci{spec.bdf[:7]}/{spec.bdf}")
+            if not fs.exists(f"{drivers}/{driver}"):
+                for file in files:
+                    fs.create_file(f"{drivers}/{driver}/{file}")
+            fs.create_symlink(link, f"../../../bus/{bus}/drivers/{driver}")
+            fs.create_symlink(f"{drivers}/{driver}/{name}", "../../../.." + path[len("/sys"):])
         if spec.group is not None:
             self.sync_group(spec.group)
 
     def sync_group(self, group: int) -> None:
         """/dev/vfio/N exists while any member is bound to a vfio driver."""
         node = f"/dev/vfio/{group}"
-        present = any(d.driver in VFIO_DRIVERS for d in self.topology.group_members(group))
+        present = any(d.driver in VFIO_DRIVERS for d in self._members(group))
         if present and not self.fs.exists(node):
             self.fs.create_file(node)
         elif not present and self.fs.exists(node):
             self.fs.remove_object(node)
 
     def viable(self, group: int) -> bool:
-        return all(d.driver in VIABLE_DRIVERS for d in self.topology.group_members(group))
+        return all(d.driver in VIABLE_DRIVERS for d in self._members(group))
+
+    def _members(self, group: int) -> list[PciDeviceSpec | PlatformDeviceSpec]:
+        return [*self.topology.group_members(group), *self.topology.platform_members(group)]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-VFIO_DRIVERS = ("vfio-pci",)
+VFIO_DRIVERS = ("vfio-pci", "vfio-platform")
 # Drivers that do not break a group's viability (vfio_dev_driver_allowed and unbound devices).
-VIABLE_DRIVERS = (None, "vfio-pci", "pci-stub", "pcieport")
+VIABLE_DRIVERS = (None, "vfio-pci", "vfio-platform", "pci-stub", "pcieport")
 
 
 @dataclass(slots=True)
@@ -23,9 +23,26 @@ class PciDeviceSpec:
 
 
 @dataclass(slots=True)
+class PlatformDeviceSpec:
+    """One platform device under /sys/bus/platform/devices/NAME. `compatible` None means the
+    device has no of_node at all; `group_link` overrides the iommu_group link's target, so a
+    topology can show a link whose last component is not a group number."""
+
+    name: str
+    model: str = "platform-test"
+    group: int | None = None
+    driver: str | None = "vfio-platform"
+    compatible: list[str] | None = None
+    group_link: str | None = None
+
+
+@dataclass(slots=True)
 class Topology:
+    """`devices` are the PCI functions; `platform` the devices on the platform bus."""
+
     devices: list[PciDeviceSpec] = field(default_factory=list)
     name: str = "custom"
+    platform: list[PlatformDeviceSpec] = field(default_factory=list)
 
     @classmethod
     def default(cls) -> "Topology":
@@ -35,17 +52,23 @@ class Topology:
     @classmethod
     def named(cls, name: str) -> "Topology":
         try:
-            devices = NAMED[name]()
+            specs = NAMED[name]()
         except KeyError:
             raise ValueError(f"unknown topology {name!r}; known: {', '.join(sorted(NAMED))}") from None
-        return cls(devices, name)
+        return cls([s for s in specs if isinstance(s, PciDeviceSpec)], name,
+                   [s for s in specs if isinstance(s, PlatformDeviceSpec)])
 
     def group_members(self, group: int) -> list[PciDeviceSpec]:
         return [d for d in self.devices if d.group == group]
 
-    def groups(self) -> list[int]:
-        return sorted({d.group for d in self.devices if d.group is not None})
+    def platform_members(self, group: int) -> list[PlatformDeviceSpec]:
+        return [d for d in self.platform if d.group == group]
 
+    def groups(self) -> list[int]:
+        return sorted({d.group for d in (*self.devices, *self.platform) if d.group is not None})
+
+
+TEST_COMPATIBLE = ["qemu,platform-test", "vfio,test-device"]
 
 NAMED = {
     "default": lambda: [PciDeviceSpec("0000:00:03.0", "edu", 3)],
@@ -59,4 +82,14 @@ NAMED = {
                    PciDeviceSpec("0000:00:04.0", "ivshmem", 2, bars={0: 0xFE700000, 2: 0xFEA00000}),
                    PciDeviceSpec("0000:01:00.0", "e1000e", 8, interrupt_line=0x0A,
                                  bars={0: 0xFE400000, 1: 0xFE420000, 2: 0xC000, 3: 0xFE440000})],
+    # vfio-platform as QEMU's hw/vfio/platform.c meets it: one good device and one of each way
+    # its realize can fail (no group, a group link that is not a number, not a platform device,
+    # no of_node to read compatible from).
+    "platform": lambda: [
+        PlatformDeviceSpec("c0000000.platform-test", "platform-test", 20, compatible=TEST_COMPATIBLE),
+        PlatformDeviceSpec("c1000000.no-group", "platform-test", None, compatible=TEST_COMPATIBLE),
+        PlatformDeviceSpec("c2000000.bad-group", "platform-test", None, compatible=TEST_COMPATIBLE,
+                           group_link="../../../kernel/iommu_groups/bogus"),
+        PlatformDeviceSpec("c3000000.not-platform", "amba-test", 23, compatible=TEST_COMPATIBLE),
+        PlatformDeviceSpec("c4000000.no-of-node", "platform-test", 24, compatible=None)],
 }

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from vfio_impl import uapi
 
 from .eventfd import EventfdCtx
+from .irq import IRQContext, validate_and_prepare, virqfd_disable, wants
 from .mmio import MMIOMapping, split_access
 from . import pci
 
@@ -35,8 +36,6 @@ CONFIG = uapi.VFIO_PCI_CONFIG_REGION_INDEX
 ROM = uapi.VFIO_PCI_ROM_REGION_INDEX
 VGA = uapi.VFIO_PCI_VGA_REGION_INDEX
 PAGE_SIZE = mmap.PAGESIZE
-SET_IRQS_MINSZ = uapi.vfio_irq_set.offsetof("count") + 4
-DATA_MASK = uapi.VFIO_IRQ_SET_DATA_TYPE_MASK
 ACTION_MASK = uapi.VFIO_IRQ_SET_ACTION_TYPE_MASK
 
 UNASSIGNED = 0xFF
@@ -62,25 +61,6 @@ MSIX_REMAPPED_MSG = 0xFEE00018  # a remappable-format address, as Linux writes u
 
 def _einval(what: str) -> OSError:
     return OSError(errno.EINVAL, what)
-
-
-class IRQContext:
-    """One vector's trigger eventfd, as vdev->ctx[i] holds it."""
-
-    __slots__ = ("trigger",)
-
-    def __init__(self) -> None:
-        self.trigger: EventfdCtx | None = None
-
-    def set_trigger(self, fd: int) -> None:
-        new = EventfdCtx(fd) if fd >= 0 else None
-        if self.trigger:
-            self.trigger.put()
-        self.trigger = new
-
-    def signal(self) -> None:
-        if self.trigger:
-            self.trigger.signal()
 
 
 class VfioPciDevice:
@@ -607,24 +587,7 @@ class VfioPciDevice:
     def set_irqs(self, buf: bytearray) -> int:
         """VFIO_DEVICE_SET_IRQS: vfio_set_irqs_validate_and_prepare, then the per-index handler."""
         hdr = uapi.vfio_irq_set.unpack(buf)
-        if (hdr.argsz < SET_IRQS_MINSZ or hdr.index >= NUM_IRQS or hdr.count >= 0xFFFFFFFF - hdr.start
-                or hdr.flags & ~(DATA_MASK | ACTION_MASK)):
-            raise _einval("bad vfio_irq_set header")
-        max_count = self.irq_count(hdr.index)
-        if hdr.start >= max_count or hdr.start + hdr.count > max_count:
-            raise _einval("start/count beyond the index's vectors")
-        data_type = hdr.flags & DATA_MASK
-        size = {uapi.VFIO_IRQ_SET_DATA_NONE: 0, uapi.VFIO_IRQ_SET_DATA_BOOL: 1,
-                uapi.VFIO_IRQ_SET_DATA_EVENTFD: 4}.get(data_type)
-        if size is None:
-            raise _einval("more than one data type")
-        if size and hdr.argsz - SET_IRQS_MINSZ < hdr.count * size:
-            raise _einval("argsz too small for the data")
-        base = uapi.vfio_irq_set.size
-        raw = bytes(buf[base:base + hdr.count * size])
-        if len(raw) < hdr.count * size:
-            raise OSError(errno.EFAULT, "data beyond the buffer")
-        data = (list(struct.unpack(f"<{hdr.count}i", raw)) if size == 4 else list(raw)) if size else None
+        data_type, data = validate_and_prepare(hdr, buf, self.irq_count(hdr.index), NUM_IRQS)
         action = hdr.flags & ACTION_MASK
         handler = self._irq_handler(hdr.index, action)
         if handler is None:
@@ -680,7 +643,7 @@ class VfioPciDevice:
             raise _einval("INTx is not enabled")
         if data_type == uapi.VFIO_IRQ_SET_DATA_EVENTFD:
             raise OSError(errno.ENOTTY, "masking by eventfd is not implemented")
-        if data_type == uapi.VFIO_IRQ_SET_DATA_NONE or data[0]:
+        if wants(data_type, data):
             self.intx_mask()
 
     def _set_intx_unmask(self, index, start, count, data_type, data):
@@ -688,15 +651,12 @@ class VfioPciDevice:
             raise _einval("INTx is not enabled")
         if data_type == uapi.VFIO_IRQ_SET_DATA_EVENTFD:
             self._set_unmask_eventfd(data[0] if count else -1)
-        elif data_type == uapi.VFIO_IRQ_SET_DATA_NONE or (count and data[0]):
+        elif wants(data_type, data):
             self.intx_unmask_handler()
 
     def _set_unmask_eventfd(self, fd: int) -> None:
-        old = self.intx_unmask
+        virqfd_disable(self.kernel, self.intx_unmask)
         self.intx_unmask = None
-        if old:
-            self.kernel.virqfd_remove(old)
-            old.put()
         if fd >= 0:
             ctx = EventfdCtx(fd)
             self.intx_unmask = ctx
@@ -715,7 +675,7 @@ class VfioPciDevice:
             return
         if self.irq_type != INTX:
             raise _einval("INTx is not enabled")
-        if data_type == uapi.VFIO_IRQ_SET_DATA_NONE or data[0]:
+        if wants(data_type, data):
             self._send_intx()
 
     def _intx_enable(self) -> None:

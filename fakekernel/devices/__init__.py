@@ -3,5 +3,6 @@
 from .e1000e import E1000e
 from .edu import Edu
 from .ivshmem import Ivshmem
+from .platform_test import AmbaTest, PlatformTest
 
-CATALOG = {"edu": Edu, "ivshmem": Ivshmem, "e1000e": E1000e}
+CATALOG = {"edu": Edu, "ivshmem": Ivshmem, "e1000e": E1000e, "platform-test": PlatformTest, "amba-test": AmbaTest}

@@ -1,0 +1,92 @@
+"""What every vfio bus driver shares for interrupts: SET_IRQS validation, trigger contexts, virqfds.
+
+vfio_set_irqs_validate_and_prepare is one function in vfio_main.c that vfio-pci and
+vfio-platform call with different limits; so it is one function here.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from typing import TYPE_CHECKING, Callable
+
+from vfio_impl import uapi
+
+from .eventfd import EventfdCtx
+
+if TYPE_CHECKING:
+    from .kernel import FakeKernel
+
+SET_IRQS_MINSZ = uapi.vfio_irq_set.offsetof("count") + 4
+DATA_MASK = uapi.VFIO_IRQ_SET_DATA_TYPE_MASK
+ACTION_MASK = uapi.VFIO_IRQ_SET_ACTION_TYPE_MASK
+DATA_SIZES = {uapi.VFIO_IRQ_SET_DATA_NONE: 0, uapi.VFIO_IRQ_SET_DATA_BOOL: 1, uapi.VFIO_IRQ_SET_DATA_EVENTFD: 4}
+
+
+def _einval(what: str) -> OSError:
+    return OSError(errno.EINVAL, what)
+
+
+def validate_and_prepare(hdr, buf: bytearray, num_irqs: int, max_irq_type: int) -> tuple[int, list[int] | None]:
+    """The header checks, then the data copied in: (data type, data) with data None for DATA_NONE.
+
+    `num_irqs` bounds start and count, `max_irq_type` the index; vfio-pci passes the index's
+    vector count, vfio-platform its number of IRQs for both."""
+    if (hdr.argsz < SET_IRQS_MINSZ or hdr.index >= max_irq_type or hdr.count >= 0xFFFFFFFF - hdr.start
+            or hdr.flags & ~(DATA_MASK | ACTION_MASK)):
+        raise _einval("bad vfio_irq_set header")
+    if hdr.start >= num_irqs or hdr.start + hdr.count > num_irqs:
+        raise _einval("start/count beyond the index's vectors")
+    data_type = hdr.flags & DATA_MASK
+    size = DATA_SIZES.get(data_type)
+    if size is None:
+        raise _einval("more than one data type")
+    if size and hdr.argsz - SET_IRQS_MINSZ < hdr.count * size:
+        raise _einval("argsz too small for the data")
+    base = uapi.vfio_irq_set.size
+    raw = bytes(buf[base:base + hdr.count * size])
+    if len(raw) < hdr.count * size:
+        raise OSError(errno.EFAULT, "data beyond the buffer")
+    data = (list(struct.unpack(f"<{hdr.count}i", raw)) if size == 4 else list(raw)) if size else None
+    return data_type, data
+
+
+def wants(data_type: int, data: list[int] | None) -> bool:
+    """DATA_NONE always acts; DATA_BOOL acts when its first byte is set."""
+    return data_type == uapi.VFIO_IRQ_SET_DATA_NONE or bool(data and data[0])
+
+
+class IRQContext:
+    """One vector's trigger eventfd, as vdev->ctx[i] holds it."""
+
+    __slots__ = ("trigger",)
+
+    def __init__(self) -> None:
+        self.trigger: EventfdCtx | None = None
+
+    def set_trigger(self, fd: int) -> None:
+        new = EventfdCtx(fd) if fd >= 0 else None
+        if self.trigger:
+            self.trigger.put()
+        self.trigger = new
+
+    def signal(self) -> None:
+        if self.trigger:
+            self.trigger.signal()
+
+
+def virqfd_enable(kernel: "FakeKernel", current: EventfdCtx | None, fd: int,
+                  handler: Callable[[], None]) -> EventfdCtx:
+    """vfio_virqfd_enable: EBADF or EINVAL for a bad fd, EBUSY while one is already wired."""
+    ctx = EventfdCtx(fd)
+    if current is not None:
+        ctx.put()
+        raise OSError(errno.EBUSY, "a virqfd is already wired there")
+    kernel.virqfd_add(ctx, handler)
+    return ctx
+
+
+def virqfd_disable(kernel: "FakeKernel", ctx: EventfdCtx | None) -> None:
+    if ctx is not None:
+        kernel.virqfd_remove(ctx)
+        ctx.put()
