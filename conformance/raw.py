@@ -31,6 +31,15 @@ def wait_for(predicate, timeout: float = 2.0) -> bool:
     return True
 
 
+def assert_fast_path_back_after(dev, ms: int) -> None:
+    """The mmap timer of either flavour, on the virtual clock: still trapping a millisecond before the deadline, mmapped at it."""
+    clock = dev.machine.clock
+    clock.advance(ms - 1)
+    assert not dev.mmap_enabled(), f"the fast path came back before {ms} ms"
+    clock.advance(1)
+    assert dev.mmap_enabled(), f"the fast path was not back after {ms} ms"
+
+
 class RawSession:
     def __init__(self, host, dev: DeviceInfo | None):
         self.host = host

@@ -9,6 +9,8 @@ import pytest
 from vfio_impl import uapi
 from vfio_impl.pci import PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY
 
+from .raw import assert_fast_path_back_after
+
 pytestmark = pytest.mark.vfio(device="edu")
 RAISE, ACK, IDENT = 0x60, 0x64, 0x00
 WAIT = 2.0
@@ -137,15 +139,6 @@ def test_a_refused_resample_eventfd_falls_back_to_user_space(realize):
 
 
 # -- the mmap timer: virtual time only ---------------------------------------------------------
-def assert_fast_path_back_after(dev, ms: int) -> None:
-    """Still trapping a millisecond before the deadline, mmapped at it."""
-    clock = dev.machine.clock
-    clock.advance(ms - 1)
-    assert not dev.mmap_enabled(), f"the fast path came back before {ms} ms"
-    clock.advance(1)
-    assert dev.mmap_enabled(), f"the fast path was not back after {ms} ms"
-
-
 def test_the_fast_path_comes_back_1100_ms_after_the_interrupt(edu):
     raise_intx(edu)
     edu.bar_write(0, ACK, 1, 4)

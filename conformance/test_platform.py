@@ -14,7 +14,7 @@ from vfio_impl.machine import Machine, VirtualClock
 from vfio_impl.platform import IRQState, VFIOPlatformDevice
 from vfio_impl.trace import TraceRecorder
 
-from .test_intx import assert_fast_path_back_after
+from .raw import assert_fast_path_back_after
 
 pytestmark = pytest.mark.vfio(platform=True)
 

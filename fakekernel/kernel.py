@@ -12,7 +12,7 @@ import threading
 import weakref
 from typing import Callable
 
-from pyfakefs import fake_filesystem, fake_open, fake_os
+from pyfakefs import fake_open, fake_os
 
 from vfio_impl import uapi
 from vfio_impl.host import EventfdMixin
@@ -22,7 +22,7 @@ from . import pci
 from .iommu import PAGE_SIZE, Type1IOMMU
 from .profile import Profile
 from .sysfs import Sysfs
-from .topology import PciDeviceSpec, PlatformDeviceSpec, Topology
+from .topology import PciDeviceSpec, Topology
 from .vfio_pci import VfioPciDevice
 from .vfio_platform import VfioPlatformDevice
 

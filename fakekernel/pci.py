@@ -8,7 +8,7 @@ does on top of it lives in vfio_pci.py.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 PCI_VENDOR_ID = 0x00

@@ -279,7 +279,7 @@ def test_e1000e_icr_clears_on_read_unless_msix(nic):
     s.bar_write(fd, 0, e.ICS, e.ICR_LSC | e.ICR_RXO)
     s.bar_write(fd, 0, e.ICR, e.ICR_OTHER)
     assert s.bar_read(fd, 0, e.ICS) == 0, "clearing OTHER clears the causes it stands for"
-    efds = enable_msix(s, fd)
+    enable_msix(s, fd)
     s.bar_write(fd, 0, e.IMS, e.ICR_LSC)
     s.bar_write(fd, 0, e.ICS, e.ICR_LSC)
     assert [s.bar_read(fd, 0, e.ICR), s.bar_read(fd, 0, e.ICR)] == [0x81000004] * 2

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import logging
 import mmap as _mmap
 import os
 import re
@@ -24,7 +23,7 @@ from .device import Device
 from .errors import VFIOError
 from .machine import IRQLine, Machine, Timer
 from .region import MmapArea, Region
-from .trace import log, trace, warn
+from .trace import error_report, trace, warn
 
 # pci_regs.h words.
 PCI_COMMAND = 0x04
@@ -93,12 +92,6 @@ def _ranges_overlap(a: int, alen: int, b: int, blen: int) -> bool:
 
 def _ones(size: int) -> int:
     return (1 << (8 * size)) - 1
-
-
-def error_report(message: str) -> None:
-    """QEMU's error_report: the guest-facing paths say what failed and carry on."""
-    trace("error", message=message)
-    log.error("%s", message)
 
 
 @dataclass(slots=True)

@@ -26,7 +26,7 @@ from .device import Device, IRQInfo
 from .errors import VFIOError
 from .machine import IRQLine, Machine
 from .region import Region
-from .trace import log, trace, warn
+from .trace import error_report, trace, warn
 
 PLATFORM_DEVICES = "/sys/bus/platform/devices"
 # readlink into a PATH_MAX buffer: a link that fills it is too long to trust.
@@ -58,12 +58,6 @@ class VFIOINTp:
     @property
     def automasked(self) -> bool:
         return bool(self.flags & uapi.VFIO_IRQ_INFO_AUTOMASKED)
-
-
-def error_report(message: str) -> None:
-    """The guest-facing paths say what failed and carry on."""
-    trace("error", message=message)
-    log.error("%s", message)
 
 
 def count_compat(compat: str) -> int:

@@ -22,6 +22,12 @@ def warn(message: str) -> None:
     log.warning("%s", message)
 
 
+def error_report(message: str) -> None:
+    """QEMU's error_report: the guest-facing paths say what failed and carry on."""
+    trace("error", message=message)
+    log.error("%s", message)
+
+
 class TraceRecorder:
     """A context manager collecting (event, fields) pairs, for tests."""
 
