@@ -341,7 +341,9 @@ class DeviceFile(File):
             layout.pack_into(buf, 0, argsz=info.argsz, flags=flags, index=info.index, count=count)
             return 0
         if request == uapi.VFIO_DEVICE_SET_IRQS:
-            return dev.set_irqs(_buf_arg(arg))
+            buf = _buf_arg(arg)
+            _unpack_min(uapi.vfio_irq_set, buf, uapi.vfio_irq_set.size)
+            return dev.set_irqs(buf)
         if request == uapi.VFIO_DEVICE_RESET:
             dev.reset()
             return 0

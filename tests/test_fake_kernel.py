@@ -8,6 +8,7 @@ import pytest
 from fakekernel import FakeKernel, Profile, Topology
 from fakekernel.eventfd import EventfdCtx
 from fakekernel.mmio import MMIOMapping, split_access
+from vfio_impl import uapi
 
 
 def test_split_access_is_naturally_aligned():
@@ -102,3 +103,19 @@ def test_eventfd_ctx_checks_the_fd():
     assert ctx.clear() == 1
     ctx.put()
     ctx.put()
+
+
+def test_set_irqs_shorter_than_its_header_is_efault():
+    """copy_from_user of vfio_irq_set's minsz fails before any validation, as on Linux."""
+    from conformance.backends import describe
+    from conformance.raw import RawSession
+
+    with FakeKernel() as k:
+        session = RawSession(k, describe(k, "0000:00:03.0"))
+        try:
+            _, _, device = session.open_device()
+            with pytest.raises(OSError) as exc:
+                k.ioctl(device, uapi.VFIO_DEVICE_SET_IRQS, bytearray(8))
+            assert exc.value.errno == errno.EFAULT
+        finally:
+            session.close()
