@@ -324,10 +324,9 @@ class DeviceFile(File):
             info = _unpack_min(layout, buf, minsz)
             if info.argsz < minsz:
                 raise _err(errno.EINVAL, "argsz below vfio_device_info's minimum")
-            flags = uapi.VFIO_DEVICE_FLAGS_PCI | (uapi.VFIO_DEVICE_FLAGS_RESET if dev.reset_works else 0)
-            out = layout.pack(argsz=info.argsz, flags=flags, num_regions=dev.num_regions,
-                              num_irqs=uapi.VFIO_PCI_NUM_IRQS, cap_offset=0)
-            _copy_back(buf, out, layout, info.argsz, minsz)
+            out = layout.pack(argsz=info.argsz, flags=dev.flags, num_regions=dev.num_regions,
+                              num_irqs=dev.num_irqs, cap_offset=0)
+            self.copy_info_back(buf, out, info.argsz, minsz)
             return 0
         if request == uapi.VFIO_DEVICE_GET_REGION_INFO:
             return self.get_region_info(_buf_arg(arg))
@@ -335,8 +334,8 @@ class DeviceFile(File):
             buf = _buf_arg(arg)
             layout = uapi.vfio_irq_info
             info = _unpack_min(layout, buf, layout.size)
-            if info.argsz < layout.size or info.index >= uapi.VFIO_PCI_NUM_IRQS:
-                raise _err(errno.EINVAL, "bad argsz or irq index")
+            if info.argsz < layout.size:
+                raise _err(errno.EINVAL, "argsz below vfio_irq_info")
             flags, count = dev.irq_info(info.index)
             layout.pack_into(buf, 0, argsz=info.argsz, flags=flags, index=info.index, count=count)
             return 0
@@ -350,6 +349,9 @@ class DeviceFile(File):
         if request == uapi.VFIO_DEVICE_GET_PCI_HOT_RESET_INFO:
             return self.hot_reset_info(_buf_arg(arg))
         return super().ioctl(request, arg)
+
+    def copy_info_back(self, buf: bytearray, out: bytearray, argsz: int, minsz: int) -> None:
+        _copy_back(buf, out, uapi.vfio_device_info, argsz, minsz)
 
     def get_region_info(self, buf: bytearray) -> int:
         layout = uapi.vfio_region_info
@@ -400,45 +402,24 @@ class PlatformDeviceFile(DeviceFile):
     """A vfio-platform device fd: vfio_platform_ioctl's argsz rules, which echo more than vfio-pci's."""
 
     def ioctl(self, request: int, arg) -> int:
-        dev = self.device
-        if request == uapi.VFIO_DEVICE_GET_INFO:
-            buf = _buf_arg(arg)
-            layout = uapi.vfio_device_info
-            minsz = layout.offsetof("num_irqs") + 4
-            info = _unpack_min(layout, buf, minsz)
-            if info.argsz < minsz:
-                raise _err(errno.EINVAL, "argsz below vfio_device_info's minimum")
-            out = layout.pack(argsz=info.argsz, flags=dev.flags, num_regions=dev.num_regions,
-                              num_irqs=dev.num_irqs, cap_offset=0)
-            buf[:minsz] = out[:minsz]
-            return 0
-        if request == uapi.VFIO_DEVICE_GET_REGION_INFO:
-            buf = _buf_arg(arg)
-            layout = uapi.vfio_region_info
-            info = _unpack_min(layout, buf, layout.size)
-            if info.argsz < layout.size:
-                raise _err(errno.EINVAL, "argsz below vfio_region_info")
-            flags, size = dev.region_info(info.index)
-            layout.pack_into(buf, 0, argsz=info.argsz, flags=flags, index=info.index, cap_offset=info.cap_offset,
-                             size=size, offset=info.index << 40)
-            return 0
-        if request == uapi.VFIO_DEVICE_GET_IRQ_INFO:
-            buf = _buf_arg(arg)
-            layout = uapi.vfio_irq_info
-            info = _unpack_min(layout, buf, layout.size)
-            if info.argsz < layout.size:
-                raise _err(errno.EINVAL, "argsz below vfio_irq_info")
-            flags, count = dev.irq_info(info.index)
-            layout.pack_into(buf, 0, argsz=info.argsz, flags=flags, index=info.index, count=count)
-            return 0
-        if request == uapi.VFIO_DEVICE_SET_IRQS:
-            buf = _buf_arg(arg)
-            _unpack_min(uapi.vfio_irq_set, buf, uapi.vfio_irq_set.size)
-            return dev.set_irqs(buf)
-        if request == uapi.VFIO_DEVICE_RESET:
-            dev.reset()
-            return 0
-        return File.ioctl(self, request, arg)
+        if request == uapi.VFIO_DEVICE_GET_PCI_HOT_RESET_INFO:
+            return File.ioctl(self, request, arg)
+        return super().ioctl(request, arg)
+
+    def copy_info_back(self, buf: bytearray, out: bytearray, argsz: int, minsz: int) -> None:
+        """vfio_platform_ioctl copies back minsz only, whatever argsz says."""
+        buf[:minsz] = out[:minsz]
+
+    def get_region_info(self, buf: bytearray) -> int:
+        """No capability chains: the caller's argsz and cap_offset come back as they went in."""
+        layout = uapi.vfio_region_info
+        info = _unpack_min(layout, buf, layout.size)
+        if info.argsz < layout.size:
+            raise _err(errno.EINVAL, "argsz below vfio_region_info")
+        flags, size = self.device.region_info(info.index)
+        layout.pack_into(buf, 0, argsz=info.argsz, flags=flags, index=info.index, cap_offset=info.cap_offset,
+                         size=size, offset=info.index << 40)
+        return 0
 
 
 MMIO_WINDOW = 0xFE000000

@@ -415,6 +415,14 @@ class VfioPciDevice:
     def memory_enabled(self) -> bool:
         return bool(struct.unpack_from("<H", self.vconfig, pci.PCI_COMMAND)[0] & pci.PCI_COMMAND_MEMORY)
 
+    @property
+    def flags(self) -> int:
+        return uapi.VFIO_DEVICE_FLAGS_PCI | (uapi.VFIO_DEVICE_FLAGS_RESET if self.reset_works else 0)
+
+    @property
+    def num_irqs(self) -> int:
+        return NUM_IRQS
+
     # -- regions --------------------------------------------------------------------------------
     @property
     def num_regions(self) -> int:
