@@ -1,4 +1,4 @@
-"""Hold vfio_impl.uapi to this machine's <linux/vfio.h> and <linux/vfio_ccw.h>.
+"""Hold vfio_impl.uapi to this machine's <linux/vfio.h>, <linux/vfio_ccw.h> and <linux/pci_regs.h>.
 
 What ``python -m vfio_impl.uapi --json`` claims is turned into one C program
 that prints what the compiler makes of every name; a name the header lacks
@@ -20,6 +20,8 @@ HEADERS = {
     "linux/vfio.h": Path("/usr/include/linux/vfio.h"),
     "linux/vfio_ccw.h": Path("/usr/include/linux/vfio_ccw.h"),
 }
+# Named values; pci_regs is only the part of <linux/pci_regs.h> the project uses.
+VALUES = ("ioctls", "constants", "pci_regs")
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +37,7 @@ def c_program(abi: dict) -> str:
         "#include <stdio.h>",
         "#include <sys/ioctl.h>",
         *(f"#include <{header}>" for header in HEADERS),
+        "#include <linux/pci_regs.h>",
         "",
         "/* the value as its own C type sees it, and that type's width */",
         '#define SHOW(kind, name) printf("%s %s %zu %llu\\n", kind, #name, '
@@ -43,7 +46,7 @@ def c_program(abi: dict) -> str:
         "int main(void)",
         "{",
     ]
-    for kind in ("ioctls", "constants"):
+    for kind in VALUES:
         lines += [f'\tSHOW("{kind}", {name});' for name in abi[kind]]
     for name, info in abi["structs"].items():
         lines.append(f'\tprintf("size {name} %zu\\n", sizeof(struct {name}));')
@@ -71,14 +74,13 @@ def mismatches(abi: dict, c_output: str) -> list[str]:
     seen: dict[tuple[str, str], int] = {}
     for line in c_output.splitlines():
         kind, name, *rest = line.split()
-        if kind in ("ioctls", "constants"):
+        if kind in VALUES:
             width, value = map(int, rest)
             seen[kind, name] = value & ((1 << 8 * width) - 1)
         else:
             seen[kind, name] = int(rest[0])
 
-    claims = [(kind, name, value) for kind in ("ioctls", "constants")
-              for name, value in abi[kind].items()]
+    claims = [(kind, name, value) for kind in VALUES for name, value in abi[kind].items()]
     for struct_name, info in abi["structs"].items():
         claims.append(("size", struct_name, info["size"]))
         claims += [("offset", f"{struct_name}.{member}", offset)
@@ -97,8 +99,9 @@ def test_a_wrong_claim_is_caught(abi, c_output):
     wrong["constants"]["VFIO_REGION_TYPE_PCI_VENDOR_TYPE"] = -(1 << 31)
     wrong["structs"]["vfio_irq_set"]["size"] += 1
     wrong["structs"]["vfio_region_info"]["offsets"]["offset"] -= 8
+    wrong["pci_regs"]["PCI_MSIX_FLAGS_ENABLE"] >>= 1
     found = mismatches(wrong, c_output)
-    assert len(found) == 4, found
+    assert len(found) == 5, found
     assert any("VFIO_DEVICE_SET_IRQS" in line for line in found)
 
 

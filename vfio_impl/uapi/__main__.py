@@ -8,13 +8,18 @@ import argparse
 import json
 import sys
 
-from . import CONSTANTS, IOCTLS, STRUCTS
+from . import CONSTANTS, IOCTLS, STRUCTS, pci_regs
+
+
+def _pci_regs() -> dict[str, int]:
+    return {name: value for name, value in vars(pci_regs).items() if name.startswith("PCI")}
 
 
 def describe() -> dict:
     return {
         "ioctls": dict(IOCTLS),
         "constants": dict(CONSTANTS),
+        "pci_regs": _pci_regs(),
         "structs": {
             name: {"size": layout.size, "offsets": dict(layout.offsets)}
             for name, layout in STRUCTS.items()
@@ -25,8 +30,9 @@ def describe() -> dict:
 def _table(abi: dict) -> str:
     lines = [f"ioctls ({len(abi['ioctls'])})"]
     lines += [f"  {name:<40} {number:#010x}" for name, number in abi["ioctls"].items()]
-    lines += ["", f"constants ({len(abi['constants'])})"]
-    lines += [f"  {name:<48} {value:>10}  {value:#x}" for name, value in abi["constants"].items()]
+    for kind in ("constants", "pci_regs"):
+        lines += ["", f"{kind} ({len(abi[kind])})"]
+        lines += [f"  {name:<48} {value:>10}  {value:#x}" for name, value in abi[kind].items()]
     lines += ["", f"structs ({len(abi['structs'])})"]
     for name, info in abi["structs"].items():
         lines.append(f"  struct {name}  sizeof {info['size']}")
