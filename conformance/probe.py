@@ -25,6 +25,7 @@ import time
 from vfio_impl import irq, uapi
 
 from .backends import describe, vfio_bound
+from .raw import RawSession
 
 CFG = uapi.VFIO_PCI_CONFIG_REGION_INDEX
 INTX, MSI, MSIX = uapi.VFIO_PCI_INTX_IRQ_INDEX, uapi.VFIO_PCI_MSI_IRQ_INDEX, uapi.VFIO_PCI_MSIX_IRQ_INDEX
@@ -62,7 +63,9 @@ class Probe:
         self.devices = [describe(host, b) for b in bdfs]
         self.settle = settle
         self.answers: dict[str, dict] = {}
-        self._fds: list[int] = []
+        self.session = RawSession(host, None)
+        self.track = self.session.track
+        self.eventfd = self.session.eventfd
         self._pages: list[Pages] = []
 
     # -- recording ------------------------------------------------------------------------------
@@ -74,21 +77,13 @@ class Probe:
         self.answers[key] = json.loads(json.dumps(answer))
         return answer
 
-    def track(self, fd: int) -> int:
-        self._fds.append(fd)
-        return fd
-
     def pages(self, count: int, prot: int = mmap.PROT_READ | mmap.PROT_WRITE) -> Pages:
         p = Pages(count, prot)
         self._pages.append(p)
         return p
 
     def close(self) -> None:
-        for fd in reversed(self._fds):
-            try:
-                self.host.close(fd)
-            except OSError:
-                pass
+        self.session.close()
         for p in self._pages:
             p.release()
 
@@ -151,9 +146,6 @@ class Probe:
         if argsz is not None:
             uapi.vfio_irq_set.pack_into(buf, 0, argsz=argsz, flags=flags, index=index, start=start, count=count)
         return self.ioctl(fd, uapi.VFIO_DEVICE_SET_IRQS, buf)
-
-    def eventfd(self) -> int:
-        return self.track(self.host.eventfd())
 
     def fired(self, efd: int, wait: bool = False) -> int:
         """Waits only where Linux is asynchronous, and only as long as the backend needs."""
@@ -272,10 +264,11 @@ class Probe:
         rec("group.GET_DEVICE_FD empty name", lambda: self.get_device(g, "") and "fd")
         rec("group.GET_DEVICE_FD name w/o domain", lambda: self.get_device(g, edu.bdf[5:]) and "fd")
         d = self.get_device(g, edu.bdf)
-        second = rec("group.GET_DEVICE_FD right name second time (while open)",
-                     lambda: self.get_device(g, edu.bdf) and "fd")
-        if "ok" in second:
-            self.host.close(self._fds.pop())
+        second: list[int] = []
+        rec("group.GET_DEVICE_FD right name second time (while open)",
+            lambda: second.append(self.get_device(g, edu.bdf)) or "fd")
+        for fd in second:
+            self.session.close_fd(fd)
         rec("group.UNSET_CONTAINER while device fd open", lambda: ioctl(g, uapi.VFIO_GROUP_UNSET_CONTAINER))
         rec("device fd: container ioctl GET_API_VERSION on device fd", lambda: ioctl(d, uapi.VFIO_GET_API_VERSION))
         rec("group fd: DEVICE_GET_INFO on group fd",
@@ -587,8 +580,7 @@ class Probe:
 
     def teardown(self, c: int, g: int, fds: dict[str, int], groups: dict[str, int]) -> None:
         for fd in fds.values():
-            self.host.close(fd)
-            self._fds.remove(fd)
+            self.session.close_fd(fd)
         rec, unset = self.rec, uapi.VFIO_GROUP_UNSET_CONTAINER
         rec("group.UNSET_CONTAINER after device closed", lambda: self.ioctl(g, unset))
         rec("group.GET_STATUS after UNSET", lambda: self.status(g))
