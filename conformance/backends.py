@@ -53,7 +53,20 @@ def describe(host: Host, bdf_or_path: str) -> DeviceInfo:
         driver = host.readlink(f"{sysfs}/driver").rsplit("/", 1)[-1]
     except OSError:
         driver = None
-    return DeviceInfo(bdf, sysfs, vendor, device, MODELS.get((vendor, device), "unknown"), group, driver)
+    model = MODELS.get((vendor, device), "unknown")
+    if model == "ivshmem" and _resource_size(host, sysfs, 1):
+        model = "ivshmem-doorbell"
+    return DeviceInfo(bdf, sysfs, vendor, device, model, group, driver)
+
+
+def _resource_size(host: Host, sysfs: str, index: int) -> int:
+    """BAR `index`'s size from sysfs `resource`: ivshmem-plain and ivshmem-doorbell share their
+    ids, and only the doorbell has BAR1, its MSI-X table."""
+    try:
+        start, end, _ = host.read_text(f"{sysfs}/resource").splitlines()[index].split()
+    except (OSError, IndexError, ValueError):
+        return 0
+    return int(end, 16) - int(start, 16) + 1 if int(end, 16) else 0
 
 
 def vfio_bound(host: Host) -> list[DeviceInfo]:

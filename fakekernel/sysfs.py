@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pyfakefs.fake_filesystem import FakeFilesystem
 
-from .pci import PciFunction
+from .pci import BAR_IO, BAR_MEM64, PciFunction
 from .topology import PciDeviceSpec, PlatformDeviceSpec, Topology, VIABLE_DRIVERS, VFIO_DRIVERS
 
 PCI_DEVICES = "/sys/bus/pci/devices"
@@ -27,6 +27,28 @@ def of_node_name(name: str) -> str:
     """c0000000.platform-test is the devicetree node platform-test@c0000000."""
     addr, _, node = name.partition(".")
     return f"{node}@{addr}"
+
+
+# IORESOURCE_* bits of include/linux/ioport.h that `resource` shows beside the BAR's own low bits.
+IORESOURCE_IO, IORESOURCE_MEM, IORESOURCE_PREFETCH = 0x100, 0x200, 0x2000
+IORESOURCE_SIZEALIGN, IORESOURCE_MEM_64 = 0x40000, 0x100000
+PCI_NUM_RESOURCES_SHOWN = 13  # six BARs, the ROM and the six SR-IOV BARs
+
+
+def _resource(fn: PciFunction) -> str:
+    """One `start end flags` line per resource, as pci's resource_show prints them; a tool tells
+    the ivshmem variants apart by whether BAR1 (the doorbell's MSI-X) has a size."""
+    lines = []
+    for index in range(PCI_NUM_RESOURCES_SHOWN):
+        bar = fn.bars[index] if index < len(fn.bars) else None
+        if bar is None:
+            lines.append(f"0x{0:016x} 0x{0:016x} 0x{0:016x}")
+            continue
+        start = fn.bar_address(index)
+        flags = (IORESOURCE_SIZEALIGN | bar.flags | (IORESOURCE_IO if bar.kind == BAR_IO else IORESOURCE_MEM)
+                 | (IORESOURCE_PREFETCH if bar.prefetch else 0) | (IORESOURCE_MEM_64 if bar.kind == BAR_MEM64 else 0))
+        lines.append(f"0x{start:016x} 0x{start + bar.size - 1:016x} 0x{flags:016x}")
+    return "\n".join(lines) + "\n"
 
 
 class Sysfs:
@@ -53,6 +75,7 @@ class Sysfs:
                             ("subsystem_device", f"0x{fn.subsystem_id:04x}"),
                             ("driver_override", "(null)")):
             fs.create_file(f"{path}/{name}", contents=value + "\n")
+        fs.create_file(f"{path}/resource", contents=_resource(fn))
         fs.create_symlink(f"{PCI_DEVICES}/{spec.bdf}", f"../../../devices/pci{spec.bdf[:7]}/{spec.bdf}")
         self._add_to_group(path, spec.bdf, spec.group, None)
         self.set_driver(spec, spec.driver)

@@ -119,3 +119,19 @@ def test_set_irqs_shorter_than_its_header_is_efault():
             assert exc.value.errno == errno.EFAULT
         finally:
             session.close()
+
+
+def test_sysfs_resource_lists_bars_as_linux_prints_them():
+    """The lines the CI VM's Linux 6.1 printed for its ivshmem-plain (addresses aside): a 32-bit
+    register BAR, no BAR1, and a 64-bit prefetchable BAR2; tools tell ivshmem-doorbell by BAR1."""
+    from conformance.backends import describe
+
+    with FakeKernel(Topology.named("vm")) as kernel:
+        sysfs = "/sys/bus/pci/devices/0000:00:04.0"
+        lines = kernel.read_text(f"{sysfs}/resource").splitlines()
+        assert len(lines) == 13
+        bar0, bar1, bar2 = (line.split() for line in lines[:3])
+        assert int(bar0[1], 16) - int(bar0[0], 16) == 0xFF and bar0[2] == "0x0000000000040200"
+        assert bar1 == ["0x0000000000000000"] * 3
+        assert int(bar2[1], 16) - int(bar2[0], 16) == (1 << 20) - 1 and bar2[2] == "0x000000000014220c"
+        assert describe(kernel, "0000:00:04.0").model == "ivshmem"
