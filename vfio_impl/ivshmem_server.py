@@ -85,7 +85,7 @@ class IvshmemServer:
         self._selector: selectors.BaseSelector | None = None
         self._waker = -1
         self._spare_fd = -1
-        self._protocol = ServerProtocol()
+        self.protocol = ServerProtocol()
         self._peers: dict[int, _Peer] = {}
         self._doomed: collections.deque[_Peer] = collections.deque()
         self._backlogged: set[_Peer] = set()
@@ -242,7 +242,7 @@ class IvshmemServer:
     def peer_ids(self) -> list[int]:
         """The ids in use, in the order the peers joined."""
         with self._lock:
-            return list(self._protocol.peers)
+            return list(self.protocol.peers)
 
     # new peers
 
@@ -259,6 +259,7 @@ class IvshmemServer:
                 self._shed_connection()
                 continue
             self._handle_new_conn(conn)
+            self._reap()
 
     def _shed_connection(self) -> None:
         """Out of fds: accept on the spare one and close at once, so the client is not left hanging."""
@@ -282,7 +283,7 @@ class IvshmemServer:
                 for _ in range(self.vectors):
                     vectors.append(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
                     unwind.callback(os.close, vectors[-1])
-                peer_id, messages = self._protocol.join(vectors, self.shm_fd)
+                peer_id, messages = self.protocol.join(vectors, self.shm_fd)
                 unwind.pop_all()
         except (OSError, ProtocolError) as e:
             self._debug(f"cannot set up new peer: {e}")
@@ -374,7 +375,7 @@ class IvshmemServer:
         while peer.backlog:
             self._release(peer.backlog.popleft()[1])
         del self._peers[peer.id]
-        messages = self._protocol.leave(peer.id)
+        messages = self.protocol.leave(peer.id)
         for fd in peer.vectors:
             if fd in self._lent:
                 self._orphans.add(fd)
