@@ -1,0 +1,128 @@
+"""Figures 3 and 4: 32-bit register accesses through vfio_impl's Region, mapped and trapped.
+
+3: the mmap fast path on ivshmem's RAM BAR against a raw memoryview of the same pages.
+4: the trapped path (pread/pwrite). On Linux it runs over RealHost with a memfd standing in
+   for the device fd, against os.pread/os.pwrite on that fd: what vfio_impl adds to the
+   syscall. On the fake it reaches edu's registers, against the same raw syscalls: what a
+   test pays for a register the fake emulates.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+from types import SimpleNamespace
+
+from vfio_impl import uapi
+from vfio_impl.host import RealHost
+from vfio_impl.region import Region, RegionInfo
+
+from .fake import EDU, IVSHMEM, attached, memfd
+from .harness import Figure, Target, compare
+from .scale import Scale
+
+ADDR = 0x40
+VALUE = 0x12345678
+EDU_ID, EDU_LIVENESS = 0x00, 0x04
+READ_WRITE = uapi.VFIO_REGION_INFO_FLAG_READ | uapi.VFIO_REGION_INFO_FLAG_WRITE
+
+
+def _reads(read, addr: int):
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            read(addr, 4)
+        return time.perf_counter() - t0
+    return run
+
+
+def _writes(write, addr: int):
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            write(addr, 4, VALUE)
+        return time.perf_counter() - t0
+    return run
+
+
+def _view_reads(words, index: int):
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            words[index]
+        return time.perf_counter() - t0
+    return run
+
+
+def _view_writes(words, index: int):
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            words[index] = VALUE
+        return time.perf_counter() - t0
+    return run
+
+
+def _preads(fd: int, offset: int):
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            os.pread(fd, 4, offset)
+        return time.perf_counter() - t0
+    return run
+
+
+def _pwrites(fd: int, offset: int):
+    data = VALUE.to_bytes(4, "little")
+
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            os.pwrite(fd, data, offset)
+        return time.perf_counter() - t0
+    return run
+
+
+def figure_3(scale: Scale) -> list[Figure]:
+    with attached(IVSHMEM) as (kernel, device):
+        bar2 = device.region(2)
+        bar2.mmap()
+        raw = kernel.mmap(device.fd, mmap.PAGESIZE, bar2.info.offset)
+        words = memoryview(raw).cast("I")
+        try:
+            reads = compare(_reads(bar2.read, ADDR), _view_reads(words, ADDR // 4), scale.ops, scale.repeats)
+            writes = compare(_writes(bar2.write, ADDR), _view_writes(words, ADDR // 4), scale.ops, scale.repeats)
+        finally:
+            words.release()
+            raw.close()
+    subject, baseline = "Region.{} on ivshmem BAR2's mmap", "a memoryview cast 'I' of the same pages"
+    return [Figure("3r", "mmapped 32-bit read through vfio_impl", subject.format("read"), baseline, reads,
+                   Target("<=", 3)),
+            Figure("3w", "mmapped 32-bit write through vfio_impl", subject.format("write"), baseline, writes,
+                   Target("<=", 3))]
+
+
+def figure_4(scale: Scale) -> list[Figure]:
+    fd = memfd(mmap.PAGESIZE)
+    try:
+        device = SimpleNamespace(host=RealHost(), fd=fd, name="memfd")
+        region = Region(device, RegionInfo(0, READ_WRITE, mmap.PAGESIZE, 0, ()))
+        real = (compare(_reads(region.read, ADDR), _preads(fd, ADDR), scale.ops, scale.repeats),
+                compare(_writes(region.write, ADDR), _pwrites(fd, ADDR), scale.ops, scale.repeats))
+        with attached(EDU) as (kernel, edu):
+            bar0 = edu.region(0)
+            fake = (compare(_reads(bar0.read, EDU_ID), _preads(fd, ADDR), scale.ops, scale.repeats),
+                    compare(_writes(bar0.write, EDU_LIVENESS), _pwrites(fd, ADDR), scale.ops, scale.repeats))
+    finally:
+        os.close(fd)
+    linux = "Region.{} over RealHost, a memfd as the device fd"
+    on_fake = "Region.{} of edu's BAR0 register on the fake (no mmap)"
+    return [Figure("4r", "trapped 32-bit read, vfio_impl on Linux", linux.format("read"), "os.pread of 4 bytes",
+                   real[0], Target("<=", 2)),
+            Figure("4w", "trapped 32-bit write, vfio_impl on Linux", linux.format("write"), "os.pwrite of 4 bytes",
+                   real[1], Target("<=", 2)),
+            Figure("4fr", "trapped 32-bit read, vfio_impl on the fake", on_fake.format("read"),
+                   "os.pread of 4 bytes", fake[0], Target("<=", 2)),
+            Figure("4fw", "trapped 32-bit write, vfio_impl on the fake", on_fake.format("write"),
+                   "os.pwrite of 4 bytes", fake[1], Target("<=", 2))]
