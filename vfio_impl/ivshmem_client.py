@@ -22,6 +22,7 @@ from .uapi.ivshmem import (Event, PeerProtocol, ProtocolError, Reassembler, Reje
 
 DEFAULT_SOCKET_PATH = "/tmp/ivshmem_socket"
 CONNECT_TIMEOUT = 5.0
+SETTLE_TIME = 0.5
 READ_SIZE = 4096
 READS_PER_POLL = 64
 _FD_SIZE = array.array("i").itemsize
@@ -49,10 +50,10 @@ def _ready(fds: list[int], timeout: float | None) -> set[int]:
 class IvshmemClient:
     """A connection to an ivshmem server, as a peer like any guest's device.
 
-    The protocol never says when the server is done advertising peers, so, like
-    the device's own `vectors` property, `vectors` says how many eventfds of our
-    own to wait for in connect(); the server sends them after every other peer's.
-    Without it, connect() returns once the memory is mapped.
+    The protocol never says when the server is done advertising peers, but it
+    sends our own eventfds after every other peer's. So connect() waits for
+    `vectors` of our own (the server's -n, as the device's `vectors` property
+    says it); without it, for the first one, or SETTLE_TIME when none comes.
     """
 
     def __init__(self, socket_path: str = DEFAULT_SOCKET_PATH, *, vectors: int | None = None,
@@ -74,16 +75,19 @@ class IvshmemClient:
     def connect(self, timeout: float | None = CONNECT_TIMEOUT) -> IvshmemClient:
         """Reads the setup (version, own id, shared memory, then our vectors) and maps the memory."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        wanted = self._protocol.vectors
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._sock.settimeout(timeout)
             self._sock.connect(self.socket_path)
             self._sock.setblocking(False)
-            while self.shm is None or self.vectors < (self._protocol.vectors or 0):
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0 or not _ready([self._sock.fileno()], remaining):
-                    raise TimeoutError(f"no setup from the ivshmem server at {self.socket_path}")
-                self._read_server(setup=True)
+            self._read_until(lambda: self.shm is not None, deadline)
+            if wanted is not None:
+                self._read_until(lambda: self.vectors >= wanted, deadline)
+            else:
+                settled = time.monotonic() + SETTLE_TIME
+                self._read_until(lambda: self.vectors > 0, settled if deadline is None else min(deadline, settled),
+                                 required=False)
             self._read_server()
         except BaseException:
             self.close()
@@ -91,6 +95,15 @@ class IvshmemClient:
         self._events.clear()
         self._debug(f"our_id={self.own_id}")
         return self
+
+    def _read_until(self, done, deadline: float | None, *, required: bool = True) -> None:
+        while not done():
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0 or not _ready([self._sock.fileno()], remaining):
+                if required:
+                    raise TimeoutError(f"no setup from the ivshmem server at {self.socket_path}")
+                return
+            self._read_server(setup=True)
 
     def _read_server(self, *, setup: bool = False) -> None:
         for _ in range(READS_PER_POLL):
