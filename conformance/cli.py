@@ -82,8 +82,9 @@ def cmd_devices(args) -> int:
         from fakekernel import FakeKernel, Topology
 
         from .backends import describe
+        from .ivshmem_peer import serving
 
-        with FakeKernel(Topology.named(args.topology)) as kernel:
+        with serving(Topology.named(args.topology)) as topology, FakeKernel(topology) as kernel:
             devices = [describe(kernel, spec.bdf) for spec in kernel.topology.devices]
     print(f"{'device':<14}{'id':<11}{'model':<10}{'group':<7}driver")
     for d in devices:

@@ -34,6 +34,11 @@ MODELS = {m.name: m for m in (
           interrupt_pin=1),
     Model("ivshmem", 0x11101AF4, 0x05000001, 256,
           {0: (RW | MMAP, 256, 0xFFFFFF00), 2: (RW | MMAP, 1 << 20, 0xFFF0000C), 3: (0, 0, 0xFFFFFFFF)}, ()),
+    # The doorbell's BAR1 is its exclusive MSI-X BAR (table at 0, PBA at 2 KiB), BAR2 the server's
+    # shared memory: 1 MiB wherever the suite runs, from the fake's per-test server or the VM's.
+    Model("ivshmem-doorbell", 0x11101AF4, 0x05000001, 256,
+          {0: (RW | MMAP, 256, 0xFFFFFF00), 1: (RW | MMAP | CAPS, 4096, 0xFFFFF000),
+           2: (RW | MMAP, 1 << 20, 0xFFF0000C), 3: (0, 0, 0xFFFFFFFF)}, ((0x40, 0x11),)),
     Model("e1000e", 0x10D38086, 0x02000000, 4096,
           {0: (RW | MMAP, 128 << 10, 0xFFFE0000), 1: (RW | MMAP, 128 << 10, 0xFFFE0000), 2: (RW, 32, 0xFFFFFFE1),
            3: (RW | MMAP | CAPS, 16 << 10, 0xFFFFC000)},

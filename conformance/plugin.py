@@ -55,6 +55,7 @@ def vfio(request):
     from fakekernel import FakeKernel, Topology
 
     from .backends import REAL_MISSING, Backend, describe, real_available, real_backend
+    from .ivshmem_peer import serving
 
     need = _requirements(request)
     kind = request.config.getoption("--vfio-backend")
@@ -76,14 +77,15 @@ def vfio(request):
         return
     before = _open_fds()
     default = "platform" if need.get("platform") else FAKE_TOPOLOGY
-    kernel = FakeKernel(Topology.named(need.get("topology") or default))
-    backend = Backend("fake", kernel, f"fake {kernel.profile.name}", destructive=True)
-    backend.devices = [describe(kernel, spec.bdf) for spec in kernel.topology.devices]
-    try:
-        _require_device(backend, need)
-        yield backend
-    finally:
-        kernel.close_all()
+    with serving(Topology.named(need.get("topology") or default)) as topology:
+        kernel = FakeKernel(topology)
+        backend = Backend("fake", kernel, f"fake {kernel.profile.name}", destructive=True)
+        backend.devices = [describe(kernel, spec.bdf) for spec in kernel.topology.devices]
+        try:
+            _require_device(backend, need)
+            yield backend
+        finally:
+            kernel.close_all()
     leaked = _open_fds() - before
     assert not leaked, f"test leaked file descriptors {sorted(leaked)}"
 
@@ -131,6 +133,18 @@ def vfio_pci(request, vfio):
             dev.exit()
         space.close()
         machine.close()
+
+
+@pytest.fixture
+def ivshmem_peer(vfio):
+    """A second peer at the ivshmem-doorbell's server: `id`, `device_id` (the id the server gave
+    the device under test), `vectors`, `ring(vector)`, `wait_doorbell(vector, timeout)`,
+    `read_shm(offset, n)` and `write_shm(offset, data)` below the shared memory's last page."""
+    from .ivshmem_peer import peer_for
+
+    peer = peer_for(vfio)
+    yield peer
+    peer.close()
 
 
 @pytest.fixture

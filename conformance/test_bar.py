@@ -18,6 +18,7 @@ MSIX_BAR, PBA = 3, 0x2000
 # A register that keeps what is written, per device: (BAR, offset, what a read gives back).
 SCRATCH = {"edu": (0, EDU_LIVENESS, lambda v: ~v & 0xFFFFFFFF),
            "ivshmem": (2, 0x100, lambda v: v),
+           "ivshmem-doorbell": (2, 0x100, lambda v: v),
            "e1000e": (0, E1000E_RAL0, lambda v: v)}
 
 

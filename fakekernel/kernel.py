@@ -499,7 +499,7 @@ class FakeKernel(EventfdMixin):
             topology = Topology.named(topology)
         self.topology = topology or Topology.default()
         self.profile = profile if isinstance(profile, Profile) else Profile.named(profile or "6.1")
-        self.functions = {d.bdf: _devices.CATALOG[d.model]() for d in self.topology.devices}
+        self.functions = {d.bdf: _devices.CATALOG[d.model](**d.options) for d in self.topology.devices}
         _firmware(self.topology.devices, self.functions)
         self.sysfs = Sysfs(self.topology, self.functions)
         self.fs = self.sysfs.fs
@@ -513,6 +513,8 @@ class FakeKernel(EventfdMixin):
         self._mappings: list[weakref.ref] = []
         self._lock = threading.RLock()
         self._virqfd: _Virqfd | None = None
+        for fn in self.functions.values():
+            fn.start(self.watch)
 
     # -- Host: files --------------------------------------------------------------------------
     def _install(self, f: File) -> int:
@@ -669,13 +671,23 @@ class FakeKernel(EventfdMixin):
         return [d for d in self.topology.devices if d.bdf[:7] == bus and d.group is not None]
 
     def virqfd_add(self, ctx, handler: Callable[[], None]) -> None:
-        if self._virqfd is None:
-            self._virqfd = _Virqfd(self._lock)
-        self._virqfd.add(ctx, handler)
+        def fire() -> None:
+            if ctx.fd >= 0 and ctx.clear():
+                handler()
+
+        self.watch(ctx.fd, fire)
 
     def virqfd_remove(self, ctx) -> None:
-        if self._virqfd:
-            self._virqfd.remove(ctx)
+        self.watch(ctx.fd, None)
+
+    def watch(self, fd: int, callback: Callable[[], None] | None) -> None:
+        """The kernel's worker runs `callback` under the kernel lock whenever `fd` is readable
+        (None stops watching); virqfds and devices that serve a socket or eventfds use it."""
+        if self._virqfd is None:
+            if callback is None:
+                return
+            self._virqfd = _Virqfd(self._lock)
+        self._virqfd.watch(fd, callback)
 
     def open_files(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -691,6 +703,8 @@ class FakeKernel(EventfdMixin):
                     self.close(fd)
             for dev in (*self.vfio_devices.values(), *self.platform_devices.values()):
                 dev.release()
+            for fn in self.functions.values():
+                fn.stop()
         if self._virqfd:
             self._virqfd.stop()
             self._virqfd = None
@@ -703,7 +717,8 @@ class FakeKernel(EventfdMixin):
 
 
 class _Virqfd:
-    """The kernel's virqfd worker: runs a handler when a user writes an unmask eventfd."""
+    """The kernel's worker: runs a handler when a user writes an unmask eventfd, or when a
+    device's socket or eventfd has something to read."""
 
     def __init__(self, lock: threading.RLock):
         self._lock = lock
@@ -714,15 +729,13 @@ class _Virqfd:
         self._thread = threading.Thread(target=self._run, name="fake-virqfd", daemon=True)
         self._thread.start()
 
-    def add(self, ctx, handler) -> None:
-        self._sel.register(ctx.fd, selectors.EVENT_READ, (ctx, handler))
-        os.eventfd_write(self._wake, 1)
-
-    def remove(self, ctx) -> None:
+    def watch(self, fd: int, callback) -> None:
         try:
-            self._sel.unregister(ctx.fd)
+            self._sel.unregister(fd)
         except (KeyError, ValueError):
             pass
+        if callback is not None:
+            self._sel.register(fd, selectors.EVENT_READ, callback)
         os.eventfd_write(self._wake, 1)
 
     def _run(self) -> None:
@@ -734,10 +747,8 @@ class _Virqfd:
                     except BlockingIOError:
                         pass
                     continue
-                ctx, handler = key.data
                 with self._lock:
-                    if ctx.fd >= 0 and ctx.clear():
-                        handler()
+                    key.data()
 
     def stop(self) -> None:
         self._running = False

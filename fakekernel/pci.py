@@ -348,6 +348,18 @@ class PciFunction:
     def dma_write(self, addr: int, data: bytes) -> bool:
         return self.sinks.dma_write(addr, data) if self.bus_master() else False
 
+    def start(self, watch: Callable[[int, Callable[[], None] | None], None]) -> None:
+        """A device that works in the background (a server socket, eventfds) begins here, on the
+        kernel's worker: `watch(fd, callback)` runs callback whenever fd is readable."""
+
+    def stop(self) -> None:
+        """close_all: the device lets go of every fd it holds."""
+
+    def ram_fd(self, index: int) -> int | None:
+        """The memory behind a RAM BAR when the device brings its own (ivshmem-doorbell's shared
+        memory); None lets vfio-pci back the BAR with a memfd of its own."""
+        return None
+
     def mmio_read(self, bar: int, offset: int, size: int) -> int:
         return 0xFFFFFFFFFFFFFFFF >> (64 - 8 * size)
 

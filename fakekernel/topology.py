@@ -12,7 +12,8 @@ VIABLE_DRIVERS = (None, "vfio-pci", "vfio-platform", "pci-stub", "pcieport")
 @dataclass(slots=True)
 class PciDeviceSpec:
     """One function; `bars` (index -> address) and `interrupt_line` pin down what a real
-    machine's firmware assigned, otherwise the fake firmware packs the BARs itself."""
+    machine's firmware assigned, otherwise the fake firmware packs the BARs itself. `options`
+    are the model's, as QEMU's -device takes them (ivshmem-doorbell's chardev and vectors)."""
 
     bdf: str
     model: str = "edu"
@@ -20,6 +21,7 @@ class PciDeviceSpec:
     driver: str | None = "vfio-pci"
     bars: dict[int, int] = field(default_factory=dict)
     interrupt_line: int = 0
+    options: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -81,7 +83,8 @@ NAMED = {
     "vm": lambda: [PciDeviceSpec("0000:00:03.0", "edu", 1, bars={0: 0xFE600000}, interrupt_line=0x0B),
                    PciDeviceSpec("0000:00:04.0", "ivshmem", 2, bars={0: 0xFE700000, 2: 0xFEA00000}),
                    PciDeviceSpec("0000:01:00.0", "e1000e", 8, interrupt_line=0x0A,
-                                 bars={0: 0xFE400000, 1: 0xFE420000, 2: 0xC000, 3: 0xFE440000})],
+                                 bars={0: 0xFE400000, 1: 0xFE420000, 2: 0xC000, 3: 0xFE440000}),
+                   PciDeviceSpec("0000:00:05.0", "ivshmem-doorbell", 3, options={"vectors": 2})],
     # vfio-platform as QEMU's hw/vfio/platform.c meets it: one good device and one of each way
     # its realize can fail (no group, a group link that is not a number, not a platform device,
     # no of_node to read compatible from).

@@ -112,6 +112,10 @@ class VfioPciDevice:
         self._config_init()
         for index, bar in enumerate(f.bars):
             if bar and bar.ram and index not in self.ram:
+                own = f.ram_fd(index)
+                if own is not None:
+                    self.ram[index] = os.dup(own)
+                    continue
                 fd = os.memfd_create(f"vfio-{self.bdf}-bar{index}", os.MFD_CLOEXEC)
                 os.ftruncate(fd, bar.size)
                 self.ram[index] = fd

@@ -8,6 +8,7 @@ import struct
 import pytest
 
 from conformance.backends import describe
+from conformance.ivshmem_peer import serving
 from conformance.raw import RawSession, errno_of
 from fakekernel import FakeKernel, Topology, devices
 from fakekernel import pci
@@ -15,7 +16,7 @@ from fakekernel.devices import e1000e as e
 from fakekernel.topology import PciDeviceSpec
 from vfio_impl import uapi
 
-EDU, IVSHMEM, E1000E = "0000:00:03.0", "0000:00:04.0", "0000:01:00.0"
+EDU, IVSHMEM, E1000E, DOORBELL = "0000:00:03.0", "0000:00:04.0", "0000:01:00.0", "0000:00:05.0"
 CFG = uapi.VFIO_PCI_CONFIG_REGION_INDEX
 INTX, MSI, MSIX, ERR, REQ = (uapi.VFIO_PCI_INTX_IRQ_INDEX, uapi.VFIO_PCI_MSI_IRQ_INDEX, uapi.VFIO_PCI_MSIX_IRQ_INDEX,
                              uapi.VFIO_PCI_ERR_IRQ_INDEX, uapi.VFIO_PCI_REQ_IRQ_INDEX)
@@ -39,7 +40,7 @@ E1000E_ECAPS = bytes.fromhex("010002140000000000000000302046000000000000e00000a0
 
 @pytest.fixture
 def kernel():
-    with FakeKernel("vm") as k:
+    with serving(Topology.named("vm")) as topology, FakeKernel(topology) as k:
         yield k
 
 
@@ -119,7 +120,8 @@ def sized(s, fd, offset, ones=0xFFFFFFFF):
 # -- the topology -----------------------------------------------------------------------------
 def test_the_vm_topology_is_the_ci_vm(kernel):
     found = {d.bdf: (d.model, d.group, d.driver) for d in (describe(kernel, s.bdf) for s in kernel.topology.devices)}
-    assert found == {EDU: ("edu", 1, "vfio-pci"), IVSHMEM: ("ivshmem", 2, "vfio-pci"), E1000E: ("e1000e", 8, "vfio-pci")}
+    assert found == {EDU: ("edu", 1, "vfio-pci"), IVSHMEM: ("ivshmem", 2, "vfio-pci"), E1000E: ("e1000e", 8, "vfio-pci"),
+                     DOORBELL: ("ivshmem-doorbell", 3, "vfio-pci")}
     assert Topology.named("default").devices == [PciDeviceSpec(EDU, "edu", 3)]
 
 

@@ -2,7 +2,8 @@
 
 from .e1000e import E1000e
 from .edu import Edu
-from .ivshmem import Ivshmem
+from .ivshmem import Ivshmem, IvshmemDoorbell
 from .platform_test import AmbaTest, PlatformTest
 
-CATALOG = {"edu": Edu, "ivshmem": Ivshmem, "e1000e": E1000e, "platform-test": PlatformTest, "amba-test": AmbaTest}
+CATALOG = {"edu": Edu, "ivshmem": Ivshmem, "ivshmem-doorbell": IvshmemDoorbell, "e1000e": E1000e,
+           "platform-test": PlatformTest, "amba-test": AmbaTest}

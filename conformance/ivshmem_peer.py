@@ -1,0 +1,112 @@
+"""The ivshmem server a fake ivshmem-doorbell connects to, and a second peer at it for tests.
+
+QEMU reads its server's setup while it creates the device, so a FakeKernel with a doorbell needs
+a listening server first: `serving` starts one per doorbell that names none. The `ivshmem_peer`
+fixture is another peer at that server. On the real backend the peer is a host-side responder
+that the guest reaches through a mailbox in the shared memory's last 4 KiB page, so a test
+never touches that page.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import select
+import tempfile
+import time
+from contextlib import ExitStack, contextmanager
+from typing import Iterator
+
+DOORBELL = "ivshmem-doorbell"
+SHM_SIZE = 1 << 20
+MAILBOX_SIZE = 4096  # the last page of the shared memory, the real peer's mailbox
+WAIT = 5.0
+
+
+@contextmanager
+def serving(topology) -> Iterator:
+    """Yields `topology` with an ivshmem server (a socket in a temporary directory, 1 MiB of
+    shared memory, the device's vectors) behind each ivshmem-doorbell that has no chardev."""
+    from vfio_impl.ivshmem_server import IvshmemServer
+
+    with ExitStack() as stack:
+        for spec in topology.devices:
+            if spec.model == DOORBELL and "chardev" not in spec.options:
+                path = os.path.join(stack.enter_context(tempfile.TemporaryDirectory(prefix="ivshmem-")), "socket")
+                stack.enter_context(IvshmemServer(path, size=SHM_SIZE, vectors=spec.options.get("vectors", 1)))
+                spec.options["chardev"] = path
+        yield topology
+
+
+def _readable(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+class ClientPeer:
+    """The fake backend's peer: an IvshmemClient at the server of the fake's doorbell `device`."""
+
+    def __init__(self, device, socket_path: str, vectors: int):
+        from vfio_impl.ivshmem_client import IvshmemClient
+
+        from .raw import wait_for
+
+        self.device = device
+        self.vectors = vectors
+        self.client = IvshmemClient(socket_path, vectors=vectors).connect()
+        self.id = self.client.own_id
+        self.device_id = next(iter(self.client.peers))
+        self._received: collections.Counter[int] = collections.Counter()
+        self._seen: collections.Counter[int] = collections.Counter()
+        # The device hears of a new peer on the kernel's worker, as QEMU does in its main loop.
+        if not wait_for(lambda: len(device.peer.peers.get(self.id, ())) == vectors, WAIT):
+            self.close()
+            raise TimeoutError(f"the ivshmem-doorbell never heard of peer {self.id}")
+
+    def ring(self, vector: int) -> None:
+        """Rings the device on `vector` and returns once the device has taken the doorbell, so
+        one rung while MSI-X is off is gone by then rather than waiting to be read."""
+        from .raw import wait_for
+
+        self.client.notify(self.device_id, vector)
+        fd = self.device.own_eventfds[vector]
+        if not wait_for(lambda: not _readable(fd), WAIT):
+            raise TimeoutError(f"the ivshmem-doorbell did not take the doorbell on vector {vector}")
+
+    def wait_doorbell(self, vector: int, timeout: float = WAIT) -> bool:
+        """Whether the device rang us on `vector` since the last call, waiting up to `timeout`."""
+        deadline = time.monotonic() + timeout
+        while self._received[vector] <= self._seen[vector]:
+            got = self.client.wait_interrupt(max(0.0, deadline - time.monotonic()))
+            if got is None:
+                return False
+            self._received[got] += 1
+        self._seen[vector] = self._received[vector]
+        return True
+
+    def _window(self, offset: int, n: int) -> slice:
+        end = len(self.client.shm) - MAILBOX_SIZE
+        if offset < 0 or offset + n > end:
+            raise ValueError(f"{n} bytes at {offset:#x}: tests stay below the mailbox page at {end:#x}")
+        return slice(offset, offset + n)
+
+    def read_shm(self, offset: int, n: int) -> bytes:
+        return bytes(self.client.shm[self._window(offset, n)])
+
+    def write_shm(self, offset: int, data: bytes) -> None:
+        self.client.shm[self._window(offset, len(data))] = data
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def peer_for(vfio):
+    """The fixture's peer for the backend: an IvshmemClient on the fake; none yet on real."""
+    import pytest
+
+    if vfio.kind != "fake":
+        pytest.skip("real backend: no host ivshmem peer")
+    info = vfio.find(DOORBELL)
+    if info is None:
+        pytest.skip(f"{vfio.kind} backend: no {DOORBELL} device bound to vfio-pci")
+    spec = next(s for s in vfio.host.topology.devices if s.bdf == info.bdf)
+    return ClientPeer(vfio.host.functions[info.bdf], spec.options["chardev"], spec.options.get("vectors", 1))
