@@ -48,9 +48,10 @@ for kv in "${extra_env[@]}"; do
 done
 
 # Devices given to the guest, at fixed addresses (see ci/README.md).
-#   00:03.0 edu (1234:11e8), 00:04.0 ivshmem-plain (1af4:1110) on the q35
-#   root bus; 01:00.0 e1000e (8086:10d3) behind a pcie-root-port at 00:05.0.
-devices=(0000:00:03.0 0000:00:04.0 0000:01:00.0)
+#   00:03.0 edu (1234:11e8), 00:04.0 ivshmem-plain (1af4:1110) and
+#   00:06.0 ivshmem-doorbell (1af4:1110, a peer of our ivshmem-server) on the
+#   q35 root bus; 01:00.0 e1000e (8086:10d3) behind a pcie-root-port at 00:05.0.
+devices=(0000:00:03.0 0000:00:04.0 0000:00:06.0 0000:01:00.0)
 
 # --- 1. host packages -------------------------------------------------------
 need_pkgs=(qemu-system-x86 busybox-static kmod cpio xz-utils)
@@ -179,8 +180,10 @@ fi
 q() { local s=$1; printf "'%s'" "${s//\'/\'\\\'\'}"; }   # POSIX sh quoting
 run=$(mktemp -d "$work/run.XXXXXX")
 qpid=
+ivpids=()
 cleanup() {
     [ -n "$qpid" ] && kill "$qpid" 2>/dev/null || true
+    stop_ivshmem
     rm -rf "$run"
 }
 trap cleanup EXIT
@@ -203,7 +206,37 @@ trap 'exit 143' TERM
     echo
 } > "$run/cmd.sh"
 
-# --- 5. accelerator ---------------------------------------------------------
+# --- 5. the ivshmem-doorbell's peers on the host ----------------------------
+# QEMU reads the server's set-up messages while it creates the device, so the
+# server must be listening first: our server binds a temporary name and renames
+# it, so the socket existing means it is ready. The responder is the second
+# peer the guest's tests drive through a mailbox in the shared memory
+# (conformance/ivshmem_mailbox.py). The shm size becomes BAR2's: a power of two.
+ivsock=$run/ivshmem.sock
+ivshm=vfio-ci-$$
+start_ivshmem() {
+    "${pybin:+$pybin/}python3" -m vfio_impl.ivshmem_server -F -v -S "$ivsock" -M "$ivshm" -l 1M -n 2 \
+        > "$results/ivshmem-server.log" 2>&1 &
+    ivpids+=($!)
+    local i
+    for i in $(seq 100); do [ -S "$ivsock" ] && break; sleep 0.05; done
+    [ -S "$ivsock" ] || fail "ivshmem-server did not start (log: $results/ivshmem-server.log)"
+    "${pybin:+$pybin/}python3" -m conformance.ivshmem_mailbox -S "$ivsock" --ready "$run/responder.ready" \
+        > "$results/ivshmem-responder.log" 2>&1 &
+    ivpids+=($!)
+    for i in $(seq 200); do [ -f "$run/responder.ready" ] && break; sleep 0.05; done
+    [ -f "$run/responder.ready" ] || fail "the ivshmem responder did not start (log: $results/ivshmem-responder.log)"
+}
+stop_ivshmem() { # responder first, so the server sees a peer leave before it stops
+    local i p
+    for ((i = ${#ivpids[@]} - 1; i >= 0; i--)); do
+        p=${ivpids[i]}
+        kill "$p" 2>/dev/null && wait "$p" 2>/dev/null || true
+    done
+    ivpids=()
+}
+
+# --- 6. accelerator ---------------------------------------------------------
 kvm_works() {
     [ -r /dev/kvm ] && [ -w /dev/kvm ] || return 1
     # QEMU fails fast (before the guest runs) on hosts whose KVM cannot
@@ -218,7 +251,7 @@ case $accel_mode in
     *) fail "VFIO_CI_ACCEL must be auto, kvm or tcg" ;;
 esac
 
-# --- 6. boot ----------------------------------------------------------------
+# --- 7. boot ----------------------------------------------------------------
 log=$results/console.log
 run_vm() { # run_vm ACCEL -> sets vm_rc, vm_why
     local acc=$1 machine cpu
@@ -240,6 +273,8 @@ run_vm() { # run_vm ACCEL -> sets vm_rc, vm_why
         -device ivshmem-plain,memdev=shm0,addr=0x4
         -device pcie-root-port,id=rp1,chassis=1,slot=1,addr=0x5
         -device e1000e,romfile=,bus=rp1,addr=0x0
+        -chardev socket,path="${ivsock//,/,,}",id=ivsh
+        -device ivshmem-doorbell,chardev=ivsh,vectors=2,addr=0x6
         -fsdev local,id=fsroot,path=/,security_model=none,readonly=on,multidevs=remap
         -device virtio-9p-pci,fsdev=fsroot,mount_tag=hostroot,addr=0x10
         -fsdev local,id=fsres,path="$res_opt",security_model=none
@@ -281,13 +316,18 @@ run_vm() { # run_vm ACCEL -> sets vm_rc, vm_why
 
 t_start=$(date +%s%N)
 : > "$log"
+start_ivshmem
 run_vm "$accel"
 if [ "$vm_why" = kvm-error ] && [ "$accel_mode" = auto ]; then
     say "KVM failed inside the guest; retrying with TCG (set VFIO_CI_ACCEL=tcg to skip KVM)"
     rm -f "$results/exit-status" "$results/exit-reason"
     run_vm tcg
 fi
+stop_ivshmem
 ms=$(( ($(date +%s%N) - t_start) / 1000000 ))
+for left in "$ivsock" "/dev/shm/$ivshm"; do
+    [ -e "$left" ] && fail "ivshmem-server did not remove $left on exit (log: $results/ivshmem-server.log)"
+done
 elapsed=$((ms / 1000)).$(printf %03d $((ms % 1000)))
 
 if [ "$vm_why" = timeout ]; then

@@ -174,7 +174,6 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.append(True))
     with IvshmemClient(args.socket) as client:
-        client.connect()
         responder = Responder(client)
         print(f"ivshmem responder: peer {client.own_id}, mailbox at {responder.base:#x}", flush=True)
         if args.ready:
