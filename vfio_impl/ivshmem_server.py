@@ -169,15 +169,20 @@ class IvshmemServer:
         self._socket_inode = os.stat(self.socket_path).st_ino
 
     def stop(self) -> None:
-        """Closes every peer and fd, and removes the socket and the shm this server created."""
+        """Closes every peer and fd, and removes the socket and the shm this server created.
+
+        Peers see the connection end, not each other leave: with N peers that
+        would be N*N messages nobody acts on. Whoever runs serve_forever() in a
+        thread of their own calls shutdown() and waits for it to return first.
+        """
         if self._thread is not None:
             self.shutdown()
             self._thread.join()
             self._thread = None
         with self._lock:
             for peer in list(self._peers.values()):
-                peer.doomed = True
-                self._free_peer(peer, advertise=False)
+                self._close_peer(peer)
+            self.protocol.peers.clear()
             self._doomed.clear()
             if self._selector is not None:
                 self._selector.close()
@@ -364,26 +369,27 @@ class IvshmemServer:
 
     def _reap(self) -> None:
         while self._doomed:
-            self._free_peer(self._doomed.popleft(), advertise=True)
+            self._free_peer(self._doomed.popleft())
 
-    def _free_peer(self, peer: _Peer, *, advertise: bool) -> None:
+    def _free_peer(self, peer: _Peer) -> None:
+        """QEMU's ivshmem_server_free_peer: close it, then tell everyone else."""
+        self._close_peer(peer)
+        for message in self.protocol.leave(peer.id):
+            self._send(self._peers[message.to], message.value, message.fd)
+
+    def _close_peer(self, peer: _Peer) -> None:
         self._debug(f"free peer {peer.id}", peer=peer.id)
-        if self._selector is not None:
-            self._selector.unregister(peer.sock)
+        self._selector.unregister(peer.sock)
         peer.sock.close()
         self._backlogged.discard(peer)
         while peer.backlog:
             self._release(peer.backlog.popleft()[1])
         del self._peers[peer.id]
-        messages = self.protocol.leave(peer.id)
         for fd in peer.vectors:
             if fd in self._lent:
                 self._orphans.add(fd)
             else:
                 os.close(fd)
-        if advertise:
-            for message in messages:
-                self._send(self._peers[message.to], message.value, message.fd)
 
 
 def _inode(path: str) -> int | None:
@@ -526,8 +532,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write_pid_file(path: str) -> str:
-    with open(path, "w") as f:
+    """Written aside and renamed, so a pid file that exists is complete."""
+    temporary = f"{path}~{os.getpid()}"
+    with open(temporary, "w") as f:
         f.write(f"{os.getpid()}\n")
+    os.replace(temporary, path)
     return path
 
 
