@@ -23,6 +23,7 @@ from .uapi.ivshmem import (Event, PeerProtocol, ProtocolError, Reassembler, Reje
 DEFAULT_SOCKET_PATH = "/tmp/ivshmem_socket"
 CONNECT_TIMEOUT = 5.0
 SETTLE_TIME = 0.5
+QUIET_TIME = 0.02
 READ_SIZE = 4096
 READS_PER_POLL = 64
 _FD_SIZE = array.array("i").itemsize
@@ -53,7 +54,8 @@ class IvshmemClient:
     The protocol never says when the server is done advertising peers, but it
     sends our own eventfds after every other peer's. So connect() waits for
     `vectors` of our own (the server's -n, as the device's `vectors` property
-    says it); without it, for the first one, or SETTLE_TIME when none comes.
+    says it); without it, for the first one (or SETTLE_TIME when none comes)
+    and then until the server has been quiet for QUIET_TIME.
     """
 
     def __init__(self, socket_path: str = DEFAULT_SOCKET_PATH, *, vectors: int | None = None,
@@ -88,6 +90,8 @@ class IvshmemClient:
                 settled = time.monotonic() + SETTLE_TIME
                 self._read_until(lambda: self.vectors > 0, settled if deadline is None else min(deadline, settled),
                                  required=False)
+                while _ready([self._sock.fileno()], QUIET_TIME):
+                    self._read_server(setup=True)
             self._read_server()
         except BaseException:
             self.close()
