@@ -1,6 +1,8 @@
 """The ivshmem protocol fed by hand: reassembly, fd attachment, a peer's rules, the server's sequence."""
 
+import array
 import os
+import socket
 import struct
 
 import pytest
@@ -334,3 +336,28 @@ def test_server_and_peer_agree():
     assert p.own_id == peer_id
     assert p.peers == {i: list(v) for i, v in s.peers.items()}
     p.peers.clear()
+
+
+@pytest.mark.parametrize("read_size", [1, 3, 5, 8, 11, 16, 4096])
+def test_reassembler_against_linux_recvmsg(read_size, eventfds):
+    """One message and at most one fd per sendmsg, as the server sends: any read size gets each fd right."""
+    sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    sent = {2: eventfds()[0], 4: eventfds()[0], 5: eventfds()[0]}
+    with sender, receiver:
+        for value in range(1, 7):
+            rights = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [sent[value]]))]
+                      if value in sent else [])
+            sender.sendmsg([encode(value)], rights)
+        sender.shutdown(socket.SHUT_WR)
+        r, got = Reassembler(), []
+        while True:
+            data, fds, _, _ = socket.recv_fds(receiver, read_size, 4)
+            if not data:
+                break
+            got += r.feed(data, fds)
+    assert [value for value, _ in got] == list(range(1, 7))
+    for value, fd in got:
+        assert (fd >= 0) == (value in sent)
+        if fd >= 0:
+            assert os.fstat(fd).st_ino == os.fstat(sent[value]).st_ino
+            os.close(fd)
