@@ -44,6 +44,9 @@ def user_range_writable(vaddr: int, size: int) -> bool:
     return False
 
 
+_PIN_ERRNO = {"unmapped": errno.EINVAL, "the process unmapped the memory behind the mapping": errno.EFAULT}
+
+
 @dataclass(slots=True)
 class DMAMapping:
     iova: int
@@ -133,36 +136,46 @@ class Type1IOMMU:
         self._maps.clear()
         return unmapped
 
-    def segments(self, iova: int, size: int, write: bool) -> list[tuple[int, int]] | None:
-        """The (vaddr, length) pieces behind an access, which may span adjacent mappings;
-        None after recording the fault."""
+    def _walk(self, iova: int, size: int, read: bool, write: bool) -> tuple[list[tuple[int, int]], str | None]:
+        """The (vaddr, length) pieces behind a range, which may span adjacent mappings, and why
+        the walk stopped short (None when it did not)."""
         pieces: list[tuple[int, int]] = []
         pos, end = iova, iova + size
         i = self._find(iova)
-        reason = None
         while pos < end:
             if i < 0 or i >= len(self._maps) or self._maps[i].iova > pos:
-                reason = "unmapped"
-                break
+                return pieces, "unmapped"
             m = self._maps[i]
             if write and not m.writable:
-                reason = "write to a read-only mapping"
-                break
-            if not write and not m.readable:
-                reason = "read from a write-only mapping"
-                break
+                return pieces, "write to a read-only mapping"
+            if read and not m.readable:
+                return pieces, "read from a write-only mapping"
             n = min(end, m.end) - pos
             vaddr = m.vaddr + (pos - m.iova)
             if not user_range_mapped(vaddr, n):
-                reason = "the process unmapped the memory behind the mapping"
-                break
+                return pieces, "the process unmapped the memory behind the mapping"
             pieces.append((vaddr, n))
             pos += n
             i += 1
+        return pieces, None
+
+    def segments(self, iova: int, size: int, write: bool) -> list[tuple[int, int]] | None:
+        """The pieces behind a device access; None after recording the fault."""
+        pieces, reason = self._walk(iova, size, not write, write)
         if reason:
             self.faults.append(IOMMUFault(iova, size, write, reason))
             return None
         return pieces
+
+    def pin(self, iova: int, size: int, write: bool) -> int:
+        """vfio_pin_pages for an mdev driver: 0, EINVAL where nothing is mapped, EPERM where the
+        mapping lacks a permission asked for (always read, and write when `write`), EFAULT where
+        the process's memory is gone. A refused pin is the driver's error, not a DMA fault, so
+        nothing is recorded."""
+        _, reason = self._walk(iova, size, True, write)
+        if reason is None:
+            return 0
+        return _PIN_ERRNO.get(reason, errno.EPERM)
 
     def dma_read(self, iova: int, size: int) -> bytes | None:
         pieces = self.segments(iova, size, write=False)
