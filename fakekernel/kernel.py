@@ -23,6 +23,8 @@ from .iommu import PAGE_SIZE, Type1IOMMU
 from .profile import Profile
 from .sysfs import Sysfs
 from .topology import PciDeviceSpec, Topology
+from .vfio_ccw import OFFSET_SHIFT as CCW_OFFSET_SHIFT
+from .vfio_ccw import VfioCcwDevice
 from .vfio_pci import VfioPciDevice
 from .vfio_platform import VfioPlatformDevice
 
@@ -277,7 +279,9 @@ class GroupFile(File):
                      if d.bdf == bdf and d.driver == "vfio-pci"), None)
         platform = next((d for d in topology.platform_members(self.group.number)
                          if d.name == name and d.driver == "vfio-platform"), None)
-        if spec is None and platform is None:
+        ccw = next((d for d in topology.ccw_members(self.group.number)
+                    if d.uuid == name and d.driver == "vfio_ccw_mdev"), None)
+        if spec is None and platform is None and ccw is None:
             raise _err(errno.ENODEV, f"no device {name!r} in group {self.group.number}")
         if spec is not None and options.strip():
             raise _err(errno.EINVAL, f"unknown device options {options.strip()!r}")
@@ -286,6 +290,8 @@ class GroupFile(File):
             raise _err(errno.EINVAL, "the group's container has no IOMMU set")
         if platform is not None:
             device, cls = self.kernel.platform_devices[name], PlatformDeviceFile
+        elif ccw is not None:
+            device, cls = self.kernel.ccw_devices[ccw.schid], CcwDeviceFile
         else:
             device, cls = self.kernel.vfio_devices[bdf], DeviceFile
         device.open_device()
@@ -309,6 +315,8 @@ class GroupFile(File):
 
 class DeviceFile(File):
     kind = "device"
+    # Region N starts at N << OFFSET_SHIFT in the device fd.
+    OFFSET_SHIFT = 40
 
     def __init__(self, kernel: "FakeKernel", device: VfioPciDevice, group: IommuGroup):
         super().__init__(kernel)
@@ -369,7 +377,7 @@ class DeviceFile(File):
                 buf[layout.size:layout.size + len(chain)] = chain
                 cap_offset = layout.size
         layout.pack_into(buf, 0, argsz=argsz, flags=flags, index=info.index, cap_offset=cap_offset,
-                         size=size, offset=info.index << 40)
+                         size=size, offset=info.index << self.OFFSET_SHIFT)
         return 0
 
     def hot_reset_info(self, buf: bytearray) -> int:
@@ -419,6 +427,22 @@ class PlatformDeviceFile(DeviceFile):
         flags, size = self.device.region_info(info.index)
         layout.pack_into(buf, 0, argsz=info.argsz, flags=flags, index=info.index, cap_offset=info.cap_offset,
                          size=size, offset=info.index << 40)
+        return 0
+
+
+class CcwDeviceFile(PlatformDeviceFile):
+    """A vfio-ccw mdev fd: vfio_ccw_mdev_ioctl copies back what vfio-platform's does, but its
+    regions sit at index << 10 and all but the I/O region carry a type capability."""
+
+    OFFSET_SHIFT = CCW_OFFSET_SHIFT
+
+    def get_region_info(self, buf: bytearray) -> int:
+        """vfio-pci's capability rules; a region with no capability leaves cap_offset as it came."""
+        layout = uapi.vfio_region_info
+        cap_offset = _unpack_min(layout, buf, layout.size).cap_offset
+        DeviceFile.get_region_info(self, buf)
+        if not layout.unpack(buf).flags & uapi.VFIO_REGION_INFO_FLAG_CAPS:
+            struct.pack_into("=I", buf, layout.offsetof("cap_offset"), cap_offset)
         return 0
 
 
@@ -510,6 +534,7 @@ class FakeKernel(EventfdMixin):
         self.vfio_devices = {bdf: VfioPciDevice(self, fn, bdf) for bdf, fn in self.functions.items()}
         self.platform_devices = {d.name: VfioPlatformDevice(self, _devices.CATALOG[d.model](), d.name)
                                  for d in self.topology.platform}
+        self.ccw_devices = {d.schid: VfioCcwDevice(self, d, _devices.CATALOG[d.model]()) for d in self.topology.ccw}
         self._mappings: list[weakref.ref] = []
         self._lock = threading.RLock()
         self._virqfd: _Virqfd | None = None
@@ -663,6 +688,10 @@ class FakeKernel(EventfdMixin):
         """The vfio-platform state of a device (its model is `.model`), for tests to look into."""
         return self.platform_devices[name]
 
+    def ccw_device(self, schid: str) -> VfioCcwDevice:
+        """The vfio_ccw state of a subchannel (its hardware is `.subchannel`), for tests."""
+        return self.ccw_devices[schid]
+
     def hot_reset_set(self, bdf: str) -> list[PciDeviceSpec] | None:
         """Functions a bus reset would hit; none on the root bus, as on q35's bus 0."""
         bus = bdf[:7]
@@ -701,7 +730,7 @@ class FakeKernel(EventfdMixin):
             for kind in (DeviceFile, GroupFile, ContainerFile):
                 for fd in [fd for fd, f in self.files.items() if isinstance(f, kind)]:
                     self.close(fd)
-            for dev in (*self.vfio_devices.values(), *self.platform_devices.values()):
+            for dev in (*self.vfio_devices.values(), *self.platform_devices.values(), *self.ccw_devices.values()):
                 dev.release()
             for fn in self.functions.values():
                 fn.stop()

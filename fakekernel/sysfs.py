@@ -5,7 +5,7 @@ from __future__ import annotations
 from pyfakefs.fake_filesystem import FakeFilesystem
 
 from .pci import BAR_IO, BAR_MEM64, PciFunction
-from .topology import PciDeviceSpec, PlatformDeviceSpec, Topology, VIABLE_DRIVERS, VFIO_DRIVERS
+from .topology import CcwDeviceSpec, PciDeviceSpec, PlatformDeviceSpec, Topology, VIABLE_DRIVERS, VFIO_DRIVERS
 
 PCI_DEVICES = "/sys/bus/pci/devices"
 PCI_DRIVERS = "/sys/bus/pci/drivers"
@@ -13,6 +13,11 @@ PLATFORM_DEVICES = "/sys/bus/platform/devices"
 PLATFORM_DRIVERS = "/sys/bus/platform/drivers"
 IOMMU_GROUPS = "/sys/kernel/iommu_groups"
 DEVICETREE = "/sys/firmware/devicetree/base"
+CSS_DEVICES = "/sys/bus/css/devices"
+MDEV_DEVICES = "/sys/bus/mdev/devices"
+CSS0 = "/sys/devices/css0"
+# The type a channel path reports in /sys/devices/css0/chp0.XX/type (FICON).
+CHP_TYPE = 0x1B
 
 
 def device_dir(bdf: str) -> str:
@@ -58,12 +63,14 @@ class Sysfs:
         self.fs = FakeFilesystem(path_separator="/")
         self.topology = topology
         self.fs.create_file("/dev/vfio/vfio")
-        for path in (PCI_DEVICES, PLATFORM_DEVICES):
+        for path in (PCI_DEVICES, PLATFORM_DEVICES, CSS_DEVICES, MDEV_DEVICES):
             self.fs.create_dir(path)
         for spec in topology.devices:
             self._add_device(spec, functions[spec.bdf])
         for spec in topology.platform:
             self._add_platform_device(spec)
+        for spec in topology.ccw:
+            self._add_ccw_device(spec)
         for group in topology.groups():
             self.sync_group(group)
 
@@ -105,6 +112,29 @@ class Sysfs:
         self._add_to_group(path, spec.name, spec.group, spec.group_link)
         self.set_driver(spec, spec.driver)
 
+    def _add_ccw_device(self, spec: CcwDeviceSpec) -> None:
+        """An I/O subchannel bound to vfio_ccw, its channel paths as cio shows them (chpids,
+        pimpampom, each chp0.XX), and the mdev created under it, which is what VFIO opens."""
+        fs, sch = self.fs, f"{CSS0}/{spec.schid}"
+        fs.create_file(f"{sch}/type", contents="0\n")
+        if spec.chpids is not None:
+            ids = list(spec.chpids) + [0] * (8 - len(spec.chpids))
+            fs.create_file(f"{sch}/chpids", contents="".join(f"{c:02x} " for c in ids) + "\n")
+            for chpid in filter(None, ids):
+                if not fs.exists(f"{CSS0}/chp0.{chpid:02x}/type"):
+                    fs.create_file(f"{CSS0}/chp0.{chpid:02x}/type", contents=f"{CHP_TYPE:x}\n")
+        pim = path_mask(spec.chpids or ())
+        fs.create_file(f"{sch}/pimpampom", contents=f"{pim:02x} {pim:02x} ff\n")
+        fs.create_symlink(f"{sch}/driver", "../../../bus/css/drivers/vfio_ccw")
+        fs.create_symlink(f"{CSS_DEVICES}/{spec.schid}", f"../../../devices/css0/{spec.schid}")
+        mdev = f"{sch}/{spec.uuid}"
+        fs.create_file(f"{mdev}/uevent", contents="MDEV_TYPE=vfio_ccw-io\n")
+        fs.create_symlink(f"{MDEV_DEVICES}/{spec.uuid}", f"../../../devices/css0/{spec.schid}/{spec.uuid}")
+        if spec.driver:
+            fs.create_symlink(f"{mdev}/driver", f"../../../../bus/mdev/drivers/{spec.driver}")
+        link = spec.group_link or (f"../../../../kernel/iommu_groups/{spec.group}" if spec.group is not None else None)
+        self._add_to_group(mdev, spec.uuid, spec.group, link)
+
     def set_driver(self, spec: PciDeviceSpec | PlatformDeviceSpec, driver: str | None) -> None:
         fs = self.fs
         if isinstance(spec, PlatformDeviceSpec):
@@ -138,4 +168,10 @@ class Sysfs:
         return all(d.driver in VIABLE_DRIVERS for d in self._members(group))
 
     def _members(self, group: int) -> list[PciDeviceSpec | PlatformDeviceSpec]:
-        return [*self.topology.group_members(group), *self.topology.platform_members(group)]
+        return [*self.topology.group_members(group), *self.topology.platform_members(group),
+                *self.topology.ccw_members(group)]
+
+
+def path_mask(chpids) -> int:
+    """One bit per installed channel path, the first path the leftmost bit."""
+    return sum(0x80 >> i for i, chpid in enumerate(chpids) if chpid)

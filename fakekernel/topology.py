@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-VFIO_DRIVERS = ("vfio-pci", "vfio-platform")
+from vfio_impl import uapi
+
+VFIO_DRIVERS = ("vfio-pci", "vfio-platform", "vfio_ccw_mdev")
 # Drivers that do not break a group's viability (vfio_dev_driver_allowed and unbound devices).
-VIABLE_DRIVERS = (None, "vfio-pci", "vfio-platform", "pci-stub", "pcieport")
+VIABLE_DRIVERS = (None, "vfio-pci", "vfio-platform", "vfio_ccw_mdev", "pci-stub", "pcieport")
 
 
 @dataclass(slots=True)
@@ -39,12 +41,41 @@ class PlatformDeviceSpec:
 
 
 @dataclass(slots=True)
+class CcwDeviceSpec:
+    """An I/O subchannel /sys/bus/css/devices/SCHID bound to vfio_ccw, with one mdev UUID under it:
+    the device VFIO opens, in its own IOMMU group. `devno` is the device number behind the
+    subchannel, `chpids` its channel paths (None: no chpids attribute at all), `regions` the
+    optional regions vfio_ccw registers after the I/O region, in the driver's order.
+
+    The rest describe a broken driver, one per check QEMU's realize makes: `sizes` overrides a
+    region's size by name ("io", "async", "schib", "crw"); `flags`, `num_regions`, `num_irqs`
+    and `irq_count` override what GET_INFO and GET_IRQ_INFO report."""
+
+    schid: str
+    uuid: str
+    model: str = "ccw-block"
+    group: int | None = None
+    driver: str | None = "vfio_ccw_mdev"
+    devno: int = 0xE000
+    chpids: tuple[int, ...] | None = (0x11,)
+    regions: tuple[str, ...] = ("async", "schib", "crw")
+    group_link: str | None = None
+    sizes: dict[str, int] = field(default_factory=dict)
+    flags: int | None = None
+    num_regions: int | None = None
+    num_irqs: int | None = None
+    irq_count: int = 1
+
+
+@dataclass(slots=True)
 class Topology:
-    """`devices` are the PCI functions; `platform` the devices on the platform bus."""
+    """`devices` are the PCI functions; `platform` the devices on the platform bus; `ccw` the
+    vfio-ccw mdevs on s390 I/O subchannels."""
 
     devices: list[PciDeviceSpec] = field(default_factory=list)
     name: str = "custom"
     platform: list[PlatformDeviceSpec] = field(default_factory=list)
+    ccw: list[CcwDeviceSpec] = field(default_factory=list)
 
     @classmethod
     def default(cls) -> "Topology":
@@ -58,7 +89,8 @@ class Topology:
         except KeyError:
             raise ValueError(f"unknown topology {name!r}; known: {', '.join(sorted(NAMED))}") from None
         return cls([s for s in specs if isinstance(s, PciDeviceSpec)], name,
-                   [s for s in specs if isinstance(s, PlatformDeviceSpec)])
+                   [s for s in specs if isinstance(s, PlatformDeviceSpec)],
+                   [s for s in specs if isinstance(s, CcwDeviceSpec)])
 
     def group_members(self, group: int) -> list[PciDeviceSpec]:
         return [d for d in self.devices if d.group == group]
@@ -66,11 +98,20 @@ class Topology:
     def platform_members(self, group: int) -> list[PlatformDeviceSpec]:
         return [d for d in self.platform if d.group == group]
 
+    def ccw_members(self, group: int) -> list[CcwDeviceSpec]:
+        return [d for d in self.ccw if d.group == group]
+
     def groups(self) -> list[int]:
-        return sorted({d.group for d in (*self.devices, *self.platform) if d.group is not None})
+        return sorted({d.group for d in (*self.devices, *self.platform, *self.ccw) if d.group is not None})
 
 
 TEST_COMPATIBLE = ["qemu,platform-test", "vfio,test-device"]
+
+
+def _mdev(schid: str, group: int | None, **kwargs) -> CcwDeviceSpec:
+    """A vfio-ccw mdev whose UUID ends in its subchannel number, so a test can tell them apart."""
+    return CcwDeviceSpec(schid, f"8a1c0bd0-7e7a-4f6a-9c3e-{int(schid[-4:], 16):012x}", group=group, **kwargs)
+
 
 NAMED = {
     "default": lambda: [PciDeviceSpec("0000:00:03.0", "edu", 3)],
@@ -95,4 +136,21 @@ NAMED = {
                            group_link="../../../kernel/iommu_groups/bogus"),
         PlatformDeviceSpec("c3000000.not-platform", "amba-test", 23, compatible=TEST_COMPATIBLE),
         PlatformDeviceSpec("c4000000.no-of-node", "platform-test", 24, compatible=None)],
+    # vfio-ccw as QEMU's hw/vfio/ccw.c meets it: a block device on a subchannel with every
+    # optional region, one with only the I/O region, and one broken mdev per realize check.
+    "ccw": lambda: [
+        _mdev("0.0.0313", 30),
+        _mdev("0.0.0314", 31, regions=()),
+        _mdev("0.0.0315", None),
+        _mdev("0.0.0316", None, group_link="../../../../kernel/iommu_groups/bogus"),
+        _mdev("0.0.0317", 33, flags=uapi.VFIO_DEVICE_FLAGS_PLATFORM | uapi.VFIO_DEVICE_FLAGS_RESET),
+        _mdev("0.0.0318", 34, num_regions=0),
+        _mdev("0.0.0319", 35, sizes={"io": 120}),
+        _mdev("0.0.031a", 36, sizes={"async": 4}),
+        _mdev("0.0.031b", 37, sizes={"schib": 48}),
+        _mdev("0.0.031c", 38, sizes={"crw": 4}),
+        _mdev("0.0.031d", 39, num_irqs=0),
+        _mdev("0.0.031e", 40, irq_count=0),
+        _mdev("0.0.031f", 41, num_irqs=1),
+        _mdev("0.0.0320", 42, chpids=None)],
 }

@@ -1,9 +1,11 @@
 """Emulated devices of the fake kernel's catalog, each mirroring a device the real runner has."""
 
+from .ccw_block import CcwBlock
 from .e1000e import E1000e
 from .edu import Edu
 from .ivshmem import Ivshmem, IvshmemDoorbell
 from .platform_test import AmbaTest, PlatformTest
 
 CATALOG = {"edu": Edu, "ivshmem": Ivshmem, "ivshmem-doorbell": IvshmemDoorbell, "e1000e": E1000e,
-           "platform-test": PlatformTest, "amba-test": AmbaTest}
+           "platform-test": PlatformTest, "amba-test": AmbaTest,
+           "ccw-block": CcwBlock}
