@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import struct
 from dataclasses import dataclass
 
@@ -15,6 +16,26 @@ from .machine import Machine, RAMArea
 from .trace import trace
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+# readlink into a PATH_MAX buffer: a link that fills it is too long to trust.
+PATH_MAX = 4096
+# What sscanf("%d") takes from the front of a string.
+_SCANF_INT = re.compile(r"\s*[+-]?\d+")
+
+
+def iommu_group_from_link(host: Host, path: str) -> int:
+    """The group number of an iommu_group link as platform.c and ccw.c read it: readlink into a
+    PATH_MAX buffer, then sscanf("%d") of the last component."""
+    try:
+        link = host.readlink(path)
+    except OSError as e:
+        raise VFIOError.from_oserror("no iommu_group found", e) from e
+    if len(link.encode()) >= PATH_MAX:
+        raise VFIOError("no iommu_group found", errno.ENAMETOOLONG)
+    number = _SCANF_INT.match(os.path.basename(link))
+    if not number:
+        # sscanf leaves errno alone, so QEMU reports whatever errno held; EINVAL says why.
+        raise VFIOError(f"failed to read {link}", errno.EINVAL)
+    return int(number.group())
 
 
 @dataclass(slots=True, frozen=True)

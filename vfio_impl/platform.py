@@ -15,13 +15,12 @@ import enum
 import errno
 import functools
 import os
-import re
 import threading
 from contextlib import ExitStack
 from dataclasses import dataclass
 
 from . import uapi
-from .container import AddressSpace, Group
+from .container import AddressSpace, Group, iommu_group_from_link
 from .device import Device, IRQInfo
 from .errors import VFIOError
 from .machine import IRQLine, Machine
@@ -29,11 +28,7 @@ from .region import Region
 from .trace import error_report, trace, warn
 
 PLATFORM_DEVICES = "/sys/bus/platform/devices"
-# readlink into a PATH_MAX buffer: a link that fills it is too long to trust.
-PATH_MAX = 4096
 _ACCESS_MASKS = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: 0xFFFFFFFFFFFFFFFF}
-# What sscanf("%d") takes from the front of a string.
-_SCANF_INT = re.compile(r"\s*[+-]?\d+")
 _BOOLS = {"on": True, "yes": True, "true": True, "off": False, "no": False, "false": False}
 
 
@@ -330,19 +325,6 @@ class VFIOPlatformDevice:
                 self._init_intp(info)
             unwind.pop_all()
 
-    def _iommu_group(self) -> int:
-        try:
-            link = self.host.readlink(f"{self.sysfsdev}/iommu_group")
-        except OSError as e:
-            raise VFIOError.from_oserror("no iommu_group found", e) from e
-        if len(link.encode()) >= PATH_MAX:
-            raise VFIOError("no iommu_group found", errno.ENAMETOOLONG)
-        number = _SCANF_INT.match(os.path.basename(link))
-        if not number:
-            # sscanf leaves errno alone, so QEMU reports whatever errno held; EINVAL says why.
-            raise VFIOError(f"failed to read {link}", errno.EINVAL)
-        return int(number.group())
-
     def _base_device_init(self, host: str | None, sysfsdev: str | None) -> None:
         """Name and sysfs path, the IOMMU group, then the device; every failure puts the group back."""
         if sysfsdev:
@@ -355,7 +337,7 @@ class VFIOPlatformDevice:
             self.sysfsdev = f"{PLATFORM_DEVICES}/{host}"
         if not self.host.exists(self.sysfsdev):
             raise VFIOError("failed to get the sysfs host device file status", errno.ENOENT)
-        groupid = self._iommu_group()
+        groupid = iommu_group_from_link(self.host, f"{self.sysfsdev}/iommu_group")
         trace("vfio_platform_base_device_init", name=self.name, group=groupid)
         group = Group.get(self.space, groupid)
         if any(d.name == self.name for d in group.devices):
