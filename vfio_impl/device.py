@@ -100,6 +100,22 @@ class Device:
             caps = tuple(uapi.parse_chain(buf, info.cap_offset, "region"))
         return RegionInfo(index, info.flags, info.size, info.offset, caps)
 
+    def get_dev_region_info(self, type_: int, subtype: int) -> RegionInfo | None:
+        """vfio_get_dev_region_info: the first region whose type capability matches; regions
+        whose info cannot be read or that carry no type are passed over."""
+        for index in range(self.num_regions):
+            try:
+                info = self.get_region_info(index)
+            except VFIOError:
+                continue
+            cap = info.cap(uapi.RegionTypeCap)
+            if cap is None:
+                continue
+            trace("vfio_get_dev_region", name=self.name, index=index, type=cap.type, subtype=cap.subtype)
+            if (cap.type, cap.subtype) == (type_, subtype):
+                return info
+        return None
+
     def region(self, index: int) -> Region:
         if index not in self.regions:
             self.regions[index] = Region(self, self.get_region_info(index))
