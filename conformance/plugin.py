@@ -31,7 +31,7 @@ def pytest_addoption(parser) -> None:
 def pytest_configure(config) -> None:
     config.addinivalue_line(
         "markers",
-        "vfio(device=None, topology=None, destructive=False, fake_only=None, platform=False): what a "
+        "vfio(device=None, topology=None, destructive=False, fake_only=None, platform=False, ccw=False): what a "
         "conformance test needs; anything the backend lacks skips the test with a reason naming it")
     if config.getoption("--vfio-json", None) and not hasattr(config, "workerinput"):
         config.pluginmanager.register(JSONReport(config), "vfio-json-report")
@@ -64,6 +64,8 @@ def vfio(request):
             pytest.skip(REAL_MISSING)
         if need.get("platform"):
             pytest.skip("real backend: no vfio-platform device")
+        if need.get("ccw"):
+            pytest.skip("real backend: no vfio-ccw device")
         if need.get("fake_only"):
             pytest.skip(f"real backend: needs {need['fake_only']}")
         if need.get("topology"):
@@ -76,7 +78,7 @@ def vfio(request):
         yield backend
         return
     before = _open_fds()
-    default = "platform" if need.get("platform") else FAKE_TOPOLOGY
+    default = "platform" if need.get("platform") else "ccw" if need.get("ccw") else FAKE_TOPOLOGY
     with serving(Topology.named(need.get("topology") or default)) as topology:
         kernel = FakeKernel(topology)
         backend = Backend("fake", kernel, f"fake {kernel.profile.name}", destructive=True)
