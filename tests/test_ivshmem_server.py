@@ -41,13 +41,13 @@ class RawPeer:
         self.sock.connect(str(path))
         self.reassembler = Reassembler()
         self.fds = []
+        self.unread = []
         self.eof = False
 
     def read(self, server, count, timeout=2.0):
-        """Exactly `count` messages, polling the server in between when it is not threaded."""
-        messages = []
+        """The next `count` messages (fewer at EOF or timeout), polling the server when it is not threaded."""
         deadline = time.monotonic() + timeout
-        while len(messages) < count and time.monotonic() < deadline:
+        while len(self.unread) < count and time.monotonic() < deadline:
             if server is not None:
                 server.poll(0)
             if readable(self.sock, 0.01 if server is not None else deadline - time.monotonic()):
@@ -58,15 +58,17 @@ class RawPeer:
                 if not data:
                     self.eof = True
                     break
-                messages += self.reassembler.feed(data, fds)
-        self.fds += [fd for _, fd in messages if fd >= 0]
+                received = self.reassembler.feed(data, fds)
+                self.fds += [fd for _, fd in received if fd >= 0]
+                self.unread += received
+        messages, self.unread = self.unread[:count], self.unread[count:]
         return messages
 
     def silent(self, server, timeout=0.05):
         """Nothing more arrives (and no EOF) within `timeout`."""
         if server is not None:
             server.poll(timeout)
-        return not readable(self.sock, 0 if server is not None else timeout)
+        return not self.unread and not readable(self.sock, 0 if server is not None else timeout)
 
     def close(self):
         for fd in self.fds:
@@ -504,6 +506,37 @@ def test_console_script_in_the_foreground_with_a_pid_file(tmp_path):
         proc.stdout.close()
         proc.stderr.close()
     assert os.listdir(tmp_path) == []
+
+
+def test_out_of_fds_it_sheds_newcomers_and_keeps_serving(tmp_path):
+    """At its fd limit the server closes what it cannot serve at once, instead of leaving it hanging."""
+    sock = tmp_path / "sock"
+    proc = subprocess.Popen([*console_script("ivshmem-server"), "-F", "-S", str(sock), "-m", str(tmp_path)],
+                            env={**os.environ, "PYTHONPATH": str(REPO)},
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32)))
+    crowd = []
+    try:
+        wait_for(sock, proc)
+        crowd = [RawPeer(sock) for _ in range(24)]
+        served = [peer for peer in crowd if peer.read(None, 2, timeout=2)]
+        shed = [peer for peer in crowd if peer not in served]
+        assert served and shed and all(peer.eof for peer in shed)
+        served[0].close()
+        rest_of_setup, newcomers = 3, len(served) - 2
+        assert served[1].read(None, rest_of_setup + newcomers + 1)[-1] == (0, -1)
+        assert served[1].silent(None)
+        late = RawPeer(sock)
+        crowd.append(late)
+        assert late.read(None, 2)[1] == (len(served), -1), "ids went only to peers that were served"
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for peer in crowd:
+            peer.close()
 
 
 def test_console_script_daemonizes_without_f(tmp_path):
