@@ -8,6 +8,7 @@ import errno
 
 import pytest
 
+from fakekernel.vfio_ccw import ChpEvent
 from vfio_impl import uapi
 from vfio_impl.ccw import VFIOCCWDevice
 from vfio_impl.container import AddressSpace
@@ -502,8 +503,6 @@ def test_a_wakeup_with_nothing_signalled_injects_nothing(dev):
 
 # -- store subchannel and channel reports -----------------------------------------------------
 def test_store_subchannel_takes_the_path_bits_from_the_schib_region(dev, fake):
-    from fakekernel.vfio_ccw import ChpEvent
-
     start(dev, CCW1(css.CCW_CMD_NOOP, 0, 0, 0))
     fake.chp_event(0x11, ChpEvent.OFFLINE)
     fake.subchannel.schib.scsw.flags |= css.SCSW_FLAGS_MASK_PNO
@@ -531,8 +530,6 @@ def test_without_a_schib_region_store_subchannel_reads_nothing(realize, fake_ker
 
 
 def test_a_channel_path_going_offline_queues_its_crw_for_the_guest(dev, fake):
-    from fakekernel.vfio_ccw import ChpEvent
-
     fake.chp_event(0x11, ChpEvent.OFFLINE)
     assert dev.machine.run_until(lambda: dev.css.pending_crws, WAIT), "no CRW reached the guest"
     crw = dev.css.stcrw()
@@ -541,8 +538,6 @@ def test_a_channel_path_going_offline_queues_its_crw_for_the_guest(dev, fake):
 
 
 def test_every_queued_crw_is_read_in_order(dev, fake):
-    from fakekernel.vfio_ccw import ChpEvent
-
     fake.chp_event(0x11, ChpEvent.OFFLINE)
     fake.chp_event(0x11, ChpEvent.ONLINE)
     assert dev.machine.run_until(lambda: len(dev.css.pending_crws) == 2, WAIT)
@@ -551,8 +546,6 @@ def test_every_queued_crw_is_read_in_order(dev, fake):
 
 
 def test_a_failed_crw_read_is_reported_and_queues_nothing(dev, fake):
-    from fakekernel.vfio_ccw import ChpEvent
-
     fake.plan("crw-read", errno=errno.EFAULT)
     with TraceRecorder() as rec:
         fake.chp_event(0x11, ChpEvent.OFFLINE)
