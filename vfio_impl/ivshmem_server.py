@@ -150,7 +150,11 @@ class IvshmemServer:
                     raise
 
     def _listen(self) -> None:
-        """Binds a temporary name and links it into place, so the path appears only when ready."""
+        """Binds a temporary name, listens, then links it into place: the path appears only when ready.
+
+        A link, not a rename, so a path already taken (another server's live
+        socket) fails as QEMU's bind() does instead of being replaced.
+        """
         self._debug(f"create & bind socket {self.socket_path}")
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         temporary = f"{self.socket_path}~{os.getpid()}"
