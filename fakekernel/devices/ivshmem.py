@@ -27,6 +27,7 @@ INTRMASK, INTRSTATUS, IVPOSITION, DOORBELL = 0, 4, 8, 12
 MSIX_BAR, MSIX_BAR_SIZE, MSIX_TABLE, MSIX_PBA = 1, 4096, 0x000, 0x800
 MSIX_CAP = 0x40
 SETUP_TIMEOUT = 5.0
+OWN_VECTORS_TIMEOUT = 1.0
 READ_SIZE = 4096
 MAX_FDS_PER_READ = 16
 
@@ -114,10 +115,18 @@ class IvshmemDoorbell(Ivshmem):
 
     # -- the server ---------------------------------------------------------------------------
     def _recv_setup(self) -> None:
-        """ivshmem_recv_setup: the version, our id, then messages until the shared memory."""
+        """ivshmem_recv_setup: the version, our id, then messages until the shared memory. QEMU's
+        main loop reads our own eventfds, which follow, long before a guest runs; reading them
+        here too (for a while: a server may have fewer vectors) keeps a test from racing it."""
         while self.shm_fd < 0:
             if not self._read_server():
                 raise ConnectionError("ivshmem-doorbell: the server closed the connection during setup")
+        self.server.settimeout(OWN_VECTORS_TIMEOUT)
+        try:
+            while len(self.own_eventfds) < self.vectors and self._read_server():
+                pass
+        except TimeoutError:
+            pass
 
     def _read_server(self) -> bool:
         """One read of the socket, each message acted on; False at end of file."""
