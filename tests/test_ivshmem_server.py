@@ -1,5 +1,6 @@
 """ivshmem-server over real sockets: the exact sequence raw peers see, ids, drops, cleanup, the CLI."""
 
+import contextlib
 import os
 import resource
 import select
@@ -475,6 +476,11 @@ def console_script(name):
     return [sys.executable, "-c", f"import sys; from {module} import {function}; sys.exit({function}())"]
 
 
+def run_server(*flags, **popen):
+    return subprocess.Popen([*console_script("ivshmem-server"), *flags], env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, **popen)
+
+
 def wait_for(path, proc=None, timeout=10):
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -482,14 +488,24 @@ def wait_for(path, proc=None, timeout=10):
         time.sleep(0.005)
 
 
-def test_console_script_in_the_foreground_with_a_pid_file(tmp_path):
-    sock, pid_file = tmp_path / "sock", tmp_path / "pid"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([*console_script("ivshmem-server"), "-F", "-S", str(sock), "-p", str(pid_file),
-                             "-m", str(tmp_path), "-l", "1M", "-n", "2"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+@contextlib.contextmanager
+def foreground_server(sock, *flags, **popen):
+    """The console script with -F, ready on `sock`; SIGTERM at the end must stop it cleanly."""
+    proc = run_server("-F", "-S", str(sock), *flags, **popen)
     try:
         wait_for(sock, proc)
+        yield proc
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_console_script_in_the_foreground_with_a_pid_file(tmp_path):
+    sock, pid_file = tmp_path / "sock", tmp_path / "pid"
+    with foreground_server(sock, "-p", str(pid_file), "-m", str(tmp_path), "-l", "1M", "-n", "2") as proc:
         wait_for(pid_file, proc)
         assert pid_file.read_text() == f"{proc.pid}\n"
         peer = RawPeer(sock)
@@ -497,55 +513,35 @@ def test_console_script_in_the_foreground_with_a_pid_file(tmp_path):
         assert shape(got) == setup_of(0, vectors=2)
         assert os.fstat(got[2][1]).st_size == 1 << 20
         peer.close()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=5) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
     assert os.listdir(tmp_path) == []
 
 
 def test_out_of_fds_it_sheds_newcomers_and_keeps_serving(tmp_path):
     """At its fd limit the server closes what it cannot serve at once, instead of leaving it hanging."""
     sock = tmp_path / "sock"
-    proc = subprocess.Popen([*console_script("ivshmem-server"), "-F", "-S", str(sock), "-m", str(tmp_path)],
-                            env={**os.environ, "PYTHONPATH": str(REPO)},
-                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32)))
     crowd = []
     try:
-        wait_for(sock, proc)
-        crowd = [RawPeer(sock) for _ in range(24)]
-        served = [peer for peer in crowd if peer.read(None, 2, timeout=2)]
-        shed = [peer for peer in crowd if peer not in served]
-        assert served and shed and all(peer.eof for peer in shed)
-        served[0].close()
-        rest_of_setup, newcomers = 3, len(served) - 2
-        assert served[1].read(None, rest_of_setup + newcomers + 1)[-1] == (0, -1)
-        assert served[1].silent(None)
-        late = RawPeer(sock)
-        crowd.append(late)
-        assert late.read(None, 2)[1] == (len(served), -1), "ids went only to peers that were served"
-        assert proc.poll() is None
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=5) == 0
+        with foreground_server(sock, "-m", str(tmp_path),
+                               preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))):
+            crowd = [RawPeer(sock) for _ in range(24)]
+            served = [peer for peer in crowd if peer.read(None, 2, timeout=2)]
+            shed = [peer for peer in crowd if peer not in served]
+            assert served and shed and all(peer.eof for peer in shed)
+            served[0].close()
+            rest_of_setup, newcomers = 3, len(served) - 2
+            assert served[1].read(None, rest_of_setup + newcomers + 1)[-1] == (0, -1)
+            assert served[1].silent(None)
+            crowd.append(RawPeer(sock))
+            assert crowd[-1].read(None, 2)[1] == (len(served), -1), "ids went only to peers that were served"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
         for peer in crowd:
             peer.close()
 
 
 def test_console_script_daemonizes_without_f(tmp_path):
     sock, pid_file = tmp_path / "sock", tmp_path / "pid"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    parent = subprocess.run([*console_script("ivshmem-server"), "-S", str(sock), "-p", str(pid_file),
-                             "-m", str(tmp_path)], env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10)
-    assert parent.returncode == 0
+    parent = run_server("-S", str(sock), "-p", str(pid_file), "-m", str(tmp_path), stderr=subprocess.DEVNULL)
+    assert parent.wait(timeout=10) == 0
     assert sock.exists(), "the socket is ready when the parent returns"
     wait_for(pid_file)
     daemon = int(pid_file.read_text())
