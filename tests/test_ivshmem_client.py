@@ -162,15 +162,15 @@ def test_the_server_going_away(tmp_path):
 
 
 def fake_server(path, *messages):
-    """A listening socket that sends `messages` to its first client, and then nothing."""
+    """A listening socket that sends `messages` (values, or (value, fd)) to its first client, and then nothing."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     listener.listen()
 
     def serve():
         conn, _ = listener.accept()
-        for value in messages:
-            conn.send(encode(value))
+        for value, *fds in map(lambda m: m if isinstance(m, tuple) else (m,), messages):
+            socket.send_fds(conn, [encode(value)], fds)
         conn.recv(1)
         conn.close()
     thread = threading.Thread(target=serve, daemon=True)
@@ -182,15 +182,19 @@ def fake_server(path, *messages):
     ((1,), ProtocolError, "^server sent version 1, expecting 0$"),
     ((0, 3), TimeoutError, "no setup from the ivshmem server"),
     ((0, 3, -2), ProtocolError, "server sent invalid message -2"),
+    ((0, 3, "empty shm"), ProtocolError, "Failed to mmap shared memory"),
 ])
 def test_connect_fails_cleanly(tmp_path, messages, error, match):
     baseline = open_fds()
+    empty = os.memfd_create("empty")
+    messages = [(-1, empty) if value == "empty shm" else value for value in messages]
     listener, thread = fake_server(tmp_path / "sock", *messages)
     c = IvshmemClient(str(tmp_path / "sock"))
     with pytest.raises(error, match=match):
         c.connect(timeout=0.2)
     thread.join()
     listener.close()
+    os.close(empty)
     assert open_fds() == baseline
 
 

@@ -126,7 +126,7 @@ class IvshmemClient:
             event = self._map(event.fd)
         if isinstance(event, Rejected) and setup:
             raise ProtocolError(event.reason)
-        self._debug(f"{event}")
+        self._debug(str(event))
         self._events.append(event)
 
     def _map(self, fd: int) -> Event:
@@ -137,6 +137,8 @@ class IvshmemClient:
                 return Rejected(-1, "server sent the shared memory before our id")
             self.shm = mmap.mmap(fd, os.fstat(fd).st_size)
             return SharedMemory(fd)
+        except (OSError, ValueError) as e:
+            return Rejected(-1, f"Failed to mmap shared memory {e}")
         finally:
             os.close(fd)
 
