@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from . import uapi
 from .errors import VFIOError
-from .trace import trace
+from .trace import trace, tracing
 
 _PAGE = _mmap.PAGESIZE
 # Native formats of each access size; VFIO regions are little-endian, as the hosts this runs on.
@@ -110,13 +110,14 @@ class Region:
 
     def read(self, addr: int, size: int) -> int:
         """A little-endian access of 1, 2, 4 or 8 bytes: through the mmap when enabled."""
-        value = self.read_mapped(addr, size)
-        if value is None:
-            return int.from_bytes(self.pread(addr, size), "little")
-        return value
+        if self.areas:
+            value = self.read_mapped(addr, size)
+            if value is not None:
+                return value
+        return int.from_bytes(self.pread(addr, size), "little")
 
     def write(self, addr: int, size: int, value: int) -> None:
-        if not self.write_mapped(addr, size, value):
+        if not (self.areas and self.write_mapped(addr, size, value)):
             self.pwrite(addr, value.to_bytes(size, "little"))
 
     def read_mapped(self, addr: int, size: int) -> int | None:
@@ -153,7 +154,8 @@ class Region:
             data = self.host.pread(self.device.fd, n, self.info.offset + addr)
         except OSError as e:
             raise VFIOError.from_oserror(f"{self.name}: read of {n} bytes at {addr:#x} failed", e) from e
-        trace("vfio_region_read", name=self.name, addr=addr, size=n)
+        if tracing():
+            trace("vfio_region_read", name=self.name, addr=addr, size=n)
         return data
 
     def pwrite(self, addr: int, data: bytes) -> int:
@@ -161,7 +163,8 @@ class Region:
             n = self.host.pwrite(self.device.fd, data, self.info.offset + addr)
         except OSError as e:
             raise VFIOError.from_oserror(f"{self.name}: write of {len(data)} bytes at {addr:#x} failed", e) from e
-        trace("vfio_region_write", name=self.name, addr=addr, size=len(data))
+        if tracing():
+            trace("vfio_region_write", name=self.name, addr=addr, size=len(data))
         return n
 
     def close(self) -> None:
