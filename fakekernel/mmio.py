@@ -12,15 +12,20 @@ from typing import Callable
 _SIZES = (8, 4, 2, 1)
 
 
-def split_access(offset: int, length: int, sizes=_SIZES):
-    """Natural-aligned pieces, largest first, as a CPU issues a copy to MMIO."""
+def split_access(offset: int, length: int, sizes=_SIZES) -> list[tuple[int, int]]:
+    """Natural-aligned pieces, largest first, as a CPU issues a copy to MMIO. A register access
+    is already one piece, and it is by far the most common."""
+    if length in sizes and not offset % length:
+        return [(offset, length)]
+    pieces = []
     end = offset + length
     while offset < end:
         for size in sizes:
             if offset % size == 0 and offset + size <= end:
-                yield offset, size
+                pieces.append((offset, size))
                 offset += size
                 break
+    return pieces
 
 
 class MMIOMapping:

@@ -91,10 +91,21 @@ class VfioPciDevice:
         self.err_trigger: EventfdCtx | None = None
         self.req_trigger: EventfdCtx | None = None
         self.resets = 0
+        self.msix_table = self._msix_table()
         function.sinks.intx = self._intx_line
         function.sinks.msi = self._msi_message
         function.sinks.dma_read = self._dma_read
         function.sinks.dma_write = self._dma_write
+
+    def _msix_table(self) -> tuple[int, int, int] | None:
+        """(BAR, start, end) of the MSI-X table, read once as vfio_pci_core_enable reads msix_bar,
+        msix_offset and msix_size: the BIR, offset and table size are read-only in hardware."""
+        f = self.function
+        msix = f.msix_layout()
+        if msix is None:
+            return None
+        bar, start, _ = msix
+        return bar, start, start + ((f.msix_flags() & pci.PCI_MSIX_FLAGS_QSIZE) + 1) * pci.PCI_MSIX_ENTRY_SIZE
 
     # -- open / close -------------------------------------------------------------------------
     def open_device(self) -> None:
@@ -417,7 +428,7 @@ class VfioPciDevice:
                 self._try_reset()
 
     def memory_enabled(self) -> bool:
-        return bool(struct.unpack_from("<H", self.vconfig, pci.PCI_COMMAND)[0] & pci.PCI_COMMAND_MEMORY)
+        return bool(self.vconfig[pci.PCI_COMMAND] & pci.PCI_COMMAND_MEMORY)
 
     @property
     def flags(self) -> int:
@@ -462,8 +473,7 @@ class VfioPciDevice:
             caps = []
             if self._mmap_supported(index):
                 flags |= uapi.VFIO_REGION_INFO_FLAG_MMAP
-                msix = f.msix_layout()
-                if msix and msix[0] == index:
+                if self.msix_table and self.msix_table[0] == index:
                     caps.append(uapi.MsixMappableCap())
             return flags, bar.size, caps
         if index == ROM:
@@ -533,13 +543,15 @@ class VfioPciDevice:
                 return os.pread(self.ram[index], count, pos)
             return os.pwrite(self.ram[index], data[:count], pos)
         x_start = x_end = 0
-        msix = f.msix_layout()
-        if msix and msix[0] == index:
-            x_start = msix[1]
-            x_end = x_start + ((f.msix_flags() & pci.PCI_MSIX_FLAGS_QSIZE) + 1) * pci.PCI_MSIX_ENTRY_SIZE
+        if self.msix_table and self.msix_table[0] == index:
+            _, x_start, x_end = self.msix_table
+        if pos + count <= x_start or pos >= x_end:
+            spans = ((pos, pos + count),)
+        else:
+            spans = ((pos, min(pos + count, x_start)), (max(pos, x_start), min(pos + count, x_end)),
+                     (max(pos, x_end), pos + count))
         out = bytearray()
-        for start, end in ((pos, min(pos + count, x_start)), (max(pos, x_start), min(pos + count, x_end)),
-                           (max(pos, x_end), pos + count)):
+        for start, end in spans:
             if start >= end:
                 continue
             if start >= x_start and end <= x_end:

@@ -27,6 +27,9 @@ VALID_SIZES = (4, 8)
 REG_ID, REG_LIVENESS, REG_FACT, REG_STATUS, REG_IRQ_STATUS = 0x00, 0x04, 0x08, 0x20, 0x24
 REG_IRQ_RAISE, REG_IRQ_ACK = 0x60, 0x64
 REG_DMA_SRC, REG_DMA_DST, REG_DMA_CNT, REG_DMA_CMD = 0x80, 0x88, 0x90, 0x98
+# The registers that hold state, by offset; the others read as all ones.
+STATE_REGS = {REG_LIVENESS: "liveness", REG_FACT: "fact", REG_STATUS: "status", REG_IRQ_STATUS: "irq_status",
+              REG_DMA_SRC: "dma_src", REG_DMA_DST: "dma_dst", REG_DMA_CNT: "dma_cnt", REG_DMA_CMD: "dma_cmd"}
 
 
 class Edu(PciFunction):
@@ -62,18 +65,10 @@ class Edu(PciFunction):
         mask = ALL_ONES >> (64 - 8 * size)
         if offset < 0x80 and size != 4:
             return mask
-        value = {
-            REG_ID: IDENTIFICATION,
-            REG_LIVENESS: self.liveness,
-            REG_FACT: self.fact,
-            REG_STATUS: self.status,
-            REG_IRQ_STATUS: self.irq_status,
-            REG_DMA_SRC: self.dma_src,
-            REG_DMA_DST: self.dma_dst,
-            REG_DMA_CNT: self.dma_cnt,
-            REG_DMA_CMD: self.dma_cmd,
-        }.get(offset, ALL_ONES)
-        return value & mask
+        if offset == REG_ID:
+            return IDENTIFICATION & mask
+        name = STATE_REGS.get(offset)
+        return (getattr(self, name) if name else ALL_ONES) & mask
 
     def mmio_write(self, bar: int, offset: int, size: int, value: int) -> None:
         if size not in VALID_SIZES or (offset < 0x80 and size != 4):
@@ -100,7 +95,7 @@ class Edu(PciFunction):
                     self.dma_cmd = value
                     self._dma()
                 return
-            setattr(self, {REG_DMA_SRC: "dma_src", REG_DMA_DST: "dma_dst", REG_DMA_CNT: "dma_cnt"}[offset], value)
+            setattr(self, STATE_REGS[offset], value)
 
     def _factorial(self, n: int) -> None:
         result = 1
