@@ -362,6 +362,8 @@ class DeviceFile(File):
         _copy_back(buf, out, uapi.vfio_device_info, argsz, minsz)
 
     def get_region_info(self, buf: bytearray) -> int:
+        """Every realize asks once per region, so the reply is packed in vfio_region_info's field
+        order rather than by name."""
         layout = uapi.vfio_region_info
         info = _unpack_min(layout, buf, layout.size)
         if info.argsz < layout.size:
@@ -376,8 +378,7 @@ class DeviceFile(File):
             else:
                 buf[layout.size:layout.size + len(chain)] = chain
                 cap_offset = layout.size
-        layout.pack_into(buf, 0, argsz=argsz, flags=flags, index=info.index, cap_offset=cap_offset,
-                         size=size, offset=info.index << self.OFFSET_SHIFT)
+        layout.struct.pack_into(buf, 0, argsz, flags, info.index, cap_offset, size, info.index << self.OFFSET_SHIFT)
         return 0
 
     def hot_reset_info(self, buf: bytearray) -> int:

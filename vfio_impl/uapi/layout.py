@@ -5,6 +5,7 @@ call; ``struct.Struct`` is fast but knows nothing of C.  A ``Layout`` asks cffi
 at import and leaves only ``struct`` on the per-ioctl path.
 """
 
+import functools
 import struct
 from collections import namedtuple
 
@@ -109,7 +110,9 @@ class Layout:
         if "argsz" in self._index:
             self._defaults[self._index["argsz"]] = self.size
         self._unpack_from = self.struct.unpack_from
-        self._make = self.tuple._make
+        # namedtuple._make is a Python function that checks the length; struct gives one value
+        # per field, so the tuple is built straight.
+        self._make = functools.partial(tuple.__new__, self.tuple)
 
     def offsetof(self, member: str) -> int:
         """Offset of a member; dotted names reach into nested structs."""
