@@ -1,7 +1,7 @@
 """The type1 IOMMU of the fake kernel: IOVA -> process vaddr, so emulated DMA touches real memory.
 
-Mappings are kept sorted by IOVA in flat lists so that lookup, map and unmap are O(log n)
-searches; Linux keeps an rbtree for the same reason.
+Mappings are kept sorted by IOVA in blocks, so that lookup, map and unmap are O(log n)
+searches that move at most one block; Linux keeps an rbtree for the same reason.
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import mmap
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
+from itertools import chain
 from dataclasses import dataclass
 
 PAGE_SIZE = mmap.PAGESIZE
@@ -60,6 +61,76 @@ class DMAMapping:
         return self.iova + self.size
 
 
+class SortedMappings:
+    """DMA mappings sorted by IOVA, in blocks of at most 2 * LOAD (sortedcontainers' layout, cut
+    down to what type1 asks): a lookup bisects the blocks' first IOVAs and then one block, and an
+    insert or a removal shifts one block's list, not a million entries."""
+
+    LOAD = 1000
+
+    def __init__(self) -> None:
+        self._firsts: list[int] = []
+        self._starts: list[list[int]] = []
+        self._maps: list[list[DMAMapping]] = []
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self):
+        return chain.from_iterable(self._maps)
+
+    def floor(self, iova: int) -> DMAMapping | None:
+        """The mapping with the highest start at or below iova."""
+        b = bisect_right(self._firsts, iova) - 1
+        if b < 0:
+            return None
+        return self._maps[b][bisect_right(self._starts[b], iova) - 1]
+
+    def insert(self, mapping: DMAMapping) -> None:
+        if not self._firsts:
+            self._firsts.append(mapping.iova)
+            self._starts.append([])
+            self._maps.append([])
+        b = max(bisect_right(self._firsts, mapping.iova) - 1, 0)
+        starts, maps = self._starts[b], self._maps[b]
+        i = bisect_right(starts, mapping.iova)
+        starts.insert(i, mapping.iova)
+        maps.insert(i, mapping)
+        self._firsts[b] = starts[0]
+        self._len += 1
+        if len(starts) > 2 * self.LOAD:
+            self._firsts.insert(b + 1, starts[self.LOAD])
+            self._starts.insert(b + 1, starts[self.LOAD:])
+            self._maps.insert(b + 1, maps[self.LOAD:])
+            del starts[self.LOAD:], maps[self.LOAD:]
+
+    def remove(self, first: int, last: int) -> list[DMAMapping]:
+        """Take out every mapping that starts in [first, last]."""
+        removed: list[DMAMapping] = []
+        b = max(bisect_right(self._firsts, first) - 1, 0)
+        while b < len(self._starts):
+            starts, maps = self._starts[b], self._maps[b]
+            i, j = bisect_left(starts, first), bisect_right(starts, last)
+            removed += maps[i:j]
+            del starts[i:j], maps[i:j]
+            if not starts:
+                del self._firsts[b], self._starts[b], self._maps[b]
+                continue
+            self._firsts[b] = starts[0]
+            if i < len(starts):
+                break
+            b += 1
+        self._len -= len(removed)
+        return removed
+
+    def clear(self) -> None:
+        self._firsts.clear()
+        self._starts.clear()
+        self._maps.clear()
+        self._len = 0
+
+
 @dataclass(slots=True, frozen=True)
 class IOMMUFault:
     """A DMA the IOMMU refused; Linux logs a DMAR fault and the device sees an abort."""
@@ -74,8 +145,7 @@ class Type1IOMMU:
     """The DMA mappings of one container, with permission checks and fault recording."""
 
     def __init__(self, dma_entry_limit: int = DMA_ENTRY_LIMIT):
-        self._starts: list[int] = []
-        self._maps: list[DMAMapping] = []
+        self._maps = SortedMappings()
         self.dma_entry_limit = dma_entry_limit
         self.faults: list[IOMMUFault] = []
 
@@ -89,16 +159,14 @@ class Type1IOMMU:
     def mappings(self) -> list[DMAMapping]:
         return list(self._maps)
 
-    def _find(self, iova: int) -> int:
-        """Index of the mapping containing iova, or -1."""
-        i = bisect_right(self._starts, iova) - 1
-        if i >= 0 and iova < self._maps[i].end:
-            return i
-        return -1
+    def find(self, iova: int) -> DMAMapping | None:
+        """The mapping containing iova."""
+        m = self._maps.floor(iova)
+        return m if m is not None and iova < m.end else None
 
     def overlaps(self, iova: int, size: int) -> bool:
-        i = bisect_right(self._starts, iova + size - 1) - 1
-        return i >= 0 and self._maps[i].end > iova
+        m = self._maps.floor(iova + size - 1)
+        return m is not None and m.end > iova
 
     def map(self, iova: int, size: int, vaddr: int, readable: bool, writable: bool) -> None:
         """Checks come in type1's order: overlap, then the entry limit, then pinning."""
@@ -108,31 +176,23 @@ class Type1IOMMU:
             raise OSError(errno.ENOSPC, "dma_entry_limit reached")
         if not user_range_mapped(vaddr, size) or (writable and not user_range_writable(vaddr, size)):
             raise OSError(errno.EFAULT, "vaddr is not mapped in the process, or not writable for a WRITE mapping")
-        i = bisect_right(self._starts, iova)
-        self._starts.insert(i, iova)
-        self._maps.insert(i, DMAMapping(iova, size, vaddr, readable, writable))
+        self._maps.insert(DMAMapping(iova, size, vaddr, readable, writable))
 
     def first_partial(self, iova: int, size: int) -> bool:
         """Whether [iova, iova+size) cuts a mapping in two at either end (type1v2 refuses that)."""
-        i = self._find(iova)
-        if i >= 0 and self._maps[i].iova != iova:
+        m = self.find(iova)
+        if m is not None and m.iova != iova:
             return True
         last = iova + size - 1
-        j = self._find(last)
-        return j >= 0 and self._maps[j].end - 1 != last
+        m = self.find(last)
+        return m is not None and m.end - 1 != last
 
     def unmap(self, iova: int, size: int) -> int:
-        """Remove every mapping inside the range; returns the bytes unmapped."""
-        lo = bisect_right(self._starts, iova - 1) if iova else 0
-        hi = bisect_right(self._starts, iova + size - 1)
-        unmapped = sum(m.size for m in self._maps[lo:hi])
-        del self._starts[lo:hi]
-        del self._maps[lo:hi]
-        return unmapped
+        """Remove every mapping that starts inside the range; returns the bytes unmapped."""
+        return sum(m.size for m in self._maps.remove(iova, iova + size - 1))
 
     def unmap_all(self) -> int:
         unmapped = sum(m.size for m in self._maps)
-        self._starts.clear()
         self._maps.clear()
         return unmapped
 
@@ -141,11 +201,10 @@ class Type1IOMMU:
         the walk stopped short (None when it did not)."""
         pieces: list[tuple[int, int]] = []
         pos, end = iova, iova + size
-        i = self._find(iova)
         while pos < end:
-            if i < 0 or i >= len(self._maps) or self._maps[i].iova > pos:
+            m = self.find(pos)
+            if m is None:
                 return pieces, "unmapped"
-            m = self._maps[i]
             if write and not m.writable:
                 return pieces, "write to a read-only mapping"
             if read and not m.readable:
@@ -156,7 +215,6 @@ class Type1IOMMU:
                 return pieces, "the process unmapped the memory behind the mapping"
             pieces.append((vaddr, n))
             pos += n
-            i += 1
         return pieces, None
 
     def segments(self, iova: int, size: int, write: bool) -> list[tuple[int, int]] | None:

@@ -212,8 +212,8 @@ uapi_u64_max = (1 << 64) - 1
 def _starts_inside(iommu: Type1IOMMU, iova: int) -> bool:
     """v1 unmaps nothing when the range starts inside a mapping; a range covering a
     mapping's first byte removes it whole."""
-    i = iommu._find(iova)
-    return i >= 0 and iommu._maps[i].iova != iova
+    m = iommu.find(iova)
+    return m is not None and m.iova != iova
 
 
 class GroupFile(File):

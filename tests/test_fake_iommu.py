@@ -3,6 +3,7 @@
 import ctypes
 import errno
 import mmap
+import random
 
 import pytest
 
@@ -78,3 +79,31 @@ def test_memory_unmapped_by_the_process_is_a_fault_not_a_crash():
     assert not user_range_mapped(base, PAGE)
     assert io.dma_read(0x1000, 4) is None
     assert io.faults[-1].reason == "the process unmapped the memory behind the mapping"
+
+
+def test_many_mappings_across_blocks_agree_with_a_plain_model(mem):
+    """More mappings than one block of SortedMappings holds, mapped in random order and unmapped
+    by ranges that cross blocks and empty some, checked against a dict."""
+    _, base = mem
+    rnd = random.Random(5)
+    io = Type1IOMMU(dma_entry_limit=10_000)
+    model = {}
+    pages = list(range(6000))
+    rnd.shuffle(pages)
+    for page in pages:
+        io.map(2 * page * PAGE, PAGE, base, True, False)
+        model[2 * page * PAGE] = PAGE
+    for _ in range(300):
+        first = rnd.randrange(12_000) * PAGE
+        size = rnd.choice((1, 2, 50, 2500)) * PAGE
+        gone = [iova for iova in model if first <= iova < first + size]
+        assert io.unmap(first, size) == PAGE * len(gone)
+        for iova in gone:
+            del model[iova]
+    assert len(io) == len(model) and [m.iova for m in io.mappings()] == sorted(model)
+    for page in range(0, 12_000, 7):
+        iova = page * PAGE + 8
+        found = io.find(iova)
+        assert (found.iova if found else None) == (page * PAGE if page * PAGE in model else None)
+        # [iova, iova + 2 pages) touches this page and the next two.
+        assert io.overlaps(iova, 2 * PAGE) == any((page + d) * PAGE in model for d in (0, 1, 2))
