@@ -19,6 +19,7 @@ from vfio_impl.host import EventfdMixin
 
 from . import devices as _devices
 from . import pci
+from .faults import Faults
 from .iommu import PAGE_SIZE, Type1IOMMU
 from .profile import Profile
 from .sysfs import Sysfs
@@ -539,6 +540,7 @@ class FakeKernel(EventfdMixin):
         self._mappings: list[weakref.ref] = []
         self._lock = threading.RLock()
         self._virqfd: _Virqfd | None = None
+        self.faults = Faults(self)
         for fn in self.functions.values():
             fn.start(self.watch)
 
@@ -719,6 +721,10 @@ class FakeKernel(EventfdMixin):
             self._virqfd = _Virqfd(self._lock)
         self._virqfd.watch(fd, callback)
 
+    def watched(self) -> int:
+        """fds the kernel's worker watches (virqfds, device sockets and eventfds)."""
+        return self._virqfd.watched() if self._virqfd else 0
+
     def open_files(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for f in self.files.values():
@@ -727,6 +733,7 @@ class FakeKernel(EventfdMixin):
 
     def close_all(self) -> None:
         """Close every fake fd (devices first), stop the virqfd thread and free BAR memory."""
+        self.faults.clear()
         with self._lock:
             for kind in (DeviceFile, GroupFile, ContainerFile):
                 for fd in [fd for fd, f in self.files.items() if isinstance(f, kind)]:
@@ -767,6 +774,9 @@ class _Virqfd:
         if callback is not None:
             self._sel.register(fd, selectors.EVENT_READ, callback)
         os.eventfd_write(self._wake, 1)
+
+    def watched(self) -> int:
+        return len(self._sel.get_map()) - 1
 
     def _run(self) -> None:
         while self._running:
