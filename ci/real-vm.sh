@@ -179,6 +179,7 @@ fi
 
 q() { local s=$1; printf "'%s'" "${s//\'/\'\\\'\'}"; }   # POSIX sh quoting
 run=$(mktemp -d "$work/run.XXXXXX")
+ivsock=$run/ivshmem.sock ivshm=vfio-ci-$$ ivmailbox=$results/ivshmem-mailbox
 qpid=
 ivpids=()
 cleanup() {
@@ -199,7 +200,7 @@ trap 'exit 143' TERM
     echo "export PATH=$(q "${pybin:+$pybin:}$PATH")"
     # TERM=dumb: the serial console is a tty, but nobody reads colours there.
     echo "export HOME=/root LANG=C.UTF-8 TERM=dumb PYTHONDONTWRITEBYTECODE=1 PYTEST_DISABLE_PLUGIN_AUTOLOAD=1"
-    echo "export VFIO_REAL_RESULTS=$(q "$results")"
+    echo "export VFIO_REAL_RESULTS=$(q "$results") VFIO_IVSHMEM_MAILBOX=$(q "$ivmailbox")"
     for kv in "${extra_env[@]}"; do echo "export ${kv%%=*}=$(q "${kv#*=}")"; done
     printf 'exec'
     for a in "$@"; do printf ' %s' "$(q "$a")"; done
@@ -208,12 +209,11 @@ trap 'exit 143' TERM
 
 # --- 5. the ivshmem-doorbell's peers on the host ----------------------------
 # QEMU reads the server's set-up messages while it creates the device, so the
-# server must be listening first: our server binds a temporary name and renames
-# it, so the socket existing means it is ready. The responder is the second
-# peer the guest's tests drive through a mailbox in the shared memory
-# (conformance/ivshmem_mailbox.py). The shm size becomes BAR2's: a power of two.
-ivsock=$run/ivshmem.sock
-ivshm=vfio-ci-$$
+# server must be listening first: our server binds a temporary name and links
+# it into place, so the socket existing means it is ready. The responder is the
+# second peer, which the guest's tests drive through a mailbox directory in the
+# results share (conformance/ivshmem_mailbox.py). The shm size becomes BAR2's:
+# a power of two.
 start_ivshmem() {
     "${pybin:+$pybin/}python3" -m vfio_impl.ivshmem_server -F -v -S "$ivsock" -M "$ivshm" -l 1M -n 2 \
         > "$results/ivshmem-server.log" 2>&1 &
@@ -221,7 +221,9 @@ start_ivshmem() {
     local i
     for i in $(seq 100); do [ -S "$ivsock" ] && break; sleep 0.05; done
     [ -S "$ivsock" ] || fail "ivshmem-server did not start (log: $results/ivshmem-server.log)"
-    "${pybin:+$pybin/}python3" -m conformance.ivshmem_mailbox -S "$ivsock" --ready "$run/responder.ready" \
+    rm -rf "$ivmailbox"
+    "${pybin:+$pybin/}python3" -m conformance.ivshmem_mailbox -S "$ivsock" --mailbox "$ivmailbox" \
+        --ready "$run/responder.ready" \
         > "$results/ivshmem-responder.log" 2>&1 &
     ivpids+=($!)
     for i in $(seq 200); do [ -f "$run/responder.ready" ] && break; sleep 0.05; done

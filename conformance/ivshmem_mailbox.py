@@ -1,68 +1,76 @@
-"""A second ivshmem peer that a test in a VM can drive: the host runs a responder on the server,
-and the guest asks it for things through a mailbox in the last page of the shared memory.
+"""A second ivshmem peer that a test in a VM can drive: the host runs a responder at the server,
+and the guest asks it for things through a mailbox directory both of them see.
 
-The guest has no way to the host's server but the shared memory itself, and a doorbell rung while
-its MSI-X is off is lost. So requests never ride on doorbells: the responder polls the mailbox,
-and doorbells are only what the tests measure. Run the host half with
+The guest has no way to the host's server, and the shared memory is no channel either: once a
+test maps or reads BAR2 through vfio-pci, the kernel claims the BAR and revokes every sysfs
+`resource2` mapping (a SIGBUS on the next access). So the mailbox is a directory on a share
+(ci/real-vm.sh uses its results share, the same path on both sides), and each request and
+reply is a small JSON file put in place by rename. Run the host half with
 
-    python3 -m conformance.ivshmem_mailbox -S SOCKET [--ready FILE]
+    python3 -m conformance.ivshmem_mailbox -S SOCKET --mailbox DIR [--ready FILE]
 
-Layout of the mailbox page (little-endian), at `shm_size - MAILBOX_SIZE`:
+and point the guest's suite at DIR with VFIO_IVSHMEM_MAILBOX=DIR.
 
-    0   magic        "IVMB" once the responder serves
-    4   peer id      the responder's id at the server
-    8   device id    the other peer's id (the device under test), -1 while there is none
-    12  request      sequence number, written last by the guest
-    16  ack          the request number the responder finished
-    20  command      RING / COUNT / READ / WRITE
-    24  arg0, arg1   command arguments
-    32  result       a signed 64-bit answer
-    64  data         READ's answer and WRITE's payload
+Files in DIR: `peer` (the responder's id and the device's, rewritten as peers come and go),
+`request` ({"seq", "command", "args"}) and `reply` ({"seq", "result", "data"}).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import select
 import signal
-import struct
 import sys
 import time
 
-MAILBOX_SIZE = 4096
-MAGIC = b"IVMB"
-HEADER = struct.Struct("<4siiIIIIIq")
-DATA = 64
-DATA_MAX = MAILBOX_SIZE - DATA
-REQUEST, ACK = 12, 16
-RING, COUNT, READ, WRITE = 1, 2, 3, 4
 POLL_S = 0.001
+MAILBOX_ENV = "VFIO_IVSHMEM_MAILBOX"
 
 
 class MailboxError(Exception):
     """The responder did not answer, or answered a request it could not do."""
 
 
+def _put(path: str, value: dict) -> None:
+    """Written aside and renamed, so a reader on the other side never sees half a file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f)
+    os.replace(path + ".tmp", path)
+
+
+def _get(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 class Responder:
     """The host half: an ivshmem peer that counts the doorbells it gets per vector and carries
     out the guest's requests. `client` is a connected `IvshmemClient`."""
 
-    def __init__(self, client):
+    def __init__(self, client, mailbox: str, taken_timeout: float = 5.0):
         self.client = client
-        self.shm = client.shm
-        self.base = len(self.shm) - MAILBOX_SIZE
+        self.mailbox = mailbox
+        self.taken_timeout = taken_timeout
         self.received: dict[int, int] = {}
         self.served = 0
-        self.shm[self.base:self.base + DATA] = bytes(DATA)
+        self._last = _get(os.path.join(mailbox, "request")) or {}
+        self._published: dict | None = None
         self._publish()
-        self.shm[self.base:self.base + 4] = MAGIC
 
     def device_id(self) -> int:
-        others = sorted(p for p in self.client.peers if p != self.client.own_id)
-        return others[0] if others else -1
+        """The other peer: the device under test, as the only peer besides us."""
+        return min(self.client.peers, default=-1)
 
     def _publish(self) -> None:
-        struct.pack_into("<ii", self.shm, self.base + 4, self.client.own_id, self.device_id())
+        ids = {"id": self.client.own_id, "device_id": self.device_id()}
+        if ids != self._published:
+            _put(os.path.join(self.mailbox, "peer"), ids)
+            self._published = ids
 
     def step(self, timeout: float) -> None:
         """One round: doorbells and server messages (waiting up to `timeout`), then the mailbox."""
@@ -72,74 +80,93 @@ class Responder:
             vector = self.client.wait_interrupt(0)
         self.client.poll(0)
         self._publish()
-        request, ack = struct.unpack_from("<II", self.shm, self.base + REQUEST)
-        if request != ack:
-            self._serve(request)
+        request = _get(os.path.join(self.mailbox, "request"))
+        if request and request.get("seq") != self._last.get("seq"):
+            self._last = request
+            _put(os.path.join(self.mailbox, "reply"), {"seq": request["seq"], **self._serve(request)})
+            self.served += 1
 
-    def _serve(self, request: int) -> None:
-        _, _, _, _, _, command, arg0, arg1, _ = HEADER.unpack_from(self.shm, self.base)
-        result = 0
-        if command == RING:
-            self.client.notify(self.device_id(), arg0)
-        elif command == COUNT:
-            result = self.received.get(arg0, 0)
-        elif command == READ and arg1 <= DATA_MAX:
-            self.shm[self.base + DATA:self.base + DATA + arg1] = self.shm[arg0:arg0 + arg1]
-        elif command == WRITE and arg1 <= DATA_MAX:
-            self.shm[arg0:arg0 + arg1] = self.shm[self.base + DATA:self.base + DATA + arg1]
-        else:
-            result = -1
-        struct.pack_into("<q", self.shm, self.base + 32, result)
-        struct.pack_into("<I", self.shm, self.base + ACK, request)
-        self.served += 1
+    def _serve(self, request: dict) -> dict:
+        command, args = request.get("command"), request.get("args", [])
+        shm = self.client.shm
+        if command == "ring":
+            return {"result": self._ring(*args)}
+        if command == "counts":
+            return {"result": 0, "counts": self.received}
+        if command == "read" and 0 <= args[0] <= args[0] + args[1] <= len(shm):
+            return {"result": 0, "data": shm[args[0]:args[0] + args[1]].hex()}
+        if command == "write":
+            data = bytes.fromhex(args[1])
+            if 0 <= args[0] <= args[0] + len(data) <= len(shm):
+                shm[args[0]:args[0] + len(data)] = data
+                return {"result": 0}
+        return {"result": -1}
+
+    def _ring(self, vector: int) -> int:
+        """Rings the device and waits until it has read its eventfd, as the fake's peer does: a
+        doorbell rung while the guest's MSI-X is off is then already dropped, not still waiting
+        in the eventfd for the test's next step."""
+        device = self.device_id()
+        if not 0 <= vector < self.client.peers.get(device, 0):
+            return -1
+        self.client.notify(device, vector)
+        fd = self.client.eventfds(device)[vector]
+        deadline = time.monotonic() + self.taken_timeout
+        while select.select([fd], [], [], 0)[0]:
+            if time.monotonic() > deadline:
+                return -1
+            time.sleep(POLL_S / 10)
+        return 0
 
     def close(self) -> None:
-        self.shm[self.base:self.base + 4] = bytes(4)
+        """Takes the peer file away, so a guest that comes later finds no responder."""
+        try:
+            os.unlink(os.path.join(self.mailbox, "peer"))
+        except FileNotFoundError:
+            pass
 
 
 class MailboxPeer:
-    """The guest half: the `ivshmem_peer` fixture's interface over a mapping of the device's
-    BAR2 (`shm`, a writable memoryview or mmap)."""
+    """The guest half: the `ivshmem_peer` fixture's interface through the mailbox directory."""
 
-    def __init__(self, shm, vectors: int, timeout: float = 10.0):
-        self.shm = shm
-        self.base = len(shm) - MAILBOX_SIZE
+    def __init__(self, mailbox: str, vectors: int, timeout: float = 10.0):
+        self.mailbox = mailbox
         self.vectors = vectors
         self.timeout = timeout
         deadline = time.monotonic() + timeout
-        while bytes(shm[self.base:self.base + 4]) != MAGIC or self._ids()[1] < 0:
+        while (ids := _get(os.path.join(mailbox, "peer"))) is None or ids["device_id"] < 0:
             if time.monotonic() > deadline:
-                raise MailboxError("no ivshmem responder in the shared memory's last page "
-                                   "(is `python3 -m conformance.ivshmem_mailbox` running on the host?)")
+                raise MailboxError(f"no ivshmem responder with a device at {mailbox} (is "
+                                   "`python3 -m conformance.ivshmem_mailbox` running on the host?)")
             time.sleep(POLL_S)
-        self.id, self.device_id = self._ids()
-        self._seen: dict[int, int] = {}
+        self.id, self.device_id = ids["id"], ids["device_id"]
+        self._seq = (_get(os.path.join(mailbox, "reply")) or {}).get("seq", 0)
+        self._seen = self._counts()
 
-    def _ids(self) -> tuple[int, int]:
-        return struct.unpack_from("<ii", self.shm, self.base + 4)
-
-    def _call(self, command: int, arg0: int = 0, arg1: int = 0) -> int:
-        request = (struct.unpack_from("<I", self.shm, self.base + REQUEST)[0] + 1) & 0xFFFFFFFF
-        struct.pack_into("<III", self.shm, self.base + 20, command, arg0, arg1)
-        struct.pack_into("<I", self.shm, self.base + REQUEST, request)
+    def _call(self, command: str, *args) -> dict:
+        self._seq += 1
+        _put(os.path.join(self.mailbox, "request"), {"seq": self._seq, "command": command, "args": list(args)})
         deadline = time.monotonic() + self.timeout
-        while struct.unpack_from("<I", self.shm, self.base + ACK)[0] != request:
+        while (reply := _get(os.path.join(self.mailbox, "reply"))) is None or reply["seq"] != self._seq:
             if time.monotonic() > deadline:
-                raise MailboxError(f"the ivshmem responder did not answer request {request} "
-                                   f"(command {command}) within {self.timeout} s")
+                raise MailboxError(f"the ivshmem responder did not answer request {self._seq} "
+                                   f"({command} {args}) within {self.timeout} s")
             time.sleep(POLL_S)
-        result = struct.unpack_from("<q", self.shm, self.base + 32)[0]
-        if result < 0:
-            raise MailboxError(f"the ivshmem responder refused command {command} ({arg0}, {arg1})")
-        return result
+        if reply["result"] < 0:
+            raise MailboxError(f"the ivshmem responder refused {command} {args}")
+        return reply
 
     def ring(self, vector: int) -> None:
-        self._call(RING, vector)
+        self._call("ring", vector)
+
+    def _counts(self) -> dict[int, int]:
+        """Doorbells the responder has had per vector since it started; JSON keys are strings."""
+        return {int(v): n for v, n in self._call("counts")["counts"].items()}
 
     def wait_doorbell(self, vector: int, timeout: float = 5.0) -> bool:
         deadline = time.monotonic() + timeout
         while True:
-            count = self._call(COUNT, vector)
+            count = self._counts().get(vector, 0)
             if count > self._seen.get(vector, 0):
                 self._seen[vector] = count
                 return True
@@ -148,19 +175,13 @@ class MailboxPeer:
             time.sleep(POLL_S)
 
     def read_shm(self, offset: int, n: int) -> bytes:
-        self._check(offset, n)
-        self._call(READ, offset, n)
-        return bytes(self.shm[self.base + DATA:self.base + DATA + n])
+        return bytes.fromhex(self._call("read", offset, n)["data"])
 
     def write_shm(self, offset: int, data: bytes) -> None:
-        self._check(offset, len(data))
-        self.shm[self.base + DATA:self.base + DATA + len(data)] = data
-        self._call(WRITE, offset, len(data))
+        self._call("write", offset, bytes(data).hex())
 
-    def _check(self, offset: int, n: int) -> None:
-        if n > DATA_MAX or offset < 0 or offset + n > self.base:
-            raise ValueError(f"{n} bytes at {offset:#x}: the responder copies at most {DATA_MAX} "
-                             f"bytes below the mailbox at {self.base:#x}")
+    def close(self) -> None:
+        """Nothing is held between calls."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,14 +189,16 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python3 -m conformance.ivshmem_mailbox", description=__doc__.split("\n\n")[0])
     ap.add_argument("-S", dest="socket", required=True, help="the ivshmem server's socket")
+    ap.add_argument("--mailbox", required=True, metavar="DIR", help="the directory shared with the guest")
     ap.add_argument("--ready", metavar="FILE", help="create FILE once the responder serves")
     args = ap.parse_args(argv)
     stop = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.append(True))
+    os.makedirs(args.mailbox, exist_ok=True)
     with IvshmemClient(args.socket) as client:
-        responder = Responder(client)
-        print(f"ivshmem responder: peer {client.own_id}, mailbox at {responder.base:#x}", flush=True)
+        responder = Responder(client, args.mailbox)
+        print(f"ivshmem responder: peer {client.own_id}, mailbox {args.mailbox}", flush=True)
         if args.ready:
             open(args.ready, "w").close()
         try:

@@ -3,8 +3,7 @@
 QEMU reads its server's setup while it creates the device, so a FakeKernel with a doorbell needs
 a listening server first: `serving` starts one per doorbell that names none. The `ivshmem_peer`
 fixture is another peer at that server. On the real backend the peer is a host-side responder
-that the guest reaches through a mailbox in the shared memory's last 4 KiB page, so a test
-never touches that page.
+that the guest reaches through a mailbox directory (conformance.ivshmem_mailbox).
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from typing import Iterator
 
 DOORBELL = "ivshmem-doorbell"
 SHM_SIZE = 1 << 20
-MAILBOX_SIZE = 4096  # the last page of the shared memory, the real peer's mailbox
 WAIT = 5.0
 
 
@@ -84,9 +82,8 @@ class ClientPeer:
         return True
 
     def _window(self, offset: int, n: int) -> slice:
-        end = len(self.client.shm) - MAILBOX_SIZE
-        if offset < 0 or offset + n > end:
-            raise ValueError(f"{n} bytes at {offset:#x}: tests stay below the mailbox page at {end:#x}")
+        if offset < 0 or offset + n > len(self.client.shm):
+            raise ValueError(f"{n} bytes at {offset:#x} are outside the {len(self.client.shm):#x}-byte shared memory")
         return slice(offset, offset + n)
 
     def read_shm(self, offset: int, n: int) -> bytes:
@@ -100,13 +97,36 @@ class ClientPeer:
 
 
 def peer_for(vfio):
-    """The fixture's peer for the backend: an IvshmemClient on the fake; none yet on real."""
+    """The fixture's peer for the backend: an IvshmemClient at the fake's server, or on real the
+    host's responder, reached through a mailbox directory both sides share."""
     import pytest
 
-    if vfio.kind != "fake":
-        pytest.skip("real backend: no host ivshmem peer")
     info = vfio.find(DOORBELL)
     if info is None:
         pytest.skip(f"{vfio.kind} backend: no {DOORBELL} device bound to vfio-pci")
+    if vfio.kind != "fake":
+        return _mailbox_peer(info)
     spec = next(s for s in vfio.host.topology.devices if s.bdf == info.bdf)
     return ClientPeer(vfio.host.functions[info.bdf], spec.options["chardev"], spec.options.get("vectors", 1))
+
+
+def _mailbox_peer(info):
+    """The host's responder, through the mailbox directory VFIO_IVSHMEM_MAILBOX names; the MSI-X
+    table size of the device (from sysfs config, which any reader may see) is its vectors."""
+    import pytest
+
+    from .ivshmem_mailbox import MAILBOX_ENV, MailboxPeer
+    from .models import walk_caps
+
+    mailbox = os.environ.get(MAILBOX_ENV)
+    if not mailbox:
+        pytest.skip(f"real backend: no host ivshmem peer ({MAILBOX_ENV} is unset; run "
+                    "`python3 -m conformance.ivshmem_mailbox` on the host, as ci/real-vm.sh does)")
+    with open(f"{info.sysfs}/config", "rb") as f:
+        config = f.read(256)
+
+    def read(off: int, size: int) -> int:
+        return int.from_bytes(config[off:off + size], "little")
+
+    msix = next((pos for pos, cap in walk_caps(read) if cap == 0x11), None)
+    return MailboxPeer(mailbox, (read(msix + 2, 2) & 0x7FF) + 1 if msix else 0)

@@ -141,7 +141,7 @@ def vfio_pci(request, vfio):
 def ivshmem_peer(vfio):
     """A second peer at the ivshmem-doorbell's server: `id`, `device_id` (the id the server gave
     the device under test), `vectors`, `ring(vector)`, `wait_doorbell(vector, timeout)`,
-    `read_shm(offset, n)` and `write_shm(offset, data)` below the shared memory's last page."""
+    `read_shm(offset, n)` and `write_shm(offset, data)`."""
     from .ivshmem_peer import peer_for
 
     peer = peer_for(vfio)

@@ -3,8 +3,7 @@ registers, BAR1's MSI-X table and PBA, BAR2's shared memory, and doorbells both 
 
 QEMU 7.2 keeps the registers across a vfio-pci open (the device has no reset), so a test puts
 back what it wrote. Its interrupts are MSI-X only: a doorbell rung while MSI-X is off or bus
-master is clear is dropped, so a test wires its vectors before the peer rings. The shared
-memory's last page belongs to the real backend's peer, and no test touches it.
+master is clear is dropped, so a test wires its vectors before the peer rings.
 """
 
 import mmap

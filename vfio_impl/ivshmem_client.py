@@ -212,7 +212,8 @@ class IvshmemClient:
             elif deadline is not None and time.monotonic() >= deadline:
                 return None
 
-    def _eventfds(self, peer: int) -> list[int]:
+    def eventfds(self, peer: int) -> list[int]:
+        """A peer's eventfds, one per vector: what its doorbells write, and what it reads."""
         try:
             return self._protocol.peers[peer]
         except KeyError:
@@ -220,7 +221,7 @@ class IvshmemClient:
 
     def notify(self, peer: int, vector: int) -> None:
         """Rings one doorbell: what a guest's DOORBELL write (peer << 16 | vector) does."""
-        eventfds = self._eventfds(peer)
+        eventfds = self.eventfds(peer)
         if not 0 <= vector < len(eventfds):
             raise ValueError(f"invalid vector {vector} on peer {peer}")
         self._debug(f"notify peer {peer} on vector {vector}, fd {eventfds[vector]}")
@@ -229,7 +230,7 @@ class IvshmemClient:
     def notify_all(self, peer: int | None = None) -> None:
         """Every vector of `peer`, or of every peer but us."""
         for other in [peer] if peer is not None else list(self.peers):
-            for vector in range(len(self._eventfds(other))):
+            for vector in range(len(self.eventfds(other))):
                 self.notify(other, vector)
 
     def dump(self) -> str:
