@@ -456,7 +456,7 @@ def _firmware(specs: list[PciDeviceSpec], functions: dict[str, pci.PciFunction])
     """What SeaBIOS and Linux leave behind: BARs placed, decode enabled, the IRQ line routed.
 
     A topology may give the addresses the real runner's firmware chose (its edu reads COMMAND
-    0x0103 and BAR0 0xfe600000); other BARs are packed into the memory and I/O windows.
+    0x0103 and BAR0 0xfe400000); other BARs are packed into the memory and I/O windows.
     """
     next_free = {False: MMIO_WINDOW, True: IO_WINDOW}
     for spec in specs:

@@ -121,11 +121,12 @@ NAMED = {
                           PciDeviceSpec("0000:01:01.0", "edu", 5, driver="edu-host-driver")],
     "no-group": lambda: [PciDeviceSpec("0000:00:03.0", "edu", None)],
     # ci/real-vm.sh: its groups, and where its SeaBIOS put each BAR and routed each pin.
-    "vm": lambda: [PciDeviceSpec("0000:00:03.0", "edu", 1, bars={0: 0xFE600000}, interrupt_line=0x0B),
-                   PciDeviceSpec("0000:00:04.0", "ivshmem", 2, bars={0: 0xFE700000, 2: 0xFEA00000}),
-                   PciDeviceSpec("0000:01:00.0", "e1000e", 8, interrupt_line=0x0A,
-                                 bars={0: 0xFE400000, 1: 0xFE420000, 2: 0xC000, 3: 0xFE440000}),
-                   PciDeviceSpec("0000:00:05.0", "ivshmem-doorbell", 3, options={"vectors": 2})],
+    "vm": lambda: [PciDeviceSpec("0000:00:03.0", "edu", 1, bars={0: 0xFE400000}, interrupt_line=0x0B),
+                   PciDeviceSpec("0000:00:04.0", "ivshmem", 2, bars={0: 0xFE500000, 2: 0xFE800000}),
+                   PciDeviceSpec("0000:00:06.0", "ivshmem-doorbell", 4, options={"vectors": 2},
+                                 bars={0: 0xFE502000, 1: 0xFE503000, 2: 0xFE900000}),
+                   PciDeviceSpec("0000:01:00.0", "e1000e", 9, interrupt_line=0x0A,
+                                 bars={0: 0xFE200000, 1: 0xFE220000, 2: 0xC000, 3: 0xFE240000})],
     # vfio-platform as QEMU's hw/vfio/platform.c meets it: one good device and one of each way
     # its realize can fail (no group, a group link that is not a number, not a platform device,
     # no of_node to read compatible from).

@@ -16,7 +16,7 @@ from fakekernel.devices import e1000e as e
 from fakekernel.topology import PciDeviceSpec
 from vfio_impl import uapi
 
-EDU, IVSHMEM, E1000E, DOORBELL = "0000:00:03.0", "0000:00:04.0", "0000:01:00.0", "0000:00:05.0"
+EDU, IVSHMEM, E1000E, DOORBELL = "0000:00:03.0", "0000:00:04.0", "0000:01:00.0", "0000:00:06.0"
 CFG = uapi.VFIO_PCI_CONFIG_REGION_INDEX
 INTX, MSI, MSIX, ERR, REQ = (uapi.VFIO_PCI_INTX_IRQ_INDEX, uapi.VFIO_PCI_MSI_IRQ_INDEX, uapi.VFIO_PCI_MSIX_IRQ_INDEX,
                              uapi.VFIO_PCI_ERR_IRQ_INDEX, uapi.VFIO_PCI_REQ_IRQ_INDEX)
@@ -25,9 +25,9 @@ NONE, EVENTFD = uapi.VFIO_IRQ_SET_DATA_NONE, uapi.VFIO_IRQ_SET_DATA_EVENTFD
 R, W, MMAP, CAPS = (uapi.VFIO_REGION_INFO_FLAG_READ, uapi.VFIO_REGION_INFO_FLAG_WRITE,
                     uapi.VFIO_REGION_INFO_FLAG_MMAP, uapi.VFIO_REGION_INFO_FLAG_CAPS)
 # The real runner's answers: config space as vfio-pci shows it (all else is 0).
-IVSHMEM_HEADER = bytes.fromhex("f41a1011030100000100000500000000000070fe000000000c00a0fe00000000"
+IVSHMEM_HEADER = bytes.fromhex("f41a1011030100000100000500000000000050fe000000000c0080fe00000000"
                                "000000000000000000000000f41a001100000000000000000000000000000000")
-E1000E_HEADER = bytes.fromhex("8680d310030110000000000200000000000040fe000042fe01c00000000044fe"
+E1000E_HEADER = bytes.fromhex("8680d310030110000000000200000000000020fe000022fe01c00000000024fe"
                               "0000000000000000000000008680000000000000c8000000000000000a010000")
 E1000E_CAPS = bytes.fromhex("1100040003000000032000000000000000000000000000000000000000000000"  # 0xa0: MSI-X
                             "000000000000000001d0220000000000"                                  # 0xc8: PM
@@ -120,8 +120,8 @@ def sized(s, fd, offset, ones=0xFFFFFFFF):
 # -- the topology -----------------------------------------------------------------------------
 def test_the_vm_topology_is_the_ci_vm(kernel):
     found = {d.bdf: (d.model, d.group, d.driver) for d in (describe(kernel, s.bdf) for s in kernel.topology.devices)}
-    assert found == {EDU: ("edu", 1, "vfio-pci"), IVSHMEM: ("ivshmem", 2, "vfio-pci"), E1000E: ("e1000e", 8, "vfio-pci"),
-                     DOORBELL: ("ivshmem-doorbell", 3, "vfio-pci")}
+    assert found == {EDU: ("edu", 1, "vfio-pci"), IVSHMEM: ("ivshmem", 2, "vfio-pci"), E1000E: ("e1000e", 9, "vfio-pci"),
+                     DOORBELL: ("ivshmem-doorbell", 4, "vfio-pci")}
     assert Topology.named("default").devices == [PciDeviceSpec(EDU, "edu", 3)]
 
 
@@ -253,7 +253,7 @@ def test_e1000e_hot_reset_info(nic):
     uapi.vfio_pci_hot_reset_info.pack_into(big, 0, argsz=76)
     s.host.ioctl(fd, uapi.VFIO_DEVICE_GET_PCI_HOT_RESET_INFO, big)
     dev = uapi.vfio_pci_dependent_device.unpack(bytes(big[12:20]))
-    assert (dev.group_id, dev.segment, dev.bus, dev.devfn) == (8, 0, 1, 0)
+    assert (dev.group_id, dev.segment, dev.bus, dev.devfn) == (9, 0, 1, 0)
 
 
 # -- e1000e: the device -----------------------------------------------------------------------

@@ -15,7 +15,7 @@ from vfio_impl import irq, uapi
 from vfio_impl.ivshmem_client import IvshmemClient
 from vfio_impl.ivshmem_server import IvshmemServer
 
-BDF = "0000:00:05.0"
+BDF = "0000:00:06.0"
 MSIX = uapi.VFIO_PCI_MSIX_IRQ_INDEX
 
 

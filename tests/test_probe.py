@@ -23,7 +23,7 @@ def replayed(recorded):
 def test_the_recording_covers_every_area(recorded):
     """A truncated recording would agree vacuously."""
     assert recorded["kernel"]["ok"].startswith("6.1.")
-    assert set(recorded["devices"]["ok"].values()) == {"edu", "ivshmem", "e1000e"}
+    assert set(recorded["devices"]["ok"].values()) == {"edu", "ivshmem", "ivshmem-doorbell", "e1000e"}
     for prefix in ("container.", "group.", "type1 ", "v1: ", "edu SET_IRQS ", "e1000e SET_IRQS "):
         assert sum(k.startswith(prefix) for k in recorded) >= 5, prefix
     assert len(recorded) > 400
