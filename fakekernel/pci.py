@@ -229,7 +229,11 @@ class PciFunction:
         return (high << 32) | (low & ~(0x3 if bar.kind == BAR_IO else 0xF))
 
     def find_cap(self, cap_id: int) -> Capability | None:
-        return next((c for c in self.caps if c.cap_id == cap_id), None)
+        """Every MSI raised asks for its capability; a loop costs half a generator's next()."""
+        for cap in self.caps:
+            if cap.cap_id == cap_id:
+                return cap
+        return None
 
     def msi_cap(self) -> Capability | None:
         return self.find_cap(PCI_CAP_ID_MSI)
@@ -323,7 +327,8 @@ class PciFunction:
         return self.config_read(PCI_COMMAND, 2)
 
     def bus_master(self) -> bool:
-        return bool(self.command() & PCI_COMMAND_MASTER)
+        """Asked on every MSI and DMA; the bit is in COMMAND's low byte."""
+        return bool(self.config[PCI_COMMAND] & PCI_COMMAND_MASTER)
 
     def set_irq(self, level: bool) -> None:
         """Drive the INTx pin; the status bit follows it as in PCI 2.3. Driving it to the level it
