@@ -25,6 +25,10 @@ from .scale import Scale
 PAGE = mmap.PAGESIZE
 SEED = 9
 RAM_GPA = 1 << 30
+# (figure, what, writable, which half of an unmap-and-map-back): a writable mapping also checks
+# the process's maps for write permission, as pinning with FOLL_WRITE does.
+REMAPS = (("5m-ro", "map (read-only)", False, "map"), ("5m-rw", "map (read-write)", True, "map"),
+          ("5u", "unmap", True, "unmap"))
 
 
 @contextlib.contextmanager
@@ -86,18 +90,19 @@ def figure_5(scale: Scale) -> list[Figure]:
                           compare(_translations(large, picks[1]), _translations(small, picks[0]),
                                   scale.ops, scale.repeats), Target("<=", 3))]
         remaps = max(1, scale.ops // 100)
-        for writable, kind in ((False, "ro"), (True, "rw")):
-            times = ({}, {})
-            compare(_remap(large, picks[1], vaddr, writable, times[1]),
-                    _remap(small, picks[0], vaddr, writable, times[0]), remaps, scale.repeats)
-            for op in ("map", "unmap"):
-                # The untimed warm-up run is each list's first entry.
-                at_many, at_few = times[1][op][1:], times[0][op][1:]
-                rate = 1 / sorted(at_many)[len(at_many) // 2]
-                figures.append(Figure(f"5{op[0]}-{kind}", f"IOMMU {op} ({kind}), {many:,} mappings vs {few:,}",
-                                      f"{op} of one {kind} page among {many:,} mappings", f"the same among {few:,}",
-                                      [m / f for m, f in zip(at_many, at_few)],
-                                      note=f"{rate:,.0f} {op}s/s among {many:,}"))
+        times = {}
+        for writable in (False, True):
+            times[writable] = ({}, {})
+            compare(_remap(large, picks[1], vaddr, writable, times[writable][1]),
+                    _remap(small, picks[0], vaddr, writable, times[writable][0]), remaps, scale.repeats)
+        for number, what, writable, op in REMAPS:
+            # Each list starts with compare's untimed warm-up run.
+            at_few, at_many = (side[op][1:] for side in times[writable])
+            rate = 1 / sorted(at_many)[len(at_many) // 2]
+            figures.append(Figure(number, f"IOMMU {what}, {many:,} mappings vs {few:,}",
+                                  f"{what} of one page among {many:,} mappings", f"the same among {few:,}",
+                                  [m / f for m, f in zip(at_many, at_few)],
+                                  note=f"{rate:,.0f} {op}s/s among {many:,}"))
     return figures
 
 
