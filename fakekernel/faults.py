@@ -18,6 +18,7 @@ import errno as _errno
 import fnmatch
 import os
 import threading
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -219,7 +220,8 @@ class Faults:
     """
 
     def __init__(self, kernel: "FakeKernel"):
-        self._kernel = kernel
+        # A weak reference, so a kernel nobody holds is freed at once, not by the cycle collector.
+        self._kernel_ref = weakref.ref(kernel)
         self._lock = threading.Lock()
         self.rules: list[Fault] = []
         self._recorders: list[list[Call]] = []
@@ -274,7 +276,7 @@ class Faults:
     def _arm(self) -> None:
         if self._saved is not None:
             return
-        kernel = self._kernel
+        kernel = self._kernel_ref()
         self._saved = {name: kernel.__dict__.get(name) for name in SYSCALLS}
         for name in SYSCALLS:
             setattr(kernel, name, self._wrap(name, getattr(kernel, name)))
@@ -282,11 +284,12 @@ class Faults:
     def _disarm_if_idle(self) -> None:
         if self._saved is None or self.rules or self._recorders:
             return
+        kernel = self._kernel_ref()
         for name, saved in self._saved.items():
             if saved is None:
-                del self._kernel.__dict__[name]
+                del kernel.__dict__[name]
             else:
-                setattr(self._kernel, name, saved)
+                setattr(kernel, name, saved)
         self._saved = None
 
     def _wrap(self, kind: str, method: Callable) -> Callable:
@@ -325,7 +328,7 @@ class Faults:
         if kind not in _FD_CALLS:
             return call
         call.fd = args[0]
-        f = self._kernel.files.get(call.fd)
+        f = self._kernel_ref().files.get(call.fd)
         call.target = f.kind if f is not None else _fd_kind(call.fd)
         if kind == "ioctl":
             call.request = args[1]
