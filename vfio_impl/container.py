@@ -85,7 +85,11 @@ class Container:
             raise
         container.groups.append(group)
         space.containers.append(container)
-        space.machine.register_listener(container)
+        try:
+            space.machine.register_listener(container)
+        except VFIOError:
+            container.disconnect(group)
+            raise
         trace("vfio_connect_new_container", group=group.groupid, container=fd)
         return container
 

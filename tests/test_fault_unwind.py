@@ -1,0 +1,48 @@
+"""One test per error-path defect the fault walk found in vfio_impl: each injects the failure that
+showed it and checks the step's message and that nothing is left behind."""
+
+import errno
+
+import pytest
+
+from conformance.reliability import driver_refs, process_fds
+from fakekernel import FakeKernel
+from fakekernel.faults import Fault, census
+from vfio_impl import AddressSpace, Machine, VFIOError, VirtualClock
+from vfio_impl.container import Group
+
+PAGE = 4096
+
+
+@pytest.fixture
+def kernel():
+    with FakeKernel() as k:
+        yield k
+
+
+@pytest.fixture
+def space(kernel):
+    machine = Machine(VirtualClock())
+    yield AddressSpace(kernel, machine)
+    machine.close()
+
+
+def nothing_left(kernel, space, kernel_before, fds_before):
+    assert census(kernel) == kernel_before
+    assert process_fds() == fds_before
+    assert driver_refs(space) == {"groups": [], "containers": 0, "listeners": 0, "fd handlers": 0, "irqfds": 0,
+                                  "timers": False}
+
+
+def test_a_listener_replay_refused_by_map_dma_leaves_no_container(kernel, space):
+    """The new container was kept as a listener with its fd open when replaying guest RAM failed."""
+    space.machine.add_ram(0x100000, 4 * PAGE)
+    space.machine.add_ram(0x200000, PAGE, readonly=True)
+    kernel_before, fds_before = census(kernel), process_fds()
+    with kernel.faults.inject(Fault("ioctl", request="VFIO_IOMMU_MAP_DMA", nth=2, errno=errno.ENOMEM)):
+        with pytest.raises(VFIOError) as e:
+            Group.get(space, 3)
+    assert e.value.message.startswith("vfio: failed to setup container for group 3: vfio_dma_map(0x200000, 0x1000,")
+    assert e.value.errno == errno.ENOMEM
+    nothing_left(kernel, space, kernel_before, fds_before)
+    Group.get(space, 3).put()
