@@ -46,3 +46,23 @@ def test_a_listener_replay_refused_by_map_dma_leaves_no_container(kernel, space)
     assert e.value.errno == errno.ENOMEM
     nothing_left(kernel, space, kernel_before, fds_before)
     Group.get(space, 3).put()
+
+
+def test_a_failed_get_api_version_is_the_seeds_version_error(kernel, space):
+    """The OSError escaped as it was, not a VFIOError; the seed reads the ioctl's -1 as the version."""
+    kernel_before, fds_before = census(kernel), process_fds()
+    with kernel.faults.inject("ioctl:VFIO_GET_API_VERSION,errno=EIO"):
+        with pytest.raises(VFIOError) as e:
+            Group.get(space, 3)
+    assert e.value.message == ("vfio: failed to setup container for group 3: vfio: supported vfio version: 0, "
+                               "reported version: -1")
+    assert e.value.errno == errno.EIO
+    nothing_left(kernel, space, kernel_before, fds_before)
+
+
+def test_a_failed_check_extension_counts_as_yes_as_in_qemu(kernel, space):
+    """The OSError escaped; QEMU's `if (ioctl(...CHECK_EXTENSION...))` takes -1 as supported."""
+    with kernel.faults.inject("ioctl:VFIO_CHECK_EXTENSION,errno=EIO") as (rule,):
+        group = Group.get(space, 3)
+    assert rule.hits == 1 and group.container.iommu_type == 3
+    group.put()
