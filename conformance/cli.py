@@ -82,13 +82,12 @@ def cmd_devices(args) -> int:
         from fakekernel import FakeKernel, Topology
 
         from .backends import describe
-        from .ivshmem_peer import serving
 
-        with serving(Topology.named(args.topology)) as topology, FakeKernel(topology) as kernel:
+        with FakeKernel(Topology.named(args.topology)) as kernel:
             devices = [describe(kernel, spec.bdf) for spec in kernel.topology.devices]
-    print(f"{'device':<14}{'id':<11}{'model':<10}{'group':<7}driver")
+    print(f"{'device':<14}{'id':<11}{'model':<18}{'group':<7}driver")
     for d in devices:
-        print(f"{d.bdf:<14}{d.vendor:04x}:{d.device:04x}  {d.model:<10}{str(d.group):<7}{d.driver}")
+        print(f"{d.bdf:<14}{d.vendor:04x}:{d.device:04x}  {d.model:<18}{str(d.group):<7}{d.driver}")
     return 0
 
 

@@ -1,9 +1,9 @@
-"""The ivshmem server a fake ivshmem-doorbell connects to, and a second peer at it for tests.
+"""A second peer at the ivshmem-doorbell's server, for tests.
 
-QEMU reads its server's setup while it creates the device, so a FakeKernel with a doorbell needs
-a listening server first: `serving` starts one per doorbell that names none. The `ivshmem_peer`
-fixture is another peer at that server. On the real backend the peer is a host-side responder
-that the guest reaches through a mailbox directory (conformance.ivshmem_mailbox).
+On the fake the server is the one the FakeKernel started for its doorbell (as the CI VM's host
+starts one before QEMU), and the peer is an IvshmemClient there. On the real backend the peer is
+a host-side responder that the guest reaches through a mailbox directory
+(conformance.ivshmem_mailbox).
 """
 
 from __future__ import annotations
@@ -11,29 +11,10 @@ from __future__ import annotations
 import collections
 import os
 import select
-import tempfile
 import time
-from contextlib import ExitStack, contextmanager
-from typing import Iterator
 
 DOORBELL = "ivshmem-doorbell"
-SHM_SIZE = 1 << 20
 WAIT = 5.0
-
-
-@contextmanager
-def serving(topology) -> Iterator:
-    """Yields `topology` with an ivshmem server (a socket in a temporary directory, 1 MiB of
-    shared memory, the device's vectors) behind each ivshmem-doorbell that has no chardev."""
-    from vfio_impl.ivshmem_server import IvshmemServer
-
-    with ExitStack() as stack:
-        for spec in topology.devices:
-            if spec.model == DOORBELL and "chardev" not in spec.options:
-                path = os.path.join(stack.enter_context(tempfile.TemporaryDirectory(prefix="ivshmem-")), "socket")
-                stack.enter_context(IvshmemServer(path, size=SHM_SIZE, vectors=spec.options.get("vectors", 1)))
-                spec.options["chardev"] = path
-        yield topology
 
 
 def _readable(fd: int) -> bool:
@@ -106,8 +87,8 @@ def peer_for(vfio):
         pytest.skip(f"{vfio.kind} backend: no {DOORBELL} device bound to vfio-pci")
     if vfio.kind != "fake":
         return _mailbox_peer(info)
-    spec = next(s for s in vfio.host.topology.devices if s.bdf == info.bdf)
-    return ClientPeer(vfio.host.functions[info.bdf], spec.options["chardev"], spec.options.get("vectors", 1))
+    device = vfio.host.functions[info.bdf]
+    return ClientPeer(device, device.chardev, device.vectors)
 
 
 def _mailbox_peer(info):

@@ -55,7 +55,6 @@ def vfio(request):
     from fakekernel import FakeKernel, Topology
 
     from .backends import REAL_MISSING, Backend, describe, real_available, real_backend
-    from .ivshmem_peer import serving
 
     need = _requirements(request)
     kind = request.config.getoption("--vfio-backend")
@@ -79,15 +78,14 @@ def vfio(request):
         return
     before = _open_fds()
     default = "platform" if need.get("platform") else "ccw" if need.get("ccw") else FAKE_TOPOLOGY
-    with serving(Topology.named(need.get("topology") or default)) as topology:
-        kernel = FakeKernel(topology)
-        backend = Backend("fake", kernel, f"fake {kernel.profile.name}", destructive=True)
-        backend.devices = [describe(kernel, spec.bdf) for spec in kernel.topology.devices]
-        try:
-            _require_device(backend, need)
-            yield backend
-        finally:
-            kernel.close_all()
+    kernel = FakeKernel(Topology.named(need.get("topology") or default))
+    backend = Backend("fake", kernel, f"fake {kernel.profile.name}", destructive=True)
+    backend.devices = [describe(kernel, spec.bdf) for spec in kernel.topology.devices]
+    try:
+        _require_device(backend, need)
+        yield backend
+    finally:
+        kernel.close_all()
     leaked = _open_fds() - before
     assert not leaked, f"test leaked file descriptors {sorted(leaked)}"
 

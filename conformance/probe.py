@@ -684,9 +684,7 @@ def replay_on_fake(bdfs: list[str] | None = None) -> dict:
     """The same script on FakeKernel('vm'), the fake's mirror of the CI VM."""
     from fakekernel import FakeKernel, Topology
 
-    from .ivshmem_peer import serving
-
-    with serving(Topology.named("vm")) as topology, FakeKernel(topology) as kernel:
+    with FakeKernel(Topology.named("vm")) as kernel:
         names = bdfs or [spec.bdf for spec in kernel.topology.devices]
         return record(kernel, names, settle=0.0)
 

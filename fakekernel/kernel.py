@@ -8,8 +8,10 @@ import os
 import re
 import selectors
 import struct
+import tempfile
 import threading
 import weakref
+from contextlib import ExitStack
 from typing import Callable
 
 from pyfakefs import fake_open, fake_os
@@ -32,6 +34,7 @@ from .vfio_platform import VfioPlatformDevice
 _GROUP_RE = re.compile(r"^/dev/vfio/(\d+)$")
 _INT = struct.Struct("=i")
 PAGE_MASK = ~(PAGE_SIZE - 1)
+IVSHMEM_SHM_SIZE = 1 << 20  # what ci/real-vm.sh gives its server (-l 1M)
 
 
 def _err(code: int, what: str) -> OSError:
@@ -525,7 +528,12 @@ class FakeKernel(EventfdMixin):
             topology = Topology.named(topology)
         self.topology = topology or Topology.default()
         self.profile = profile if isinstance(profile, Profile) else Profile.named(profile or "6.1")
-        self.functions = {d.bdf: _devices.CATALOG[d.model](**d.options) for d in self.topology.devices}
+        self._host_side = ExitStack()
+        try:
+            self.functions = {d.bdf: _devices.CATALOG[d.model](**self._options(d)) for d in self.topology.devices}
+        except BaseException:
+            self._host_side.close()
+            raise
         _firmware(self.topology.devices, self.functions)
         self.sysfs = Sysfs(self.topology, self.functions)
         self.fs = self.sysfs.fs
@@ -543,6 +551,17 @@ class FakeKernel(EventfdMixin):
         self.faults = Faults(self)
         for fn in self.functions.values():
             fn.start(self.watch)
+
+    def _options(self, spec: PciDeviceSpec) -> dict:
+        """A doorbell that names no server gets one of its own, as the CI VM's host runs one before
+        QEMU: a socket in a temporary directory and 1 MiB of memfd memory, gone at close_all()."""
+        if spec.model != "ivshmem-doorbell" or "chardev" in spec.options:
+            return spec.options
+        from vfio_impl.ivshmem_server import IvshmemServer
+
+        path = os.path.join(self._host_side.enter_context(tempfile.TemporaryDirectory(prefix="ivshmem-")), "socket")
+        self._host_side.enter_context(IvshmemServer(path, size=IVSHMEM_SHM_SIZE, vectors=spec.options.get("vectors", 1)))
+        return {**spec.options, "chardev": path}
 
     # -- Host: files --------------------------------------------------------------------------
     def _install(self, f: File) -> int:
@@ -745,6 +764,7 @@ class FakeKernel(EventfdMixin):
         if self._virqfd:
             self._virqfd.stop()
             self._virqfd = None
+        self._host_side.close()
 
     def __enter__(self) -> "FakeKernel":
         return self

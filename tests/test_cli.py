@@ -23,7 +23,7 @@ def test_vfio_info_reports_a_missing_device(capsys):
 def test_devices_lists_the_topology(capsys):
     assert cli.main(["devices", "--topology", "nonviable"]) == 0
     out = capsys.readouterr().out
-    assert "0000:01:00.0  1234:11e8  edu       5      vfio-pci" in out
+    assert "0000:01:00.0  1234:11e8  edu               5      vfio-pci" in out
     assert "edu-host-driver" in out
 
 

@@ -8,7 +8,6 @@ import struct
 import pytest
 
 from conformance.backends import describe
-from conformance.ivshmem_peer import serving
 from conformance.raw import RawSession, errno_of
 from fakekernel import FakeKernel, Topology, devices
 from fakekernel import pci
@@ -40,7 +39,7 @@ E1000E_ECAPS = bytes.fromhex("010002140000000000000000302046000000000000e00000a0
 
 @pytest.fixture
 def kernel():
-    with serving(Topology.named("vm")) as topology, FakeKernel(topology) as k:
+    with FakeKernel(Topology.named("vm")) as k:
         yield k
 
 

@@ -125,9 +125,8 @@ def test_sysfs_resource_lists_bars_as_linux_prints_them():
     """The lines the CI VM's Linux 6.1 printed for its ivshmem-plain (addresses aside): a 32-bit
     register BAR, no BAR1, and a 64-bit prefetchable BAR2; tools tell ivshmem-doorbell by BAR1."""
     from conformance.backends import describe
-    from conformance.ivshmem_peer import serving
 
-    with serving(Topology.named("vm")) as topology, FakeKernel(topology) as kernel:
+    with FakeKernel(Topology.named("vm")) as kernel:
         sysfs = "/sys/bus/pci/devices/0000:00:04.0"
         lines = kernel.read_text(f"{sysfs}/resource").splitlines()
         assert len(lines) == 13

@@ -9,7 +9,6 @@ import time
 
 import pytest
 
-from conformance.ivshmem_peer import serving
 from fakekernel import FakeKernel, Topology, devices
 from fakekernel import pci as fpci
 from fakekernel.topology import PciDeviceSpec
@@ -898,7 +897,7 @@ def test_acceptance_e1000e_msix_vector_raised_by_the_device_reaches_the_machine(
     """MSI-X enabled through config, vector 0 programmed and unmasked in the emulated table, then
     the NIC raises RXQ0 through ICS with IVAR routing it to vector 0."""
     ivar, ims, ics, rxq0 = 0xE4, 0xD0, 0xC8, 0x00100000
-    with serving(Topology.named("vm")) as topology, FakeKernel(topology) as k, AddressSpace(k, Machine(clock)) as space:
+    with FakeKernel(Topology.named("vm")) as k, AddressSpace(k, Machine(clock)) as space:
         with VFIOPCIDevice.realize(space, space.machine, host="0000:01:00.0") as dev:
             dev.config_write(fpci.PCI_COMMAND, fpci.PCI_COMMAND_MEMORY | fpci.PCI_COMMAND_MASTER, 2)
             dev.config_write(dev.msix.cap + 2, 0x8000, 2)

@@ -89,6 +89,7 @@ class IvshmemDoorbell(Ivshmem):
     def __init__(self, chardev: str | None = None, vectors: int = 1) -> None:
         if not chardev:
             raise ValueError("ivshmem-doorbell needs the 'chardev' option: the ivshmem server's socket path")
+        self.chardev = os.fspath(chardev)
         self.vectors = vectors
         self.peer = protocol.PeerProtocol(vectors)
         self.incoming = protocol.Reassembler()
@@ -98,7 +99,7 @@ class IvshmemDoorbell(Ivshmem):
         self.server: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             self.server.settimeout(SETUP_TIMEOUT)
-            self.server.connect(os.fspath(chardev))
+            self.server.connect(self.chardev)
             self._recv_setup()
             self.server.setblocking(False)
             size = os.fstat(self.shm_fd).st_size
