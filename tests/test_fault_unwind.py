@@ -10,6 +10,8 @@ from fakekernel import FakeKernel
 from fakekernel.faults import Fault, census
 from vfio_impl import AddressSpace, Machine, VFIOError, VirtualClock
 from vfio_impl.container import Group
+from vfio_impl.pci import VFIOPCIDevice
+from vfio_impl.trace import TraceRecorder
 
 PAGE = 4096
 
@@ -66,3 +68,15 @@ def test_a_failed_check_extension_counts_as_yes_as_in_qemu(kernel, space):
         group = Group.get(space, 3)
     assert rule.hits == 1 and group.container.iommu_type == 3
     group.put()
+
+
+def test_a_failed_read_of_the_interrupt_pin_leaves_intx_off(space):
+    """_enable_intx took config_read's 0xff for a pin and indexed "ABCD" with it (IndexError)."""
+    kernel = space.host
+    pin = Fault("pread", region=7, when=lambda call: call.offset == 0x3D, nth=2, errno=errno.EIO)
+    with TraceRecorder() as trace, kernel.faults.inject(pin):
+        dev = VFIOPCIDevice.realize(space, space.machine, host="0000:00:03.0")
+    assert "vfio_pci_read_config(0000:00:03.0, 0x3d, 0x1) failed: Input/output error" in [
+        f["message"] for f in trace.named("error")]
+    assert dev.interrupt == "none" and not dev.vbasedev.eventfds
+    dev.exit()

@@ -706,7 +706,8 @@ class VFIOPCIDevice:
 
     def _enable_intx(self) -> None:
         pin = self.config_read(PCI_INTERRUPT_PIN, 1)
-        if not pin:
+        # 0 is no pin; past INTD is the 0xff of a read that failed, and config_read reported it.
+        if not 1 <= pin <= len("ABCD"):
             return
         self._disable_interrupts()
         intx = self.intx
