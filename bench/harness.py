@@ -133,8 +133,11 @@ def table(figures: list[Figure]) -> str:
     rows = [("#", "figure", "ratio", "min", "max", "target", "met")]
     for f in figures:
         met = {True: "yes", False: "NO", None: "-"}[f.met]
+        target = str(f.target) if f.target else "reported"
+        if f.measured:
+            target += f" (median {_median(f.measured):.3g} {f.target.unit})"
         rows.append((f.number, f.title, f"{f.ratio:.3g}x", f"{min(f.samples):.3g}", f"{max(f.samples):.3g}",
-                     str(f.target) if f.target else "reported", met))
+                     target, met))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i in (0, 1, 5) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in rows]

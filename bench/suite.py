@@ -38,4 +38,4 @@ def figure_8(scale: Scale) -> Figure | None:
             ratios.append(suite[-1] / _wall(trivial, tmp))
     return Figure("8", "conformance suite on the fake, -n 2 (wall)", "vfio-conformance run -n 2",
                   "pytest -n 2 of one trivial test", ratios, Target("<", 60, "s"), measured=suite,
-                  note=f"wall {sorted(suite)[len(suite) // 2]:.1f} s (min {min(suite):.1f}, max {max(suite):.1f})")
+                  note=f"the target is the suite's own wall time: min {min(suite):.1f} s, max {max(suite):.1f} s")
