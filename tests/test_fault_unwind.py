@@ -9,11 +9,15 @@ from conformance.reliability import driver_refs, process_fds
 from fakekernel import FakeKernel
 from fakekernel.faults import Fault, census
 from vfio_impl import AddressSpace, Machine, VFIOError, VirtualClock
+from vfio_impl.ccw import VFIOCCWDevice
 from vfio_impl.container import Group
+from vfio_impl.css import ChannelSubsystem
 from vfio_impl.pci import VFIOPCIDevice
+from vfio_impl.platform import VFIOPlatformDevice
 from vfio_impl.trace import TraceRecorder
 
 PAGE = 4096
+CCW_MDEV = "/sys/bus/mdev/devices/8a1c0bd0-7e7a-4f6a-9c3e-000000000313"
 
 
 @pytest.fixture
@@ -80,3 +84,28 @@ def test_a_failed_read_of_the_interrupt_pin_leaves_intx_off(space):
         f["message"] for f in trace.named("error")]
     assert dev.interrupt == "none" and not dev.vbasedev.eventfds
     dev.exit()
+
+
+@pytest.mark.parametrize("topology,realize", [
+    ("platform", lambda space: VFIOPlatformDevice.realize(space, space.machine, host="c0000000.platform-test")),
+    ("ccw", lambda space: VFIOCCWDevice.realize(space, space.machine, sysfsdev=CCW_MDEV, css=ChannelSubsystem())),
+])
+def test_platform_and_ccw_get_their_device_from_the_group_they_hold(topology, realize):
+    """Both went through Device.attach, which looked the device up in sysfs a second time; a failure
+    there (a device gone between the two looks) left vfio-platform's group open. As in QEMU, the
+    device now comes from the group they hold, and a failure to get it puts the group back."""
+    with FakeKernel(topology) as kernel:
+        machine = Machine(VirtualClock())
+        space = AddressSpace(kernel, machine)
+        with kernel.faults.record() as calls:
+            dev = realize(space)
+        dev.vbasedev.close()
+        assert not any(c.kind == "exists" and "/sys/bus/css/" in c.path for c in calls)
+        assert sum(c.kind == "readlink" and c.path.endswith("/iommu_group") for c in calls) == 1
+        kernel_before, fds_before = census(kernel), process_fds()
+        with kernel.faults.inject("ioctl:VFIO_GROUP_GET_DEVICE_FD,errno=ENODEV"):
+            with pytest.raises(VFIOError) as e:
+                realize(space)
+        assert e.value.errno == errno.ENODEV and "error getting device" in e.value.message
+        nothing_left(kernel, space, kernel_before, fds_before)
+        machine.close()

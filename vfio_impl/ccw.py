@@ -325,7 +325,7 @@ class VFIOCCWDevice:
             raise VFIOError(f"vfio: subchannel {name} has already been attached", errno.EBUSY)
         # Pages pinned for channel programs are in the guest's working set, never balloon pages.
         self.balloon_allowed = True
-        self.vbasedev = Device.attach(self.space, f"{CSS_DEVICES}/{name}/{self.mdevid}", self.mdevid)
+        self.vbasedev = Device.get(group, self.mdevid)
         self.vbasedev.name = name
         self.name = name
 

@@ -41,7 +41,7 @@ class Device:
 
     @classmethod
     def attach(cls, space: AddressSpace, sysfsdev: str, name: str | None = None) -> "Device":
-        """Group from sysfs, refuse a second attach, open the device fd and read its info."""
+        """Group from sysfs, refuse a second attach, then get the device from its group."""
         name = name or os.path.basename(sysfsdev.rstrip("/"))
         groupid = space.group_of(sysfsdev)
         try:
@@ -52,11 +52,17 @@ class Device:
             group.put()
             raise VFIOError(f"vfio: error: device {name} is already attached", errno.EBUSY)
         try:
-            fd = group.get_device_fd(name)
+            return cls.get(group, name)
         except VFIOError:
             group.put()
             raise
-        device = cls(space, group, name, fd)
+
+    @classmethod
+    def get(cls, group: Group, name: str) -> "Device":
+        """vfio_get_device: the device fd from a group the caller already holds, and its info; on
+        failure the caller puts the group back, as in QEMU."""
+        fd = group.get_device_fd(name)
+        device = cls(group.space, group, name, fd)
         group.devices.append(device)
         try:
             device._get_info()

@@ -343,7 +343,11 @@ class VFIOPlatformDevice:
         if any(d.name == self.name for d in group.devices):
             group.put()
             raise VFIOError("device is already attached", errno.EBUSY)
-        self.vbasedev = Device.attach(self.space, self.sysfsdev, self.name)
+        try:
+            self.vbasedev = Device.get(group, self.name)
+        except VFIOError:
+            group.put()
+            raise
         try:
             self._populate_device()
         except BaseException:
