@@ -8,12 +8,13 @@ from typing import Callable
 log = logging.getLogger("vfio")
 _hooks: list[Callable[[str, dict], None]] = []
 _log_enabled_for = log.isEnabledFor
+_DEBUG = logging.DEBUG
 
 
 def tracing() -> bool:
     """Whether an event would reach a hook or the log: a hot path asks first, so an access with
     nobody listening does not pay for its fields (QEMU's trace points test their state too)."""
-    return bool(_hooks) or _log_enabled_for(logging.DEBUG)
+    return bool(_hooks) or _log_enabled_for(_DEBUG)
 
 
 def trace(event: str, **fields) -> None:
