@@ -9,22 +9,12 @@ from __future__ import annotations
 import fcntl
 import os
 import termios
-import time
 
 from vfio_impl import uapi
 
 from .fake import EDU, attached
-from .harness import Figure, Target, compare
+from .harness import Figure, Target, compare, loop
 from .scale import Scale
-
-
-def _loop(ioctl, fd: int, request: int, buf: bytearray):
-    def run(n: int) -> float:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            ioctl(fd, request, buf)
-        return time.perf_counter() - t0
-    return run
 
 
 def figure_2(scale: Scale) -> Figure:
@@ -33,8 +23,10 @@ def figure_2(scale: Scale) -> Figure:
         with attached(EDU) as (kernel, device):
             info = uapi.vfio_region_info.pack(index=0)
             real = bytearray(len(info))
-            samples = compare(_loop(kernel.ioctl, device.fd, uapi.VFIO_DEVICE_GET_REGION_INFO, info),
-                              _loop(fcntl.ioctl, r, termios.FIONREAD, real), scale.ops, scale.repeats, rate=True)
+            samples = compare(loop("ioctl(fd, request, buf)", ioctl=kernel.ioctl, fd=device.fd,
+                                   request=uapi.VFIO_DEVICE_GET_REGION_INFO, buf=info),
+                              loop("ioctl(fd, request, buf)", ioctl=fcntl.ioctl, fd=r, request=termios.FIONREAD, buf=real),
+                              scale.ops, scale.repeats, rate=True)
     finally:
         os.close(r)
         os.close(w)

@@ -14,12 +14,13 @@ import ctypes
 import mmap
 import random
 import time
+from itertools import cycle
 
 from fakekernel.iommu import Type1IOMMU
 from vfio_impl.machine import Machine
 
 from .fake import EDU, attached, bus_master
-from .harness import Figure, Target, compare, timed
+from .harness import Figure, Target, compare, loop
 from .scale import Scale
 
 PAGE = mmap.PAGESIZE
@@ -51,17 +52,6 @@ def _filled(count: int, vaddr: int) -> Type1IOMMU:
     return iommu
 
 
-def _translations(iommu: Type1IOMMU, iovas: list[int]):
-    dma_read = iommu.dma_read
-
-    def run(n: int) -> float:
-        t0 = time.perf_counter()
-        for iova in iovas[:n]:
-            dma_read(iova, 4)
-        return time.perf_counter() - t0
-    return run
-
-
 def _remap(iommu: Type1IOMMU, iovas: list[int], vaddr: int, writable: bool, times: dict):
     """Unmap a page and map it back, so the count holds; the two halves are timed apart."""
     def run(n: int) -> float:
@@ -87,7 +77,8 @@ def figure_5(scale: Scale) -> list[Figure]:
         picks = [[2 * rnd.randrange(len(io)) * PAGE for _ in range(scale.ops)] for io in (small, large)]
         figures = [Figure("5", f"IOMMU translate, {many:,} mappings vs {few:,}",
                           f"a 4-byte dma_read at a random IOVA among {many:,} mappings", f"the same among {few:,}",
-                          compare(_translations(large, picks[1]), _translations(small, picks[0]),
+                          compare(loop("dma_read(next(iovas), 4)", dma_read=large.dma_read, iovas=cycle(picks[1])),
+                                  loop("dma_read(next(iovas), 4)", dma_read=small.dma_read, iovas=cycle(picks[0])),
                                   scale.ops, scale.repeats), Target("<=", 3))]
         remaps = max(1, scale.ops // 100)
         times = {}
@@ -116,12 +107,10 @@ def figure_6(scale: Scale) -> list[Figure]:
         bus_master(device)
         edu = kernel.functions[EDU]
 
-        def copy() -> None:
-            dst[:] = src
-
-        reads = compare(lambda n: timed(lambda: edu.dma_read(RAM_GPA, size), n), lambda n: timed(copy, n),
+        copy = loop("dst[:] = src", dst=dst, src=src)
+        reads = compare(loop("dma_read(RAM_GPA, size)", dma_read=edu.dma_read, RAM_GPA=RAM_GPA, size=size), copy,
                         scale.ops // 1000 or 1, scale.repeats, rate=True)
-        writes = compare(lambda n: timed(lambda: edu.dma_write(RAM_GPA, data), n), lambda n: timed(copy, n),
+        writes = compare(loop("dma_write(RAM_GPA, data)", dma_write=edu.dma_write, RAM_GPA=RAM_GPA, data=data), copy,
                          scale.ops // 1000 or 1, scale.repeats, rate=True)
     src.release()
     dst.release()

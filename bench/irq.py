@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 
 from vfio_impl import uapi
 
 from .fake import EDU, attached, bus_master
-from .harness import Figure, Target, compare
+from .harness import Figure, Target, compare, loop
 from .scale import Scale
 
 EDU_IRQ = 0x1
@@ -42,15 +41,7 @@ class Responder:
 
     def round_trips(self, kick):
         """A side of the comparison: n kicks, each waiting for the user's answer."""
-        answer = self.answer
-
-        def run(n: int) -> float:
-            t0 = time.perf_counter()
-            for _ in range(n):
-                kick()
-                os.eventfd_read(answer)
-            return time.perf_counter() - t0
-        return run
+        return loop("kick(); eventfd_read(answer)", kick=kick, eventfd_read=os.eventfd_read, answer=self.answer)
 
     def close(self) -> None:
         os.eventfd_write(self.wait_fd, STOP)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import time
 from types import SimpleNamespace
 
 from vfio_impl import uapi
@@ -20,69 +19,13 @@ from vfio_impl.host import RealHost
 from vfio_impl.region import Region, RegionInfo
 
 from .fake import EDU, IVSHMEM, attached, memfd
-from .harness import Figure, Target, compare
+from .harness import Figure, Target, compare, loop
 from .scale import Scale
 
 ADDR = 0x40
 VALUE = 0x12345678
 EDU_ID, EDU_LIVENESS = 0x00, 0x04
 READ_WRITE = uapi.VFIO_REGION_INFO_FLAG_READ | uapi.VFIO_REGION_INFO_FLAG_WRITE
-
-
-def _reads(read, addr: int):
-    def run(n: int) -> float:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            read(addr, 4)
-        return time.perf_counter() - t0
-    return run
-
-
-def _writes(write, addr: int):
-    def run(n: int) -> float:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            write(addr, 4, VALUE)
-        return time.perf_counter() - t0
-    return run
-
-
-def _view_reads(words, index: int):
-    def run(n: int) -> float:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            words[index]
-        return time.perf_counter() - t0
-    return run
-
-
-def _view_writes(words, index: int):
-    def run(n: int) -> float:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            words[index] = VALUE
-        return time.perf_counter() - t0
-    return run
-
-
-def _preads(fd: int, offset: int):
-    def run(n: int) -> float:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            os.pread(fd, 4, offset)
-        return time.perf_counter() - t0
-    return run
-
-
-def _pwrites(fd: int, offset: int):
-    data = VALUE.to_bytes(4, "little")
-
-    def run(n: int) -> float:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            os.pwrite(fd, data, offset)
-        return time.perf_counter() - t0
-    return run
 
 
 class _Floor:
@@ -102,9 +45,12 @@ def figure_3(scale: Scale) -> list[Figure]:
         raw = kernel.mmap(device.fd, mmap.PAGESIZE, bar2.info.offset)
         words = memoryview(raw).cast("I")
         try:
-            reads = compare(_reads(bar2.read, ADDR), _view_reads(words, ADDR // 4), scale.ops, scale.repeats)
-            writes = compare(_writes(bar2.write, ADDR), _view_writes(words, ADDR // 4), scale.ops, scale.repeats)
-            floor = compare(_reads(_Floor(words).read, ADDR), _view_reads(words, ADDR // 4), scale.ops, scale.repeats)
+            view_read = loop("words[i]", words=words, i=ADDR // 4)
+            reads = compare(loop("read(ADDR, 4)", read=bar2.read, ADDR=ADDR), view_read, scale.ops, scale.repeats)
+            writes = compare(loop("write(ADDR, 4, VALUE)", write=bar2.write, ADDR=ADDR, VALUE=VALUE),
+                             loop("words[i] = VALUE", words=words, i=ADDR // 4, VALUE=VALUE), scale.ops, scale.repeats)
+            floor = compare(loop("read(ADDR, 4)", read=_Floor(words).read, ADDR=ADDR), view_read,
+                            scale.ops, scale.repeats)
         finally:
             words.release()
             raw.close()
@@ -122,12 +68,17 @@ def figure_4(scale: Scale) -> list[Figure]:
     try:
         device = SimpleNamespace(host=RealHost(), fd=fd, name="memfd")
         region = Region(device, RegionInfo(0, READ_WRITE, mmap.PAGESIZE, 0, ()))
-        real = (compare(_reads(region.read, ADDR), _preads(fd, ADDR), scale.ops, scale.repeats),
-                compare(_writes(region.write, ADDR), _pwrites(fd, ADDR), scale.ops, scale.repeats))
+        pread = loop("pread(fd, 4, ADDR)", pread=os.pread, fd=fd, ADDR=ADDR)
+        pwrite = loop("pwrite(fd, DATA, ADDR)", pwrite=os.pwrite, fd=fd, DATA=VALUE.to_bytes(4, "little"), ADDR=ADDR)
+
+        def trapped(region: Region, read_at: int, write_at: int):
+            return (compare(loop("read(at, 4)", read=region.read, at=read_at), pread, scale.ops, scale.repeats),
+                    compare(loop("write(at, 4, VALUE)", write=region.write, at=write_at, VALUE=VALUE), pwrite,
+                            scale.ops, scale.repeats))
+
+        real = trapped(region, ADDR, ADDR)
         with attached(EDU) as (kernel, edu):
-            bar0 = edu.region(0)
-            fake = (compare(_reads(bar0.read, EDU_ID), _preads(fd, ADDR), scale.ops, scale.repeats),
-                    compare(_writes(bar0.write, EDU_LIVENESS), _pwrites(fd, ADDR), scale.ops, scale.repeats))
+            fake = trapped(edu.region(0), EDU_ID, EDU_LIVENESS)
     finally:
         os.close(fd)
     linux = "Region.{} over RealHost, a memfd as the device fd"
