@@ -21,6 +21,7 @@ def _pytest_args(args, json_path: str) -> list[str]:
         out.append(f"--vfio-device={device}")
     if args.destructive:
         out.append("--vfio-destructive")
+    out += [f"--vfio-fault={rule}" for rule in args.fault]
     if args.n:
         out += ["-p", "xdist.plugin", "-n", str(args.n)]
     if args.junit:
@@ -44,6 +45,13 @@ def summary_table(report: dict) -> str:
         lines.append(f"{area:<16}{r['passed']:>8}{r['failed']:>8}{r['skipped']:>9}")
     s = report["summary"]
     lines.append(f"{'total':<16}{s['passed']:>8}{s['failed']:>8}{s['skipped']:>9}")
+    if "faults" in report:
+        lines.append("kernel faults injected: " + "; ".join(report["faults"]))
+    r = report.get("reliability")
+    if r:
+        lines.append(f"reliability: {r['injection_points']} injection points ({r['injection_points_clean']} clean), "
+                     f"{r['fuzz_examples']} fuzz examples, {len(r['hostile_clients'])} hostile-client scenarios, "
+                     f"{r['leaks']} leaks")
     reasons = sorted({t["reason"] for t in report["tests"] if t["outcome"] == "skipped"})
     if reasons:
         lines.append("skipped because:")
@@ -116,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--junit", metavar="FILE")
     run.add_argument("--json", metavar="FILE")
     run.add_argument("-k", metavar="EXPR", help="pytest -k selection")
+    run.add_argument("--fault", action="append", default=[], metavar="RULE",
+                     help="fail kernel calls on the fake, e.g. 'ioctl:VFIO_IOMMU_MAP_DMA,errno=EBUSY' (repeatable)")
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(func=cmd_run)
     dev = sub.add_parser("devices", help="list what a backend offers")

@@ -26,15 +26,32 @@ def pytest_addoption(parser) -> None:
     group.addoption("--vfio-destructive", action="store_true", default=False,
                     help="allow reset and DMA on real devices")
     group.addoption("--vfio-json", metavar="FILE", default=None, help="write the conformance JSON report")
+    group.addoption("--vfio-fault", action="append", default=[], metavar="RULE",
+                    help="fail kernel calls on the fake in every test, e.g. 'ioctl:VFIO_IOMMU_MAP_DMA,errno=EBUSY' "
+                         "(repeatable; see fakekernel.faults.Fault.parse)")
 
 
 def pytest_configure(config) -> None:
     config.addinivalue_line(
         "markers",
-        "vfio(device=None, topology=None, destructive=False, fake_only=None, platform=False, ccw=False): what a "
-        "conformance test needs; anything the backend lacks skips the test with a reason naming it")
+        "vfio(device=None, topology=None, destructive=False, fake_only=None, platform=False, ccw=False, faults=()): "
+        "what a conformance test needs; anything the backend lacks skips the test with a reason naming it; "
+        "faults are fakekernel.faults rules armed on the fake kernel for the test")
+    _fault_rules(config.getoption("--vfio-fault", []))
+    if config.getoption("--vfio-fault", []) and config.getoption("--vfio-backend", "fake") == "real":
+        raise pytest.UsageError("--vfio-fault injects faults into the fake kernel; it needs --vfio-backend fake")
     if config.getoption("--vfio-json", None) and not hasattr(config, "workerinput"):
         config.pluginmanager.register(JSONReport(config), "vfio-json-report")
+
+
+def _fault_rules(specs) -> list:
+    """Fresh rules (their counters start at zero) from command-line specs or Fault objects."""
+    from fakekernel.faults import Fault
+
+    try:
+        return [Fault.parse(spec) if isinstance(spec, str) else spec for spec in specs]
+    except ValueError as e:
+        raise pytest.UsageError(f"--vfio-fault: {e}") from None
 
 
 def _requirements(request) -> dict:
@@ -83,6 +100,7 @@ def vfio(request):
     backend.devices = [describe(kernel, spec.bdf) for spec in kernel.topology.devices]
     try:
         _require_device(backend, need)
+        kernel.faults.add(*_fault_rules([*request.config.getoption("--vfio-fault"), *need.get("faults", ())]))
         yield backend
     finally:
         kernel.close_all()
@@ -178,8 +196,12 @@ class JSONReport:
     def __init__(self, config):
         self.config = config
         self.tests: dict[str, dict] = {}
+        self.reliability: dict[str, list[dict]] = {}
 
     def pytest_runtest_logreport(self, report) -> None:
+        figures = [value for name, value in report.user_properties if name == "reliability"]
+        if figures:
+            self.reliability[report.nodeid] = figures
         entry = self.tests.setdefault(report.nodeid, {"id": report.nodeid, "area": area_of(report.nodeid),
                                                       "outcome": "passed", "reason": ""})
         if report.skipped and report.when in ("setup", "call"):
@@ -202,6 +224,12 @@ class JSONReport:
         tests = sorted(self.tests.values(), key=lambda t: t["id"])
         summary = {k: sum(1 for t in tests if t["outcome"] == k) for k in ("passed", "failed", "skipped")}
         report = {"backend": kind, "kernel": kernel, "summary": summary, "tests": tests}
+        if cfg.getoption("--vfio-fault"):
+            report["faults"] = cfg.getoption("--vfio-fault")
+        if self.reliability:
+            from .reliability import summarize
+
+            report["reliability"] = summarize([f for figures in self.reliability.values() for f in figures])
         path = cfg.getoption("--vfio-json")
         with open(path, "w") as f:
             json.dump(report, f, indent=1)
