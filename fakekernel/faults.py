@@ -151,15 +151,12 @@ class Fault:
                 and (self.region is None or call.region == self.region)
                 and (self.when is None or self.when(call)))
 
-    def fires(self, call: Call) -> bool:
-        """Counts a matching call; True when this one is among those to fail."""
+    def due(self, call: Call) -> bool:
+        """Counts a matching call; True when it is among those this rule fails."""
         if not self.matches(call):
             return False
         self.seen += 1
-        if self.seen < self.nth or (self.times is not None and self.seen >= self.nth + self.times):
-            return False
-        self.hits += 1
-        return True
+        return self.seen >= self.nth and (self.times is None or self.seen < self.nth + self.times)
 
     @property
     def spent(self) -> bool:
@@ -230,7 +227,8 @@ class Faults:
 
     # -- rules --------------------------------------------------------------------------------
     def add(self, *faults: Fault | str) -> list[Fault]:
-        """Arm rules (Fault objects or their command-line form); the first matching rule wins."""
+        """Arm rules (Fault objects or their command-line form). Every rule counts the calls it
+        matches; when several are due on one call, the first added answers it."""
         rules = [Fault.parse(f) if isinstance(f, str) else f for f in faults]
         with self._lock:
             self.rules.extend(rules)
@@ -298,7 +296,10 @@ class Faults:
             with self._lock:
                 for calls in self._recorders:
                     calls.append(call)
-                rule = next((r for r in self.rules if r.fires(call)), None)
+                due = [r for r in self.rules if r.due(call)]
+                rule = due[0] if due else None
+                if rule:
+                    rule.hits += 1
             if rule is None:
                 return method(*args)
             return self._answer(rule, call, method, args)

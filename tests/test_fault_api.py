@@ -46,6 +46,20 @@ def test_the_nth_call_of_a_kind_fails_once_with_the_errno(kernel):
     kernel.close(third)
 
 
+def test_every_rule_counts_its_calls_and_the_first_due_answers(kernel):
+    eintr, eagain = kernel.faults.add("open,errno=EINTR,times=2", "open,errno=EAGAIN,nth=2,times=2")
+    answers = []
+    for _ in range(4):
+        try:
+            kernel.close(kernel.open("/dev/vfio/vfio"))
+            answers.append(0)
+        except OSError as e:
+            answers.append(e.errno)
+    assert answers == [errno.EINTR, errno.EINTR, errno.EAGAIN, 0]
+    assert (eintr.hits, eagain.hits, eintr.seen, eagain.seen) == (2, 1, 4, 4)
+    kernel.faults.clear()
+
+
 def test_a_failed_call_changes_nothing_in_the_kernel(kernel):
     before = census(kernel)
     with kernel.faults.inject("open:/dev/vfio/3,errno=EBUSY"):
