@@ -868,7 +868,7 @@ class VFIOPCIDevice:
                 break
             if ret < 0:
                 error_report(f"vfio: Error: Failed to setup MSI fds: {os.strerror(-ret)}")
-            else:
+            elif ret != self.nr_vectors:
                 error_report(f"vfio: Error: Failed to enable {self.nr_vectors} MSI vectors, retry with {ret}")
             for vector in self.vectors:
                 if vector.fd >= 0:
