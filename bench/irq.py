@@ -61,7 +61,7 @@ def figure_1(scale: Scale) -> Figure:
             try:
                 samples = compare(fake.round_trips(functools.partial(kernel.locked, edu.raise_irq, EDU_IRQ)),
                                   raw.round_trips(functools.partial(os.eventfd_write, raw_fd, 1)),
-                                  scale.pings, scale.repeats)
+                                  scale.pings, scale.ping_repeats)
             finally:
                 raw.close()
                 fake.close()

@@ -135,7 +135,7 @@ def figure_7(scale: Scale) -> list[Figure]:
                 other = struct.unpack("=i", os.read(ready_r, 4))[0]
                 _until(lambda: other in client.peers, client, "the other peer never joined")
                 doorbells = compare(_doorbells(client, other), raw.round_trips(lambda: os.eventfd_write(raw_fd, 1)),
-                                    scale.pings, scale.repeats)
+                                    scale.pings, scale.ping_repeats)
         finally:
             os.waitpid(pid, 0)
             raw.close()
