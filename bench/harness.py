@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 # A side of a comparison runs n operations and returns the seconds they took, so a side can
-# keep set-up (or a thread hand-off) out of its own timing.
+# keep its set-up (a batch of ivshmem peers leaving, say) out of its own timing.
 Side = Callable[[int], float]
 
 _OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt}
