@@ -24,16 +24,23 @@ def main(argv: list[str] | None = None) -> int:
     scale = SCALES[args.scale] if args.scale else QUICK if args.quick else FULL
     before = machine()
     print(f"bench: {scale.name} scale, {before['cpus']} CPUs, load {before['loadavg'][0]:.2f}", file=sys.stderr)
-    figures = []
+    figures, failed = [], []
     for name in args.figures or FIGURES:
         print(f"bench: figure {name} ...", file=sys.stderr, flush=True)
-        result = FIGURES[name](scale)
+        try:
+            result = FIGURES[name](scale)
+        except Exception as e:  # one broken figure (the VM, say) must not cost the others
+            print(f"bench: figure {name} failed: {e}", file=sys.stderr)
+            failed.append(name)
+            continue
         figures += result if isinstance(result, list) else [result] if result else []
     print(table(figures))
     if args.json:
         write_json(args.json, figures, before, scale.name)
         print(f"\nwrote {args.json}")
-    return 0
+    if failed:
+        print(f"figures that did not run: {' '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
