@@ -397,6 +397,9 @@ class DeviceFile(File):
         if info.argsz < layout.size + entry.size * len(affected):
             layout.pack_into(buf, 0, argsz=info.argsz, flags=0, count=len(affected))
             raise _err(errno.ENOSPC, f"{len(affected)} devices need more argsz")
+        if len(buf) < layout.size + entry.size * len(affected):
+            layout.pack_into(buf, 0, argsz=info.argsz, flags=0, count=len(affected))
+            raise _err(errno.EFAULT, "argsz claims room for the devices the buffer does not have")
         for i, spec in enumerate(affected):
             dom, bus, devfn = _split_bdf(spec.bdf)
             entry.pack_into(buf, layout.size + i * entry.size, group_id=spec.group, segment=dom, bus=bus, devfn=devfn)
