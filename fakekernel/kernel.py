@@ -616,6 +616,9 @@ class FakeKernel(EventfdMixin):
         return f
 
     def ioctl(self, fd: int, request: int, arg: int | bytearray | bytes = 0) -> int:
+        """Immutable bytes go in as a copy, as RealHost passes them: the answer is not seen."""
+        if isinstance(arg, bytes):
+            arg = bytearray(arg)
         with self._lock:
             return self._file(fd).ioctl(request, arg)
 
