@@ -623,12 +623,13 @@ class FakeKernel(EventfdMixin):
             return self._file(fd).ioctl(request, arg)
 
     def pread(self, fd: int, n: int, offset: int) -> bytes:
+        """A negative offset is EINVAL before any driver sees it (rw_verify_area)."""
         with self._lock:
             f = self.files.get(fd)
             if f is None:
                 return os.pread(fd, n, offset)
-            if not isinstance(f, DeviceFile):
-                raise _err(errno.EINVAL, f"read on a {f.kind}")
+            if not isinstance(f, DeviceFile) or offset < 0:
+                raise _err(errno.EINVAL, f"read on a {f.kind} at {offset}")
             if n == 0:
                 return b""
             return f.device.rw(offset, None, n)
@@ -638,8 +639,8 @@ class FakeKernel(EventfdMixin):
             f = self.files.get(fd)
             if f is None:
                 return os.pwrite(fd, data, offset)
-            if not isinstance(f, DeviceFile):
-                raise _err(errno.EINVAL, f"write on a {f.kind}")
+            if not isinstance(f, DeviceFile) or offset < 0:
+                raise _err(errno.EINVAL, f"write on a {f.kind} at {offset}")
             if not data:
                 return 0
             return f.device.rw(offset, bytes(data), len(data))
