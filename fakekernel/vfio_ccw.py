@@ -38,6 +38,8 @@ OFFSET_MASK = (1 << OFFSET_SHIFT) - 1
 VFIO_CCW_ISC = 6
 RW = uapi.VFIO_REGION_INFO_FLAG_READ | uapi.VFIO_REGION_INFO_FLAG_WRITE
 RET_CODE = struct.Struct("=i")
+# include/linux/err.h: a syscall's answer in -4095..-1 is an errno, any other is a result.
+MAX_ERRNO = 4095
 IO_RET_CODE = uapi.ccw_io_region.offsetof("ret_code")
 CMD_RET_CODE = uapi.ccw_cmd_region.offsetof("ret_code")
 
@@ -479,7 +481,9 @@ class VfioCcwDevice:
 
 
 def _write_result(ret_code: int, count: int) -> int:
-    """What the write returns: the ret_code when there is one (negative: an errno), else the count."""
-    if ret_code < 0:
+    """What the write returns: the ret_code when there is one, else the count. Only a ret_code
+    in -MAX_ERRNO..-1 is an error; past that, like a positive one left by the user in a request
+    the state machine ignored, the syscall returns it as it is."""
+    if -MAX_ERRNO <= ret_code < 0:
         raise OSError(-ret_code, f"vfio-ccw ret_code {ret_code}")
     return ret_code or count

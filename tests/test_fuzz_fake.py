@@ -351,8 +351,10 @@ def op_write(session: Session) -> None:
     if written is not None:
         # vfio_ccw_mdev_write_io_region answers the region's ret_code when it is not 0, and a
         # request the state machine ignores leaves there whatever the user wrote: Linux's answer.
-        ccw = isinstance(session.kernel.files.get(fd), CcwDeviceFile)
-        assert 0 <= written <= (1 << 31 if ccw else len(data)), f"pwrite of {len(data)} returned {written}"
+        if isinstance(session.kernel.files.get(fd), CcwDeviceFile):
+            assert -(1 << 31) <= written < 1 << 31, f"pwrite returned {written}, not an int ret_code"
+        else:
+            assert 0 <= written <= len(data), f"pwrite of {len(data)} returned {written}"
 
 
 def op_mmap(session: Session) -> None:
@@ -547,6 +549,23 @@ def test_found_a_negative_offset_is_einval(edu_fd, call):
     with pytest.raises(OSError) as e:
         kernel.pread(fd, 1, -6_597_069_766_657) if call == "pread" else kernel.pwrite(fd, b"\0", -1)
     assert e.value.errno == errno.EINVAL
+
+
+def test_found_a_ret_code_past_the_errno_range_is_returned_not_raised():
+    """A stale ret_code the user wrote into the I/O region (the state machine ignores a request with
+    no function) came back as OSError(1241513866); Linux passes a value outside -4095..-1 through as
+    the write's result."""
+    with FakeKernel("ccw") as kernel:
+        container, group = kernel.open("/dev/vfio/vfio"), kernel.open("/dev/vfio/30")
+        kernel.ioctl(group, uapi.VFIO_GROUP_SET_CONTAINER, bytearray(struct.pack("<i", container)))
+        kernel.ioctl(container, uapi.VFIO_SET_IOMMU, uapi.VFIO_TYPE1v2_IOMMU)
+        fd = kernel.ioctl(group, uapi.VFIO_GROUP_GET_DEVICE_FD, b"8a1c0bd0-7e7a-4f6a-9c3e-000000000313\0")
+        at = uapi.ccw_io_region.offsetof("ret_code")
+        assert kernel.pwrite(fd, struct.pack("<i", -1241513866), at) == -1241513866
+        assert kernel.pwrite(fd, b"\0", 0) == -1241513866
+        with pytest.raises(OSError) as e:
+            kernel.pwrite(fd, struct.pack("<i", -errno.EIO), at)
+        assert e.value.errno == errno.EIO
 
 
 def test_found_hot_reset_info_past_the_buffer_is_efault():
