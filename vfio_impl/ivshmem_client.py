@@ -119,8 +119,16 @@ class IvshmemClient:
                 return
             if not data:
                 raise ConnectionError("lost connection to server")
-            for value, fd in self._reassembler.feed(data, fds):
-                self._receive(value, fd, setup)
+            messages = self._reassembler.feed(data, fds)
+            for at, (value, fd) in enumerate(messages):
+                try:
+                    self._receive(value, fd, setup)
+                except BaseException:
+                    # A refused setup ends the read: the fds of the messages after it go too.
+                    for _, later in messages[at + 1:]:
+                        if later >= 0:
+                            os.close(later)
+                    raise
 
     def _receive(self, value: int, fd: int, setup: bool) -> None:
         event = self._protocol.receive(value, fd)
