@@ -7,9 +7,9 @@ kernel must hold together: no two DMA mappings overlap, group, container and dev
 counts agree with the open files, and an mmap never reaches past its region. After every example,
 whatever it opened is closed and the kernel must be back to its baseline.
 
-Profiles: VFIO_FUZZ=ci (the default, a few seconds in all, the same examples every run) or
-VFIO_FUZZ=long (10,000 examples per target):
-    VFIO_FUZZ=long python3 -m pytest -p no:xdist tests/test_fuzz_fake.py
+Profiles: VFIO_RELIABILITY=ci (the default, a few seconds in all, the same examples every run) or
+VFIO_RELIABILITY=long (10,000 examples per target):
+    VFIO_RELIABILITY=long python3 -m pytest -p no:xdist tests/test_fuzz_fake.py
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ settings.register_profile("vfio-fuzz-ci", max_examples=30, deadline=None, derand
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("vfio-fuzz-long", max_examples=10_000, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-PROFILE = settings.get_profile(f"vfio-fuzz-{os.environ.get('VFIO_FUZZ', 'ci')}")
+PROFILE = settings.get_profile(f"vfio-fuzz-{os.environ.get('VFIO_RELIABILITY', 'ci')}")
 
 PAGE = mmap.PAGESIZE
 DMA_PAGES = 16
