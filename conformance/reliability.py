@@ -22,13 +22,13 @@ import logging
 import os
 import re
 import sys
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from fakekernel import FakeKernel, PciDeviceSpec, Topology, devices, pci
-from fakekernel.faults import Fault, census, leaks
+from fakekernel.faults import Call, Fault, census, leaks
 from vfio_impl import uapi
 from vfio_impl.uapi import pci_regs
 from vfio_impl.ccw import VFIOCCWDevice
@@ -44,11 +44,14 @@ from vfio_impl.trace import TraceRecorder
 # The errno each kind of call fails with: what Linux answers when it runs out of something or a
 # device goes away. Retries on EINTR, EAGAIN and EBUSY are proven separately, by their own faults.
 ERRNOS = {"open": errno.EMFILE, "eventfd": errno.EMFILE, "mmap": errno.ENOMEM, "readlink": errno.ENOENT,
-          "listdir": errno.ENOENT, "read_text": errno.ENOENT, "write_text": errno.ENOENT, "exists": errno.ENOENT}
+          "listdir": errno.ENOENT, "read_text": errno.ENOENT, "write_text": errno.ENOENT, "exists": errno.ENOENT,
+          "socket.socket": errno.EMFILE, "socket.connect": errno.ECONNREFUSED, "socket.recv_fds": errno.ECONNRESET,
+          "mmap.mmap": errno.ENOMEM, "_posixshmem.shm_open": errno.EACCES, "os.ftruncate": errno.ENOSPC,
+          "os.stat": errno.ENOENT}
 DEFAULT_ERRNO = errno.EIO
 # close is not a fault point: Linux releases the fd whatever close returns, and the release of a
 # VFIO file or an eventfd cannot fail.
-NOT_WALKED = frozenset({"close"})
+NOT_WALKED = frozenset({"close", "os.close"})
 # Process addresses (a RAM area's vaddr in a vfio_dma_map message) differ from run to run.
 _VADDR = re.compile(r"0x[0-9a-f]{9,}")
 
@@ -95,6 +98,95 @@ class Rig:
         return refs
 
 
+class ProcessCalls:
+    """A module's own syscalls, for code that is not a Host's user (the ivshmem device model owns
+    its socket, shared memory and eventfds): while installed, the module's os, socket, mmap and
+    _posixshmem are stand-ins whose syscalls are recorded and failed with the same Fault rules as
+    the fake kernel's, each named "module.function"; a socket it makes has its connect watched."""
+
+    SYSCALLS = {"os": ("close", "ftruncate", "fstat", "stat", "eventfd_read", "eventfd_write", "set_blocking",
+                       "memfd_create", "read", "write"),
+                "socket": ("socket", "recv_fds", "send_fds"), "mmap": ("mmap",),
+                "_posixshmem": ("shm_open", "shm_unlink")}
+
+    def __init__(self, module):
+        self.module = module
+        self.rules: list[Fault] = []
+        self._recorders: list[list[Call]] = []
+        self._seq = 0
+        self._saved: dict[str, object] = {}
+
+    def install(self) -> None:
+        for name in self.SYSCALLS:
+            self._saved[name] = vars(self.module)[name]
+            setattr(self.module, name, _Syscalls(self._saved[name], self, name))
+
+    def uninstall(self) -> None:
+        for name, real in self._saved.items():
+            setattr(self.module, name, real)
+        self._saved.clear()
+
+    @contextmanager
+    def record(self) -> Iterator[list[Call]]:
+        calls: list[Call] = []
+        self._recorders.append(calls)
+        try:
+            yield calls
+        finally:
+            self._recorders.remove(calls)
+
+    @contextmanager
+    def inject(self, *rules: Fault) -> Iterator[list[Fault]]:
+        self.rules.extend(rules)
+        try:
+            yield list(rules)
+        finally:
+            self.rules = [r for r in self.rules if r not in rules]
+
+    def call(self, kind: str, fn: Callable, args: tuple, detail: str = ""):
+        self._seq += 1
+        call = Call(self._seq, kind, path=detail)
+        for calls in self._recorders:
+            calls.append(call)
+        due = [r for r in self.rules if r.due(call)]
+        if due:
+            due[0].hits += 1
+            raise OSError(due[0].errno, f"{os.strerror(due[0].errno)} (injected at {call.name})")
+        return fn(*args)
+
+
+class _Syscalls:
+    """A module (os, socket, ...) whose syscalls go through ProcessCalls; the rest is the module's."""
+
+    def __init__(self, real, calls: ProcessCalls, name: str):
+        self._real, self._calls, self._name = real, calls, name
+
+    def __getattr__(self, attr: str):
+        value = getattr(self._real, attr)
+        if attr not in ProcessCalls.SYSCALLS[self._name]:
+            return value
+        kind = f"{self._name}.{attr}"
+
+        def syscall(*args):
+            detail = args[0] if args and isinstance(args[0], str) else ""
+            result = self._calls.call(kind, value, args, detail)
+            return _WatchedSocket(result, self._calls) if kind == "socket.socket" else result
+        return syscall
+
+
+class _WatchedSocket:
+    """A socket whose connect is a syscall the walk sees; everything else is the socket's own."""
+
+    def __init__(self, sock, calls: ProcessCalls):
+        self._sock, self._calls = sock, calls
+
+    def connect(self, address) -> None:
+        self._calls.call("socket.connect", self._sock.connect, (address,))
+
+    def __getattr__(self, attr: str):
+        return getattr(self._sock, attr)
+
+
 @dataclass
 class SetupPath:
     """One setup path: `prepare` builds what it needs (not walked), `setup` is the walked part,
@@ -108,6 +200,10 @@ class SetupPath:
     undo: Callable[[Rig], object] | None = None
     irqfd: bool = False
     normalize: Callable[[str], str] = lambda text: text
+    # Where the calls are made: the fake kernel's Host by default, or a module's own syscalls.
+    calls: "ProcessCalls | None" = None
+    # What else to count besides the kernel and this process's fds.
+    census: Callable[[], dict] = dict
 
 
 @dataclass
@@ -168,8 +264,12 @@ class Walk:
                 "clean": sum(p.clean for p in self.points), "leaks": self.leaks, "outcomes": outcomes}
 
 
-def _snapshot(kernel: FakeKernel) -> dict[str, object]:
-    return {**census(kernel), "process fds": process_fds()}
+def _snapshot(kernel: FakeKernel, path: SetupPath) -> dict[str, object]:
+    return {**census(kernel), "process fds": process_fds(), **path.census()}
+
+
+def _calls(kernel: FakeKernel, path: SetupPath):
+    return path.calls if path.calls is not None else kernel.faults
 
 
 def _reports(recorder: TraceRecorder) -> list[str]:
@@ -182,6 +282,8 @@ def walk(path: SetupPath) -> Walk:
     A point that leaks poisons the kernel for the next, so the walk goes on with a new one."""
     kernel = FakeKernel(path.topology())
     try:
+        if path.calls is not None:
+            path.calls.install()
         baseline, calls, expected, clean_leaks = _clean_run(kernel, path)
         if clean_leaks:
             return Walk(path.name, [], [], clean_leaks)
@@ -197,6 +299,8 @@ def walk(path: SetupPath) -> Walk:
                 baseline = _clean_run(kernel, path)[0]
         return result
     finally:
+        if path.calls is not None:
+            path.calls.uninstall()
         kernel.close_all()
 
 
@@ -212,13 +316,13 @@ def _clean_run(kernel: FakeKernel, path: SetupPath) -> tuple[dict, list, list[st
     left = _left_behind(before, census(kernel), refs)
     if left:
         return {}, [], [], left
-    baseline = _snapshot(kernel)
+    baseline = _snapshot(kernel, path)
     rig = Rig(kernel, path.irqfd)
     path.prepare(rig)
-    with kernel.faults.record() as calls, TraceRecorder() as trace:
+    with _calls(kernel, path).record() as calls, TraceRecorder() as trace:
         path.setup(rig)
     refs = rig.teardown()
-    return baseline, calls, _reports(trace), _left_behind(baseline, _snapshot(kernel), refs)
+    return baseline, calls, _reports(trace), _left_behind(baseline, _snapshot(kernel, path), refs)
 
 
 def _fail_one(kernel: FakeKernel, path: SetupPath, baseline: dict, expected: list[str], position: int,
@@ -228,9 +332,9 @@ def _fail_one(kernel: FakeKernel, path: SetupPath, baseline: dict, expected: lis
     point = Point(0, call.name, code, "", "")
     rig = Rig(kernel, path.irqfd)
     path.prepare(rig)
-    prepared = _snapshot(kernel)
+    prepared = _snapshot(kernel, path)
     rule = Fault("*", nth=position, errno=code)
-    with kernel.faults.inject(rule), TraceRecorder() as trace:
+    with _calls(kernel, path).inject(rule), TraceRecorder() as trace:
         try:
             path.setup(rig)
         except VFIOError as e:
@@ -246,12 +350,12 @@ def _fail_one(kernel: FakeKernel, path: SetupPath, baseline: dict, expected: lis
     try:
         if path.undo is not None:
             path.undo(rig)
-            point.leaks.update(leaks(prepared, _snapshot(kernel)))
+            point.leaks.update(leaks(prepared, _snapshot(kernel, path)))
         refs = rig.teardown()
     except Exception as e:  # noqa: BLE001 - a teardown that fails leaves the rest behind
         point.leaks["teardown"] = f"{type(e).__name__}: {e}"
         refs = {}
-    point.leaks.update(_left_behind(baseline, _snapshot(kernel), refs))
+    point.leaks.update(_left_behind(baseline, _snapshot(kernel, path), refs))
     return point
 
 
@@ -493,3 +597,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

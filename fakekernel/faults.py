@@ -97,7 +97,7 @@ class Call:
             return f"{self.kind} region {self.region}+{self.offset:#x} [{self.length:#x}]"
         if self.kind in _FD_CALLS:
             return f"{self.kind} {self.target}"
-        return self.kind
+        return f"{self.kind} {self.path}" if self.path else self.kind
 
 
 @dataclass(eq=False)
