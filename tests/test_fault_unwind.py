@@ -2,13 +2,16 @@
 showed it and checks the step's message and that nothing is left behind."""
 
 import errno
+import os
+import re
 
 import pytest
 
-from conformance.reliability import driver_refs, process_fds
+from conformance.reliability import ProcessCalls, driver_refs, process_fds
 from fakekernel import FakeKernel
 from fakekernel.faults import Fault, census
 from vfio_impl import AddressSpace, Machine, VFIOError, VirtualClock
+from vfio_impl import ivshmem as ivshmem_model
 from vfio_impl.ccw import VFIOCCWDevice
 from vfio_impl.container import Group
 from vfio_impl.css import ChannelSubsystem
@@ -108,4 +111,22 @@ def test_platform_and_ccw_get_their_device_from_the_group_they_hold(topology, re
                 realize(space)
         assert e.value.errno == errno.ENODEV and "error getting device" in e.value.message
         nothing_left(kernel, space, kernel_before, fds_before)
+        machine.close()
+
+
+def test_ivshmem_a_failed_fstat_of_the_shared_memory_is_the_seeds_error(tmp_path):
+    """_check_shm_size let fstat's OSError out of realize (and out of the loop for the server's
+    memory, leaving its fd open); the seed says 'exiting: fstat on fd N failed'."""
+    calls = ProcessCalls(ivshmem_model)
+    calls.install()
+    machine = Machine(VirtualClock())
+    name = f"vfio-unwind-{os.getpid()}"
+    try:
+        with calls.inject(Fault(when=lambda call: call.kind == "os.fstat", errno=errno.EIO)):
+            with pytest.raises(VFIOError) as e:
+                ivshmem_model.IVShmemState.realize(machine, shm=name, size="1M")
+        assert re.fullmatch(r"exiting: fstat on fd \d+ failed: Input/output error", e.value.message)
+        assert not os.path.exists(f"/dev/shm/{name}"), "the object realize created was left behind"
+    finally:
+        calls.uninstall()
         machine.close()

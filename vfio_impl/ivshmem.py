@@ -233,7 +233,10 @@ class IVShmemState:
 
     def _check_shm_size(self, fd: int) -> None:
         """The guest must not reach past the end of the object."""
-        size = os.fstat(fd).st_size
+        try:
+            size = os.fstat(fd).st_size
+        except OSError as e:
+            raise VFIOError(f"exiting: fstat on fd {fd} failed: {os.strerror(e.errno)}") from e
         if self.ivshmem_size > size:
             raise VFIOError(f"Requested memory size greater than shared object size "
                             f"({self.ivshmem_size} > {size})")
