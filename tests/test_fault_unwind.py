@@ -130,3 +130,23 @@ def test_ivshmem_a_failed_fstat_of_the_shared_memory_is_the_seeds_error(tmp_path
     finally:
         calls.uninstall()
         machine.close()
+
+
+@pytest.fixture
+def ivshmem_calls():
+    calls = ProcessCalls(ivshmem_model)
+    calls.install()
+    yield calls
+    calls.uninstall()
+
+
+def test_ivshmem_a_socket_that_cannot_be_made_is_a_vfioerror(ivshmem_calls, tmp_path):
+    """socket()'s OSError left realize raw; QEMU's socket chardev says 'Failed to create socket'."""
+    machine = Machine(VirtualClock())
+    path = tmp_path / "sock"
+    with ivshmem_calls.inject(Fault(when=lambda call: call.kind == "socket.socket", errno=errno.EMFILE)):
+        with pytest.raises(VFIOError) as e:
+            ivshmem_model.IVShmemState.realize(machine, chardev=str(path))
+    assert e.value.message == "Failed to create socket" and e.value.errno == errno.EMFILE
+    assert not machine.selector.get_map()
+    machine.close()

@@ -188,7 +188,10 @@ class IVShmemState:
             raise VFIOError("chardev is not a unix client socket")
         if self.shmobj is not None:
             raise VFIOError("do not specify both 'chardev' and 'shm' with ivshmem")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        except OSError as e:
+            raise VFIOError.from_oserror("Failed to create socket", e) from e
         unwind.callback(self._close_server)
         self.server = sock
         try:
