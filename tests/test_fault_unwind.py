@@ -15,6 +15,7 @@ from vfio_impl import ivshmem as ivshmem_model
 from vfio_impl.ccw import VFIOCCWDevice
 from vfio_impl.container import Group
 from vfio_impl.css import ChannelSubsystem
+from vfio_impl.ivshmem_server import IvshmemServer
 from vfio_impl.pci import VFIOPCIDevice
 from vfio_impl.platform import VFIOPlatformDevice
 from vfio_impl.trace import TraceRecorder
@@ -149,4 +150,20 @@ def test_ivshmem_a_socket_that_cannot_be_made_is_a_vfioerror(ivshmem_calls, tmp_
             ivshmem_model.IVShmemState.realize(machine, chardev=str(path))
     assert e.value.message == "Failed to create socket" and e.value.errno == errno.EMFILE
     assert not machine.selector.get_map()
+    machine.close()
+
+
+def test_ivshmem_a_failed_read_from_the_server_is_its_hanging_up(ivshmem_calls, tmp_path):
+    """recv_fds's ConnectionResetError went out of the device's fd handler and the machine's loop;
+    QEMU's socket chardev treats a failed read as a disconnect, and so does the device now."""
+    path = str(tmp_path / "sock")
+    machine = Machine(VirtualClock())
+    with IvshmemServer(path, vectors=1, size=1 << 20):
+        dev = ivshmem_model.IVShmemState.realize(machine, chardev=path, vectors=1)
+        with ivshmem_calls.inject(Fault(when=lambda call: call.kind == "socket.recv_fds", errno=errno.ECONNRESET)):
+            with TraceRecorder() as trace:
+                machine.run_until(lambda: trace.named("ivshmem_server_closed"), 2.0)
+        assert trace.named("ivshmem_server_read_failed") == [{"name": "ivshmem", "errno": errno.ECONNRESET}]
+        assert not machine.selector.get_map(), "the loop still watches the server's socket"
+        dev.exit()
     machine.close()

@@ -479,6 +479,10 @@ class IVShmemState:
                 data, fds, _, _ = socket.recv_fds(self.server, protocol.MESSAGE_SIZE, 1)
             except BlockingIOError:
                 return
+            except OSError as e:
+                # QEMU's socket chardev takes a failed read for the peer hanging up.
+                trace("ivshmem_server_read_failed", name=self.name, errno=e.errno)
+                data, fds = b"", []
             if not data:
                 trace("ivshmem_server_closed", name=self.name)
                 self.machine.set_fd_handler(self.server.fileno(), None)
