@@ -18,13 +18,18 @@ from __future__ import annotations
 
 import argparse
 import errno
+import fcntl
 import logging
 import os
 import re
 import sys
+import termios
+import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import _posixshmem
 from typing import Callable, Iterator
 
 from fakekernel import FakeKernel, PciDeviceSpec, Topology, devices, pci
@@ -35,7 +40,11 @@ from vfio_impl.ccw import VFIOCCWDevice
 from vfio_impl.container import AddressSpace, Group
 from vfio_impl.css import ChannelSubsystem
 from vfio_impl.device import Device
+from vfio_impl import ivshmem as ivshmem_model
 from vfio_impl.errors import VFIOError
+from vfio_impl.ivshmem_client import IvshmemClient
+from vfio_impl.ivshmem_server import IvshmemServer
+from vfio_impl.uapi.ivshmem import MESSAGE_SIZE
 from vfio_impl.machine import Machine, VirtualClock
 from vfio_impl.pci import VFIOPCIDevice
 from vfio_impl.platform import VFIOPlatformDevice
@@ -104,8 +113,8 @@ class ProcessCalls:
     _posixshmem are stand-ins whose syscalls are recorded and failed with the same Fault rules as
     the fake kernel's, each named "module.function"; a socket it makes has its connect watched."""
 
-    SYSCALLS = {"os": ("close", "ftruncate", "fstat", "stat", "eventfd_read", "eventfd_write", "set_blocking",
-                       "memfd_create", "read", "write"),
+    SYSCALLS = {"os": ("close", "ftruncate", "fstat", "stat", "eventfd_read", "eventfd_write", "memfd_create",
+                       "read", "write"),
                 "socket": ("socket", "recv_fds", "send_fds"), "mmap": ("mmap",),
                 "_posixshmem": ("shm_open", "shm_unlink")}
 
@@ -288,7 +297,7 @@ def walk(path: SetupPath) -> Walk:
         if clean_leaks:
             return Walk(path.name, [], [], clean_leaks)
         walked = [(position, c) for position, c in enumerate(calls, 1) if c.kind not in NOT_WALKED]
-        result = Walk(path.name, [c.name for _, c in walked], [], clean_leaks)
+        result = Walk(path.name, [path.normalize(c.name) for _, c in walked], [], clean_leaks)
         for index, (position, call) in enumerate(walked, 1):
             point = _fail_one(kernel, path, baseline, expected, position, call)
             point.index = index
@@ -329,7 +338,7 @@ def _fail_one(kernel: FakeKernel, path: SetupPath, baseline: dict, expected: lis
               call) -> Point:
     """The path run with the call at `position` failing, judged and then torn down and counted."""
     code = ERRNOS.get(call.kind, DEFAULT_ERRNO)
-    point = Point(0, call.name, code, "", "")
+    point = Point(0, path.normalize(call.name), code, "", "")
     rig = Rig(kernel, path.irqfd)
     path.prepare(rig)
     prepared = _snapshot(kernel, path)
@@ -532,6 +541,75 @@ PATHS = [
     SetupPath("vfio-platform IRQ setup (irqfd with resample)", lambda: Topology.named("platform"),
               prepare=realize_platform, setup=connect_platform_irqs, irqfd=True),
     SetupPath("vfio-ccw realize", lambda: Topology.named("ccw"), prepare=add_guest_ram, setup=realize_ccw),
+]
+
+
+# -- ivshmem: the VMM's own device, whose syscalls are its own ---------------------------------------------
+IVSHMEM_CALLS = ProcessCalls(ivshmem_model)
+IVSHMEM_PREFIX = "vfio-reliability-"
+IVSHMEM_NAME = f"{IVSHMEM_PREFIX}{os.getpid()}"
+IVSHMEM_SOCKET = f"/tmp/{IVSHMEM_NAME}.sock"
+
+
+def ivshmem_normalize(text: str) -> str:
+    """This run's socket, shm name and fd numbers out of a call or a message."""
+    return re.sub(r"fd \d+", "fd N", text.replace(IVSHMEM_SOCKET, "<socket>").replace(IVSHMEM_NAME, "<shm>"))
+
+
+def ivshmem_census() -> dict:
+    """The shm objects a walk made and the mappings of them this process holds."""
+    with open("/proc/self/maps") as maps:
+        mapped = sum(IVSHMEM_NAME in line for line in maps)
+    return {"shm objects": sorted(n for n in os.listdir("/dev/shm") if n == IVSHMEM_NAME), "shm maps": mapped}
+
+
+def _forget_shm(rig: Rig) -> None:
+    """The object outlives the device, as in QEMU; the VMM's user removes it."""
+    def unlink() -> None:
+        if os.path.exists(f"/dev/shm/{IVSHMEM_NAME}"):
+            _posixshmem.shm_unlink(IVSHMEM_NAME)
+    rig.later(unlink)
+
+
+def realize_ivshmem_shm(rig: Rig) -> None:
+    dev = ivshmem_model.IVShmemState.realize(rig.machine, shm=IVSHMEM_NAME, size="1M")
+    rig.later(dev.exit)
+
+
+def serve_ivshmem(rig: Rig) -> None:
+    """A server with one peer already there, both torn down last."""
+    server = IvshmemServer(IVSHMEM_SOCKET, vectors=2, size=1 << 20)
+    server.__enter__()
+    rig.later(server.__exit__, None, None, None)
+    peer = IvshmemClient(IVSHMEM_SOCKET, vectors=2).connect()
+    rig.later(peer.close)
+
+
+# What the server sends a newcomer when one peer is there: version, id, memory, the peer's two
+# vectors and our own two.
+IVSHMEM_SETUP = 7 * MESSAGE_SIZE
+
+
+def realize_ivshmem_server(rig: Rig) -> None:
+    """Realize, wait until the whole setup is queued on the socket (so the device reads it in one
+    go and the calls are the same every run), then let the loop hand it to the device."""
+    dev = ivshmem_model.IVShmemState.realize(rig.machine, chardev=IVSHMEM_SOCKET, vectors=2)
+    rig.later(dev.exit)
+    pending = bytearray(4)
+    deadline = time.monotonic() + 5
+    while dev.server is not None and time.monotonic() < deadline:
+        fcntl.ioctl(dev.server.fileno(), termios.FIONREAD, pending)
+        if int.from_bytes(pending, "little") >= IVSHMEM_SETUP:
+            break
+        time.sleep(0.001)
+    rig.machine.poll(0)
+
+
+PATHS += [
+    SetupPath("ivshmem realize (shm=)", Topology.default, prepare=_forget_shm, setup=realize_ivshmem_shm,
+              calls=IVSHMEM_CALLS, census=ivshmem_census, normalize=ivshmem_normalize),
+    SetupPath("ivshmem realize (chardev=, a server with a peer)", Topology.default, prepare=serve_ivshmem,
+              setup=realize_ivshmem_server, calls=IVSHMEM_CALLS, census=ivshmem_census, normalize=ivshmem_normalize),
 ]
 
 
