@@ -25,15 +25,15 @@ import re
 import sys
 import termios
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import _posixshmem
-from typing import Callable, Iterator
+from typing import Callable
 
 from fakekernel import FakeKernel, PciDeviceSpec, Topology, devices, pci
-from fakekernel.faults import Call, Fault, census, leaks
+from fakekernel.faults import Call, Fault, Injector, census, leaks
 from vfio_impl import uapi
 from vfio_impl.uapi import pci_regs
 from vfio_impl.ccw import VFIOCCWDevice
@@ -107,7 +107,7 @@ class Rig:
         return refs
 
 
-class ProcessCalls:
+class ProcessCalls(Injector):
     """A module's own syscalls, for code that is not a Host's user (the ivshmem device model owns
     its socket, shared memory and eventfds): while installed, the module's os, socket, mmap and
     _posixshmem are stand-ins whose syscalls are recorded and failed with the same Fault rules as
@@ -119,10 +119,8 @@ class ProcessCalls:
                 "_posixshmem": ("shm_open", "shm_unlink")}
 
     def __init__(self, module):
+        super().__init__()
         self.module = module
-        self.rules: list[Fault] = []
-        self._recorders: list[list[Call]] = []
-        self._seq = 0
         self._saved: dict[str, object] = {}
 
     def install(self) -> None:
@@ -135,32 +133,11 @@ class ProcessCalls:
             setattr(self.module, name, real)
         self._saved.clear()
 
-    @contextmanager
-    def record(self) -> Iterator[list[Call]]:
-        calls: list[Call] = []
-        self._recorders.append(calls)
-        try:
-            yield calls
-        finally:
-            self._recorders.remove(calls)
-
-    @contextmanager
-    def inject(self, *rules: Fault) -> Iterator[list[Fault]]:
-        self.rules.extend(rules)
-        try:
-            yield list(rules)
-        finally:
-            self.rules = [r for r in self.rules if r not in rules]
-
     def call(self, kind: str, fn: Callable, args: tuple, detail: str = ""):
-        self._seq += 1
-        call = Call(self._seq, kind, path=detail)
-        for calls in self._recorders:
-            calls.append(call)
-        due = [r for r in self.rules if r.due(call)]
-        if due:
-            due[0].hits += 1
-            raise OSError(due[0].errno, f"{os.strerror(due[0].errno)} (injected at {call.name})")
+        call = Call(self._next_seq(), kind, path=detail)
+        rule = self._answering(call)
+        if rule is not None:
+            raise OSError(rule.errno, f"{os.strerror(rule.errno)} (injected at {call.name})")
         return fn(*args)
 
 

@@ -209,23 +209,17 @@ class Fault:
         return f"{self.kind}{match},{answer},nth={self.nth},times={times}"
 
 
-class Faults:
-    """The fault rules and call recorders of one FakeKernel.
+class Injector:
+    """Fault rules and call recorders for one source of calls; Faults is the fake kernel's, and a
+    source of other calls (a module's own syscalls) can be one too. `_arm` and `_disarm_if_idle`
+    are the source's to hook its calls in while any rule or recorder is active."""
 
-    While any rule or recorder is active, the kernel's Host methods are wrapped (on the
-    instance), so a kernel with none costs nothing extra per call.
-    """
-
-    def __init__(self, kernel: "FakeKernel"):
-        # A weak reference, so a kernel nobody holds is freed at once, not by the cycle collector.
-        self._kernel_ref = weakref.ref(kernel)
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self.rules: list[Fault] = []
         self._recorders: list[list[Call]] = []
         self._seq = 0
-        self._saved: dict[str, object] | None = None
 
-    # -- rules --------------------------------------------------------------------------------
     def add(self, *faults: Fault | str) -> list[Fault]:
         """Arm rules (Fault objects or their command-line form). Every rule counts the calls it
         matches; when several are due on one call, the first added answers it."""
@@ -241,7 +235,7 @@ class Faults:
         self._disarm_if_idle()
 
     def clear(self) -> None:
-        """Every rule and recorder gone; the kernel back to its plain methods."""
+        """Every rule and recorder gone; the source back to its plain calls."""
         with self._lock:
             self.rules.clear()
             self._recorders.clear()
@@ -258,7 +252,7 @@ class Faults:
 
     @contextmanager
     def record(self) -> Iterator[list[Call]]:
-        """Every Host call made in the block, in order."""
+        """Every call made in the block, in order."""
         calls: list[Call] = []
         with self._lock:
             self._recorders.append(calls)
@@ -269,6 +263,40 @@ class Faults:
             with self._lock:
                 self._recorders.remove(calls)
             self._disarm_if_idle()
+
+    def _arm(self) -> None:
+        pass
+
+    def _disarm_if_idle(self) -> None:
+        pass
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _answering(self, call: Call) -> Fault | None:
+        """Records the call, lets every rule count it, and returns the first one due (its hit)."""
+        with self._lock:
+            for calls in self._recorders:
+                calls.append(call)
+            due = [r for r in self.rules if r.due(call)]
+            if due:
+                due[0].hits += 1
+        return due[0] if due else None
+
+
+class Faults(Injector):
+    """The fault rules and call recorders of one FakeKernel.
+
+    While any rule or recorder is active, the kernel's Host methods are wrapped (on the
+    instance), so a kernel with none costs nothing extra per call.
+    """
+
+    def __init__(self, kernel: "FakeKernel"):
+        super().__init__()
+        # A weak reference, so a kernel nobody holds is freed at once, not by the cycle collector.
+        self._kernel_ref = weakref.ref(kernel)
+        self._saved: dict[str, object] | None = None
 
     # -- the wrapped syscalls -------------------------------------------------------------------
     def _arm(self) -> None:
@@ -293,13 +321,7 @@ class Faults:
     def _wrap(self, kind: str, method: Callable) -> Callable:
         def syscall(*args):
             call = self._describe(kind, args)
-            with self._lock:
-                for calls in self._recorders:
-                    calls.append(call)
-                due = [r for r in self.rules if r.due(call)]
-                rule = due[0] if due else None
-                if rule:
-                    rule.hits += 1
+            rule = self._answering(call)
             if rule is None:
                 return method(*args)
             return self._answer(rule, call, method, args)
@@ -321,8 +343,7 @@ class Faults:
         raise OSError(rule.errno, f"{os.strerror(rule.errno)} (injected at {call.name})")
 
     def _describe(self, kind: str, args: tuple) -> Call:
-        self._seq += 1
-        call = Call(self._seq, kind)
+        call = Call(self._next_seq(), kind)
         if kind in _PATH_CALLS:
             call.path = args[0]
             return call
