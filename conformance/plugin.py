@@ -84,6 +84,8 @@ def vfio(request):
             pytest.skip("real backend: no vfio-ccw device")
         if need.get("fake_only"):
             pytest.skip(f"real backend: needs {need['fake_only']}")
+        if need.get("faults"):
+            pytest.skip("real backend: needs the fake kernel's fault injection")
         if need.get("topology"):
             pytest.skip(f"real backend: needs the fake kernel's {need['topology']!r} topology")
         backend = real_backend(request.config.getoption("--vfio-device"),

@@ -64,3 +64,20 @@ def test_a_marker_arms_faults_for_one_test(tmp_path, monkeypatch):
                 Device.attach(space, vfio_device.sysfs).close()
     """))
     assert pytest.main([str(tmp_path), "-q", "-p", "conformance.plugin", "-p", "no:cacheprovider"]) == 0
+
+
+def test_a_faults_marker_skips_on_the_real_backend(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    monkeypatch.setattr("conformance.backends.real_available", lambda: True)
+    (tmp_path / "test_mine.py").write_text(textwrap.dedent("""
+        import pytest
+
+        @pytest.mark.vfio(faults=["open,errno=EMFILE"])
+        def test_needs_faults(vfio):
+            pass
+    """))
+    report = tmp_path / "r.json"
+    assert pytest.main([str(tmp_path), "-q", "-p", "conformance.plugin", "-p", "no:cacheprovider",
+                        "--vfio-backend", "real", f"--vfio-json={report}"]) == 0
+    (test,) = json.loads(report.read_text())["tests"]
+    assert test["outcome"] == "skipped" and test["reason"] == "real backend: needs the fake kernel's fault injection"
