@@ -69,7 +69,7 @@ def test_a_marker_arms_faults_for_one_test(tmp_path, monkeypatch):
 def test_a_faults_marker_skips_on_the_real_backend(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
     monkeypatch.setattr("conformance.backends.real_available", lambda: True)
-    (tmp_path / "test_mine.py").write_text(textwrap.dedent("""
+    (tmp_path / "test_needs_faults_on_real.py").write_text(textwrap.dedent("""
         import pytest
 
         @pytest.mark.vfio(faults=["open,errno=EMFILE"])

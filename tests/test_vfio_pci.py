@@ -164,6 +164,9 @@ def failing(predicate, code=errno.EIO):
 
 
 def open_fds():
+    """After a collection: earlier tests' machines close their epoll fds whenever the collector
+    finds them, which would otherwise happen between two counts."""
+    gc.collect()
     return set(os.listdir("/proc/self/fd"))
 
 
@@ -218,7 +221,6 @@ def test_a_failing_realize_step_unwinds_everything_before_it(tkernel, clock, fau
     warm = AddressSpace(tkernel, Machine(clock))
     VFIOPCIDevice.realize(warm, warm.machine, host=TEST).exit()
     machine = Machine(clock)
-    gc.collect()  # earlier tests' machines close their epoll fds whenever the collector finds them
     before = open_fds()
     space = AddressSpace(FaultyHost(tkernel, **faults), machine)
     with pytest.raises(VFIOError) as exc:
