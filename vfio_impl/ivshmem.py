@@ -26,10 +26,10 @@ import _posixshmem
 
 from .errors import VFIOError
 from .machine import Machine
+from .pcicore import default_write_config, register_bar
 from .trace import error_report, trace
 from .uapi import ivshmem as protocol
-from .uapi.pci_regs import (PCI_BASE_ADDRESS_0, PCI_BASE_ADDRESS_MEM_MASK, PCI_BASE_ADDRESS_MEM_PREFETCH,
-                             PCI_BASE_ADDRESS_MEM_TYPE_64, PCI_CACHE_LINE_SIZE, PCI_CAPABILITY_LIST,
+from .uapi.pci_regs import (PCI_BASE_ADDRESS_MEM_PREFETCH, PCI_BASE_ADDRESS_MEM_TYPE_64, PCI_CACHE_LINE_SIZE, PCI_CAPABILITY_LIST,
                              PCI_CAP_ID_MSIX, PCI_CAP_MSIX_SIZEOF, PCI_CFG_SPACE_SIZE, PCI_CLASS_PROG,
                              PCI_COMMAND, PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_IO, PCI_COMMAND_MASTER,
                              PCI_COMMAND_MEMORY, PCI_INTERRUPT_LINE, PCI_INTERRUPT_PIN,
@@ -171,14 +171,8 @@ class IVShmemState:
         self._register_bar(0, IVSHMEM_REG_BAR_SIZE, 0)
 
     def _register_bar(self, nr: int, size: int, attr: int) -> None:
-        """pci_register_bar: the type in the register, the size in its write mask."""
-        off = PCI_BASE_ADDRESS_0 + 4 * nr
-        mask = ~(size - 1)
         self.bar_sizes[nr] = size
-        struct.pack_into("<I", self.config, off, attr)
-        struct.pack_into("<I", self.wmask, off, mask & PCI_BASE_ADDRESS_MEM_MASK & U32)
-        if attr & PCI_BASE_ADDRESS_MEM_TYPE_64:
-            struct.pack_into("<I", self.wmask, off + 4, (mask >> 32) & U32)
+        register_bar(self.config, self.wmask, nr, size, attr)
 
     def _setup_server(self, unwind: ExitStack, attr: int) -> None:
         """The server path: connect, MSI-X in BAR1, room for 16 peers, and an empty BAR2 that
@@ -363,9 +357,7 @@ class IVShmemState:
 
     def config_write(self, addr: int, value: int, size: int) -> None:
         """pci_default_write_config: writable bits only, then INTx disable and the MSI-X control."""
-        for i in range(size):
-            m = self.wmask[addr + i]
-            self.config[addr + i] = (self.config[addr + i] & ~m) | ((value >> (8 * i)) & m)
+        default_write_config(self.config, self.wmask, addr, value, size)
         self._update_irq()
         if self.msix_cap and addr <= self.msix_cap + MSIX_CONTROL_OFFSET < addr + size:
             self._msix_write_config()

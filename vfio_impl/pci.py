@@ -22,6 +22,7 @@ from .container import AddressSpace
 from .device import Device
 from .errors import VFIOError
 from .machine import IRQLine, Machine, Timer
+from .pcicore import PCI_NUM_BARS, default_write_config, register_bar
 from .region import MmapArea, Region
 from .trace import error_report, trace, warn
 from .uapi.pci_regs import *  # noqa: F403
@@ -30,7 +31,6 @@ from .uapi.pci_regs import *  # noqa: F403
 PCI_HEADER_TYPE_MULTI_FUNCTION = 0x80
 PCI_CONFIG_HEADER_SIZE = 0x40
 PCI_CONFIG_SPACE_SIZE = 0x100
-PCI_NUM_BARS = 6
 MSIX_CAP_LENGTH = 12
 # The byte of the MSI-X control word holding ENABLE and MASKALL.
 MSIX_CONTROL_OFFSET = PCI_MSIX_FLAGS + 1
@@ -345,7 +345,7 @@ class VFIOPCIDevice:
         kind = raw & ~(PCI_BASE_ADDRESS_IO_MASK if bar.ioport else PCI_BASE_ADDRESS_MEM_MASK)
         bar.mem64 = not bar.ioport and bool(kind & PCI_BASE_ADDRESS_MEM_TYPE_64)
         bar.prefetch = not bar.ioport and bool(kind & PCI_BASE_ADDRESS_MEM_PREFETCH)
-        self._register_bar(bar, kind)
+        register_bar(self.config, self.wmask, bar.nr, bar.size, kind)
         hole = None
         msix = self.msix
         if msix and msix.table_bar == bar.nr and not bar.region.info.cap(uapi.MsixMappableCap):
@@ -354,16 +354,6 @@ class VFIOPCIDevice:
             bar.region.mmap(hole)
         except VFIOError:
             error_report(f"VFIO {self.name} BAR {bar.nr} mmap unsupported. Performance may be slow")
-
-    def _register_bar(self, bar: VFIOBAR, kind: int) -> None:
-        """pci_register_bar: the emulated BAR register holds the type, its wmask the size."""
-        off = PCI_BASE_ADDRESS_0 + 4 * bar.nr
-        mask = ~(bar.size - 1)
-        self._set(off, 4, kind, self.config)
-        self._set(off, 4, mask & (PCI_BASE_ADDRESS_IO_MASK if bar.ioport else PCI_BASE_ADDRESS_MEM_MASK)
-                  & 0xFFFFFFFF, self.wmask)
-        if bar.mem64 and bar.nr + 1 < PCI_NUM_BARS:
-            self._set(off + 4, 4, (mask >> 32) & 0xFFFFFFFF, self.wmask)
 
     def _unmap_bars(self) -> None:
         for bar in self.bars:
@@ -492,9 +482,7 @@ class VFIOPCIDevice:
 
     def _default_write_config(self, addr: int, value: int, size: int) -> None:
         """pci_default_write_config: writable bits only, then the MSI and MSI-X hooks."""
-        for i in range(size):
-            m = self.wmask[addr + i]
-            self.config[addr + i] = (self.config[addr + i] & ~m) | ((value >> (8 * i)) & m)
+        default_write_config(self.config, self.wmask, addr, value, size)
         self._msi_write_config(addr, size)
         self._msix_write_config(addr, size)
 
