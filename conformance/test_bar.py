@@ -1,11 +1,12 @@
 """BARs: what vfio-pci reports for each, pread/pwrite against mmap, the MSI-X table hole, the
 I/O BAR, and how the PCI flavour maps and accesses them for a guest."""
 
+import errno
 import mmap
 
 import pytest
 
-from vfio_impl import uapi
+from vfio_impl import VFIOError, uapi
 from vfio_impl.trace import TraceRecorder
 
 from .models import MODELS, access, bar_of, each  # noqa: F401 (access is a fixture)
@@ -64,6 +65,44 @@ def test_guest_accesses_are_sized_and_little_endian(model, vfio_pci, mapped):
     dev.bar_write(bar, off + 1, 0xAA, 1)
     assert dev.bar_read(bar, off, 4) == after
     assert dev.mmap_enabled(bar) is mapped
+
+
+@each()
+def test_register_handle_follows_the_mmaps_off_on_and_away(model, vfio_pci):
+    """A Register reads and writes what its Region does; with the mmaps off or unmapped it traps,
+    and it never touches a view its region has released."""
+    dev = vfio_pci()
+    bar, off, readback = SCRATCH[model.name]
+    region = dev.bars[bar].region
+    reg = region.register(off)
+    for value, enabled in ((0x5A0F1E2D, True), (0x1234ABCD, False), (0x0BADF00D, True)):
+        region.mmap_enabled = enabled
+        reg.write(value)
+        assert (reg.read(), region.read(off, 4)) == (readback(value), readback(value))
+        if not enabled:
+            assert not reg.mapped
+    if model.name.startswith("ivshmem"):
+        assert reg.mapped, "BAR2 is memory on both backends: its register is a load of the mmap"
+    region.munmap()
+    assert not reg.mapped
+    reg.write(0x600DCAFE)
+    assert reg.read() == readback(0x600DCAFE)
+
+
+@each("ivshmem")
+def test_register_handle_limits(model, vfio_pci):
+    """Narrow registers keep Region.read's mask; a register outside the region or of an odd
+    size is refused when the handle is made, not on its first access."""
+    dev = vfio_pci()
+    bar, off, _ = SCRATCH[model.name]
+    region = dev.bars[bar].region
+    region.register(off).write(0x11223344)
+    assert (region.register(off + 1, 1).read(), region.register(off + 2, 2).read()) == (0x33, 0x1122)
+    assert region.register(off, 8).read() & 0xFFFFFFFF == 0x11223344
+    for addr, size in ((region.size - 2, 4), (-4, 4), (off, 3)):
+        with pytest.raises(VFIOError) as e:
+            region.register(addr, size)
+        assert e.value.errno == errno.EINVAL
 
 
 @each("e1000e")

@@ -1,12 +1,15 @@
 """A device region: info and caps, trapped pread/pwrite, and mmaps with a switchable fast path.
 
 QEMU keeps a trapped slow path under every mmap so it can turn the mmaps off (for INTx EOI
-detection) and on again; `mmap_enabled` is that switch.
+detection) and on again; `mmap_enabled` is that switch. A `Register` is a handle on one hot
+register: it makes Region.read's checks when the mappings change rather than on each access.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap as _mmap
+import weakref
 from dataclasses import dataclass, field
 
 from . import uapi
@@ -57,7 +60,17 @@ class Region:
         self.info = info
         self.name = name or f"{device.name} region {info.index}"
         self.areas: list[MmapArea] = []
-        self.mmap_enabled = True
+        self._mmap_enabled = True
+        self._registers: weakref.WeakSet[Register] = weakref.WeakSet()
+
+    @property
+    def mmap_enabled(self) -> bool:
+        return self._mmap_enabled
+
+    @mmap_enabled.setter
+    def mmap_enabled(self, enabled: bool) -> None:
+        self._mmap_enabled = enabled
+        self._rebind()
 
     @property
     def size(self) -> int:
@@ -102,11 +115,36 @@ class Region:
                 _close_area(area)
             raise VFIOError.from_oserror(f"{self.name}: failed to mmap offset {off:#x}", e) from e
         self.areas = done
+        self._rebind()
 
     def munmap(self) -> None:
-        for area in self.areas:
+        areas, self.areas = self.areas, []
+        self._rebind()
+        for area in areas:
             _close_area(area)
-        self.areas = []
+
+    def register(self, addr: int, size: int = 4) -> "Register":
+        """A handle on the register at `addr`, for code that reads or writes it in a loop."""
+        if size not in _WORD_FORMATS:
+            raise VFIOError(f"{self.name}: no {size}-byte register access", errno.EINVAL)
+        if addr < 0 or addr + size > self.size:
+            raise VFIOError(f"{self.name}: register {addr:#x}+{size} is outside the region's "
+                            f"{self.size:#x} bytes", errno.EINVAL)
+        return Register(self, addr, size)
+
+    def _rebind(self) -> None:
+        for register in self._registers:
+            register._bind()
+
+    def _words_at(self, addr: int, size: int) -> tuple[memoryview | None, int]:
+        """The typed view and index a naturally aligned 4- or 8-byte access goes to with the mmaps
+        on, else (None, 0). Narrow ones stay on Region.read, which masks what TCG leaves above them."""
+        if self._mmap_enabled and size >= 4 and not addr % size:
+            for area in self.areas:
+                rel = addr - area.offset
+                if 0 <= rel and rel + size <= area.size and area.words:
+                    return area.words[size], rel // size
+        return None, 0
 
     def read(self, addr: int, size: int) -> int:
         """A little-endian access of 1, 2, 4 or 8 bytes: through the mmap when enabled."""
@@ -125,7 +163,7 @@ class Region:
 
         A misaligned access misses too: the trapped path makes it one access, the mmap cannot.
         """
-        if self.mmap_enabled:
+        if self._mmap_enabled:
             for area in self.areas:
                 rel = addr - area.offset
                 if 0 <= rel and rel + size <= area.size:
@@ -137,7 +175,7 @@ class Region:
         return None
 
     def write_mapped(self, addr: int, size: int, value: int) -> bool:
-        if self.mmap_enabled:
+        if self._mmap_enabled:
             for area in self.areas:
                 rel = addr - area.offset
                 if 0 <= rel and rel + size <= area.size:
@@ -169,6 +207,44 @@ class Region:
 
     def close(self) -> None:
         self.munmap()
+
+
+class Register:
+    """One register of a region, read and written at close to the mmap's own cost: with the mmap
+    on and covering it, an access is one load or store of the typed view; otherwise it is
+    Region.read or Region.write. The region rebinds its live registers whenever its mappings
+    are made, turned off or on, or unmapped, so a handle never outlives the view it uses."""
+
+    __slots__ = ("region", "addr", "size", "_words", "_index", "__weakref__")
+
+    def __init__(self, region: Region, addr: int, size: int):
+        self.region, self.addr, self.size = region, addr, size
+        self._bind()
+        region._registers.add(self)
+
+    def _bind(self) -> None:
+        self._words, self._index = self.region._words_at(self.addr, self.size)
+
+    @property
+    def mapped(self) -> bool:
+        """Whether an access is a load or store of the mmap (else it goes through Region)."""
+        return self._words is not None
+
+    def read(self) -> int:
+        words = self._words
+        if words is None:
+            return self.region.read(self.addr, self.size)
+        return words[self._index]
+
+    def write(self, value: int) -> None:
+        words = self._words
+        if words is None:
+            self.region.write(self.addr, self.size, value)
+        else:
+            words[self._index] = value
+
+    def __repr__(self) -> str:
+        return f"<Register {self.region.name}+{self.addr:#x}/{self.size} {'mapped' if self.mapped else 'trapped'}>"
 
 
 def _close_area(area: MmapArea) -> None:
