@@ -116,6 +116,19 @@ def test_msix_table_is_a_hole_for_pread_but_mappable(model, raw):
 
 
 @each("e1000e")
+def test_region_info_without_room_for_the_chain(model, raw):
+    """The caps flag, the argsz the chain needs and cap_offset 0; asked again with that argsz, the
+    same answer with the chain right after the struct."""
+    _, _, d = raw.open_device()
+    info, _ = raw.region_info(d, MSIX_BAR)
+    size = uapi.vfio_region_info.size
+    assert info.flags & uapi.VFIO_REGION_INFO_FLAG_CAPS and info.argsz > size and info.cap_offset == 0
+    again, buf = raw.region_info(d, MSIX_BAR, argsz=info.argsz)
+    assert (again.argsz, again.flags, again.cap_offset, again.size) == (info.argsz, info.flags, size, info.size)
+    assert [type(cap) for cap in uapi.parse_chain(buf, again.cap_offset, "region")] == [uapi.MsixMappableCap]
+
+
+@each("e1000e")
 def test_guest_msix_table_is_emulated_over_a_full_mapping(model, vfio_pci):
     dev = vfio_pci()
     bar = dev.bars[MSIX_BAR]

@@ -92,6 +92,7 @@ class VfioPciDevice:
         self.req_trigger: EventfdCtx | None = None
         self.resets = 0
         self.msix_table = self._msix_table()
+        self.regions: dict[int, tuple[int, int, list]] = {}
         function.sinks.intx = self._intx_line
         function.sinks.msi = self._msi_message
         function.sinks.dma_read = self._dma_read
@@ -110,7 +111,7 @@ class VfioPciDevice:
     # -- open / close -------------------------------------------------------------------------
     def open_device(self) -> None:
         """First open, as vfio_pci_core_enable: bus master off, a reset, the header saved for the
-        last close, INTx unmasked, then vconfig and its permissions."""
+        last close, INTx unmasked, vconfig and its permissions, then which BARs can be mmapped."""
         self.open_count += 1
         if self.open_count > 1:
             return
@@ -130,6 +131,7 @@ class VfioPciDevice:
                 fd = os.memfd_create(f"vfio-{self.bdf}-bar{index}", os.MFD_CLOEXEC)
                 os.ftruncate(fd, bar.size)
                 self.ram[index] = fd
+        self.regions = {index: self._region_info(index) for index in range(VGA)}
 
     def close_device(self) -> None:
         """Last close, as vfio_pci_core_disable: interrupts torn down, a reset, and the header
@@ -461,7 +463,16 @@ class VfioPciDevice:
                        for i, b in enumerate(other.bars) if b is not None and b.kind != pci.BAR_IO)
 
     def region_info(self, index: int) -> tuple[int, int, list]:
-        """(flags, size, caps) of a region, or EINVAL as vfio_pci_ioctl_get_region_info answers."""
+        """(flags, size, caps) of a region, or EINVAL as vfio_pci_ioctl_get_region_info answers.
+
+        What it depends on is fixed at the first open (vfio_pci_probe_mmaps runs in
+        vfio_pci_core_enable), so a BAR moved afterwards keeps the mmap support it had then."""
+        info = self.regions.get(index)
+        if info is None:
+            info = self.regions[index] = self._region_info(index)
+        return info
+
+    def _region_info(self, index: int) -> tuple[int, int, list]:
         f = self.function
         if index == CONFIG:
             return uapi.VFIO_REGION_INFO_FLAG_READ | uapi.VFIO_REGION_INFO_FLAG_WRITE, len(f.config), []

@@ -433,3 +433,18 @@ def test_unknown_capabilities_are_hidden(ext_kernel):
     assert header(0x190) == 0x1E | (1 << 16) | (0x1A0 << 20), "and its bytes read raw"
     assert region(s, fd, 0) == (R | W, 0x100), "a small BAR that does not start a page is not mmappable"
     s.close()
+
+
+def test_mmap_support_is_fixed_at_the_first_open(ext_kernel):
+    """vfio_pci_probe_mmaps runs in vfio_pci_core_enable: a BAR moved to a page of its own while
+    the device is open keeps the answer of the open, and the next first open sees the move."""
+    s, _, fd = session(ext_kernel, E1000E)
+    struct.pack_into("<I", ext_kernel.functions[E1000E].config, pci.PCI_BASE_ADDRESS_0, 0xFE000000)
+    assert region(s, fd, 0) == (R | W, 0x100)
+    with pytest.raises(OSError) as exc:
+        ext_kernel.mmap(fd, 4096, 0)
+    assert exc.value.errno == errno.EINVAL
+    s.close()
+    s, _, fd = session(ext_kernel, E1000E)
+    assert region(s, fd, 0) == (R | W | uapi.VFIO_REGION_INFO_FLAG_MMAP, 0x100)
+    s.close()

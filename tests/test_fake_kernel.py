@@ -8,7 +8,7 @@ import pytest
 from fakekernel import FakeKernel, Profile, Topology
 from fakekernel.eventfd import EventfdCtx
 from fakekernel.mmio import MMIOMapping, split_access
-from vfio_impl import uapi
+from vfio_impl import AddressSpace, Device, uapi
 
 
 def test_split_access_is_naturally_aligned():
@@ -119,6 +119,25 @@ def test_set_irqs_shorter_than_its_header_is_efault():
             assert exc.value.errno == errno.EFAULT
         finally:
             session.close()
+
+
+@pytest.mark.parametrize("topology, sysfs", [
+    ("default", "/sys/bus/pci/devices/0000:00:03.0"),
+    ("platform", "/sys/bus/platform/devices/c0000000.platform-test"),
+    ("ccw", "/sys/bus/css/devices/0.0.0313/8a1c0bd0-7e7a-4f6a-9c3e-000000000313"),
+])
+def test_region_info_of_a_bad_pointer_or_short_buffer_is_efault(topology, sysfs):
+    """copy_from_user fails before argsz is looked at, on every bus driver's device fd; an
+    argsz below the struct is EINVAL, and nothing is written back in either case."""
+    with FakeKernel(Topology.named(topology)) as k, AddressSpace(k) as space:
+        device = Device.attach(space, sysfs)
+        for arg, code in ((0, errno.EFAULT), (bytearray(31), errno.EFAULT),
+                          (uapi.vfio_region_info.pack(argsz=31), errno.EINVAL)):
+            before = bytes(arg) if not isinstance(arg, int) else arg
+            with pytest.raises(OSError) as exc:
+                k.ioctl(device.fd, uapi.VFIO_DEVICE_GET_REGION_INFO, arg)
+            assert exc.value.errno == code and (isinstance(arg, int) or bytes(arg) == before)
+        device.close()
 
 
 def test_sysfs_resource_lists_bars_as_linux_prints_them():
