@@ -677,26 +677,34 @@ class FakeKernel(EventfdMixin):
 
     def pread(self, fd: int, n: int, offset: int) -> bytes:
         """A negative offset is EINVAL before any driver sees it (rw_verify_area)."""
-        with self._lock:
-            f = self.files.get(fd)
-            if f is None:
-                return os.pread(fd, n, offset)
-            if not isinstance(f, DeviceFile) or offset < 0:
-                raise _err(errno.EINVAL, f"read on a {f.kind} at {offset}")
-            if n == 0:
-                return b""
+        f = self.files.get(fd)
+        if f is None:
+            return os.pread(fd, n, offset)
+        if not isinstance(f, DeviceFile) or offset < 0:
+            raise _err(errno.EINVAL, f"read on a {f.kind} at {offset}")
+        if n == 0:
+            return b""
+        lock = self._lock
+        lock.acquire()
+        try:
             return f.device.rw(offset, None, n)
+        finally:
+            lock.release()
 
     def pwrite(self, fd: int, data: bytes, offset: int) -> int:
-        with self._lock:
-            f = self.files.get(fd)
-            if f is None:
-                return os.pwrite(fd, data, offset)
-            if not isinstance(f, DeviceFile) or offset < 0:
-                raise _err(errno.EINVAL, f"write on a {f.kind} at {offset}")
-            if not data:
-                return 0
+        f = self.files.get(fd)
+        if f is None:
+            return os.pwrite(fd, data, offset)
+        if not isinstance(f, DeviceFile) or offset < 0:
+            raise _err(errno.EINVAL, f"write on a {f.kind} at {offset}")
+        if not data:
+            return 0
+        lock = self._lock
+        lock.acquire()
+        try:
             return f.device.rw(offset, bytes(data), len(data))
+        finally:
+            lock.release()
 
     def mmap(self, fd: int, length: int, offset: int, prot: int = _mmap.PROT_READ | _mmap.PROT_WRITE):
         with self._lock:

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 OFFSET_SHIFT = 40
 OFFSET_MASK = (1 << OFFSET_SHIFT) - 1
+# Sizes vfio_pci_bar_rw passes to the device as one access (ioread32/16/8) when aligned.
+_ONE_ACCESS = frozenset({4, 2, 1})
 NUM_REGIONS = uapi.VFIO_PCI_NUM_REGIONS
 NUM_IRQS = uapi.VFIO_PCI_NUM_IRQS
 INTX, MSI, MSIX, ERR, REQ = (uapi.VFIO_PCI_INTX_IRQ_INDEX, uapi.VFIO_PCI_MSI_IRQ_INDEX,
@@ -498,6 +500,8 @@ class VfioPciDevice:
     def rw(self, offset: int, data: bytes | None, count: int) -> bytes | int:
         """pread (data None) or pwrite at a region offset, as vfio_pci_rw dispatches it."""
         index = offset >> OFFSET_SHIFT
+        if index < ROM:
+            return self._bar_rw(index, offset & OFFSET_MASK, data, count)
         pos = offset & OFFSET_MASK
         if index >= self.num_regions:
             raise _einval("region index out of range")
@@ -546,8 +550,9 @@ class VfioPciDevice:
         bar = f.bars[index]
         if bar is None or pos >= bar.size:
             raise _einval("beyond the BAR")
-        count = min(count, bar.size - pos)
-        if bar.kind != pci.BAR_IO and not self.memory_enabled():
+        if count > bar.size - pos:
+            count = bar.size - pos
+        if bar.kind != pci.BAR_IO and not self.vconfig[pci.PCI_COMMAND] & pci.PCI_COMMAND_MEMORY:
             raise OSError(errno.EIO, "memory decode disabled")
         if bar.ram:
             if data is None:
@@ -556,6 +561,12 @@ class VfioPciDevice:
         x_start = x_end = 0
         if self.msix_table and self.msix_table[0] == index:
             _, x_start, x_end = self.msix_table
+        if count in _ONE_ACCESS and not pos % count and (pos + count <= x_start or pos >= x_end):
+            # A register access, by far the most common: one device access, nothing to split.
+            if data is None:
+                return f.mmio_read(index, pos, count).to_bytes(count, "little")
+            f.mmio_write(index, pos, count, int.from_bytes(data, "little"))
+            return count
         if pos + count <= x_start or pos >= x_end:
             spans = ((pos, pos + count),)
         else:

@@ -14,7 +14,7 @@ _DEBUG = logging.DEBUG
 def tracing() -> bool:
     """Whether an event would reach a hook or the log: a hot path asks first, so an access with
     nobody listening does not pay for its fields (QEMU's trace points test their state too)."""
-    return bool(_hooks) or _log_enabled_for(_DEBUG)
+    return True if _hooks else _log_enabled_for(_DEBUG)
 
 
 def trace(event: str, **fields) -> None:
