@@ -81,7 +81,7 @@ def driver_refs(space: AddressSpace) -> dict[str, object]:
     listeners, fd handlers, irqfds and armed timers."""
     machine = space.machine
     return {"groups": sorted(space.groups), "containers": len(space.containers), "listeners": len(machine.listeners),
-            "fd handlers": len(machine.selector.get_map()), "irqfds": len(machine.irqfds),
+            "fd handlers": len(machine.fd_handlers), "irqfds": len(machine.irqfds),
             "timers": machine.next_deadline() is not None}
 
 

@@ -496,7 +496,7 @@ def test_enodev_reading_the_irb_is_a_deferred_cc_3(dev, fake):
 
 
 def test_a_wakeup_with_nothing_signalled_injects_nothing(dev):
-    handler = dev.machine.selector.get_key(dev.notifiers[uapi.VFIO_CCW_IO_IRQ_INDEX]).data
+    handler = dev.machine.fd_handlers[dev.notifiers[uapi.VFIO_CCW_IO_IRQ_INDEX]]
     handler()
     assert dev.css.io_interrupts == []
 
@@ -590,6 +590,6 @@ def test_unrealize_tears_the_notifiers_down_and_releases_everything(realize, fak
     trigger_eventfd = uapi.VFIO_IRQ_SET_DATA_EVENTFD | uapi.VFIO_IRQ_SET_ACTION_TRIGGER
     assert fake.set_irqs_log[before:] == [(1, trigger_eventfd, 0, 1), (0, trigger_eventfd, 0, 1)]
     assert all(ctx.trigger is None for ctx in fake.irqs)
-    assert fake_kernel.open_files() == {} and not d.machine.selector.get_map()
+    assert fake_kernel.open_files() == {} and not d.machine.fd_handlers
     assert not d.space.groups and not d.css.subchannels and d.vbasedev is None
     d.unrealize()

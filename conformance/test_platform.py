@@ -375,7 +375,7 @@ def test_the_active_irq_firing_again_stays_active_and_is_not_queued(dev):
 
 def test_a_wakeup_with_nothing_to_clear_is_reported(dev):
     intp = dev.irqs[EDGE]
-    handler = dev.machine.selector.get_key(intp.interrupt).data
+    handler = dev.machine.fd_handlers[intp.interrupt]
     with TraceRecorder() as rec:
         handler()
     assert [f["message"] for f in rec.named("error")] == [f"Error when clearing fd={intp.interrupt} (ret = 0)"]
@@ -537,7 +537,7 @@ def test_exit_releases_every_fd_the_irqfds_and_the_group(realize, fake_kernel):
     d.connect_irq(EDGE, "spi 33")
     raise_irq(d, EDGE)
     d.exit()
-    assert fake_kernel.open_files() == {} and not d.machine.irqfds and not d.machine.selector.get_map()
+    assert fake_kernel.open_files() == {} and not d.machine.irqfds and not d.machine.fd_handlers
     assert not d.space.groups and d.vbasedev is None
     d.exit()
 

@@ -613,8 +613,12 @@ class FakeKernel(EventfdMixin):
         return f.fd
 
     def locked(self, fn: Callable, *args):
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             return fn(*args)
+        finally:
+            lock.release()
 
     def open(self, path: str, flags: int = os.O_RDWR) -> int:
         with self._lock:

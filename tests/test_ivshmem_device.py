@@ -155,7 +155,7 @@ def test_each_realize_error_unwinds_everything(machine, tmp_path, shm_name, case
     with pytest.raises(VFIOError) as e:
         IVShmemState.realize(machine, **props)
     assert e.value.message == message
-    assert open_fds() == before and not machine.selector.get_map()
+    assert open_fds() == before and not machine.fd_handlers
     assert not shm_exists(shm_name)
     listening.close()
 
@@ -366,7 +366,7 @@ def test_exit_leaves_the_server_and_closes_every_fd(machine, server):
     dev = realized(machine, chardev=server.socket_path, vectors=2)
     dev.exit()
     assert machine.run_until(lambda: server.peer_ids() == []), "the server did not see the device leave"
-    assert open_fds() == before and not machine.selector.get_map()
+    assert open_fds() == before and not machine.fd_handlers
 
 
 # -- the protocol, step by step, from a server the test scripts -------------------------------

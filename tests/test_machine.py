@@ -164,7 +164,7 @@ def test_a_second_irqfd_on_one_eventfd_is_refused_and_removal_empties_the_loop()
     assert e.value.errno == errno.EBUSY
     m.remove_irqfd(fd)
     m.remove_irqfd(fd)
-    assert not m.irqfds and not m.selector.get_map()
+    assert not m.irqfds and not m.fd_handlers
     os.eventfd_write(fd, 1)
     assert m.poll(0) == 0 and not m.irq_line("a").history
     os.close(fd)

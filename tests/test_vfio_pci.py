@@ -174,7 +174,7 @@ def assert_nothing_left(kernel, space, before):
     assert open_fds() == before
     assert kernel.live_mappings() == 0 and kernel.open_files() == {}
     assert space.groups == {} and space.containers == [] and space.machine.listeners == []
-    assert not space.machine.selector.get_map() and space.machine.next_deadline() is None
+    assert not space.machine.fd_handlers and space.machine.next_deadline() is None
 
 
 def _device_info_mangled(field, value):

@@ -24,7 +24,7 @@ from .errors import VFIOError
 from .machine import IRQLine, Machine, Timer
 from .pcicore import PCI_NUM_BARS, default_write_config, register_bar
 from .region import MmapArea, Region
-from .trace import error_report, trace, warn
+from .trace import error_report, trace, tracing, warn
 from .uapi.pci_regs import *  # noqa: F403
 
 # QEMU's words beside <linux/pci_regs.h>'s.
@@ -765,7 +765,8 @@ class VFIOPCIDevice:
     def _msi_interrupt(self, vector: VFIOMSIVector) -> None:
         if not self.host.eventfd_read(vector.fd):
             return
-        trace("vfio_msi_interrupt", name=self.name, vector=vector.nr)
+        if tracing():
+            trace("vfio_msi_interrupt", name=self.name, vector=vector.nr)
         if self.interrupt == VFIO_INT_MSIX:
             self._msix_notify(vector.nr)
         elif self.interrupt == VFIO_INT_MSI:
@@ -904,26 +905,32 @@ class VFIOPCIDevice:
     def _msi_nr_vectors_allocated(self) -> int:
         return 1 << ((self._msi_flags() & PCI_MSI_FLAGS_QSIZE) >> 4)
 
-    def _msi_get_message(self, nr: int) -> tuple[int, int]:
-        flags = self._msi_flags()
+    def _msi_get_message(self, nr: int, flags: int | None = None) -> tuple[int, int]:
+        """`flags` as the caller just read them, so an interrupt reads the capability once."""
+        if flags is None:
+            flags = self._msi_flags()
         is64 = bool(flags & PCI_MSI_FLAGS_64BIT)
         address = self._get(self.msi_cap + 4, 8 if is64 else 4, self.config)
         data = self._get(self._msi_data_off(self.msi_cap, is64), 2, self.config)
-        nr_vectors = self._msi_nr_vectors_allocated()
+        nr_vectors = 1 << ((flags & PCI_MSI_FLAGS_QSIZE) >> 4)
         return address, (data & ~(nr_vectors - 1)) | nr
 
-    def _msi_mask_off(self) -> int:
-        return self._msi_data_off(self.msi_cap, bool(self._msi_flags() & PCI_MSI_FLAGS_64BIT)) + 4
+    def _msi_mask_off(self, flags: int | None = None) -> int:
+        if flags is None:
+            flags = self._msi_flags()
+        return self._msi_data_off(self.msi_cap, bool(flags & PCI_MSI_FLAGS_64BIT)) + 4
 
     def _msi_notify(self, nr: int) -> None:
         """A masked vector only sets its pending bit; the unmask delivers it."""
-        if self._msi_flags() & PCI_MSI_FLAGS_MASKBIT:
-            off = self._msi_mask_off()
+        flags = self._msi_flags()
+        if flags & PCI_MSI_FLAGS_MASKBIT:
+            off = self._msi_mask_off(flags)
             if self._get(off, 4, self.config) & (1 << nr):
                 self._set(off + 4, 4, self._get(off + 4, 4, self.config) | (1 << nr), self.config)
                 return
-        address, data = self._msi_get_message(nr)
-        trace("msi_notify", name=self.name, vector=nr, address=address, data=data)
+        address, data = self._msi_get_message(nr, flags)
+        if tracing():
+            trace("msi_notify", name=self.name, vector=nr, address=address, data=data)
         self.machine.msi_notify(address, data)
 
     def _msi_write_config(self, addr: int, size: int) -> None:
