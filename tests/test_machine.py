@@ -75,6 +75,37 @@ def test_fd_handler_runs_on_poll():
     m.close()
 
 
+def test_a_handler_removed_by_another_in_the_same_round_does_not_run():
+    """Both fds are ready in one poll and each handler removes the other's: one runs, as in
+    QEMU's loop, which skips a handler deleted since the poll returned."""
+    m = Machine()
+    a, b = os.eventfd(1, os.EFD_NONBLOCK), os.eventfd(1, os.EFD_NONBLOCK)
+    ran = []
+    m.set_fd_handler(a, lambda: (ran.append(a), m.set_fd_handler(b, None)))
+    m.set_fd_handler(b, lambda: (ran.append(b), m.set_fd_handler(a, None)))
+    assert m.poll(0) == 1 and len(ran) == 1 and list(m.fd_handlers) == ran
+    m.close()
+    os.close(a)
+    os.close(b)
+
+
+def test_a_reader_closed_before_its_handler_is_removed():
+    """epoll forgets a closed fd by itself; removing or reusing its number still works."""
+    m = Machine()
+    fd = os.eventfd(0, os.EFD_NONBLOCK)
+    m.set_fd_handler(fd, lambda: None)
+    os.close(fd)
+    again = os.eventfd(1, os.EFD_NONBLOCK)
+    assert again == fd
+    seen = []
+    m.set_fd_handler(again, lambda: seen.append(os.eventfd_read(again)))
+    assert m.poll(0) == 1 and seen == [1]
+    m.set_fd_handler(again, None)
+    assert not m.fd_handlers
+    m.close()
+    os.close(again)
+
+
 def test_ram_listener_sees_existing_and_new_areas():
     m = Machine()
     events = []
