@@ -3,10 +3,11 @@ trip through vfio_impl against the same loop written with os and fcntl.ioctl alo
 
 A round trip raises edu's interrupt (0x60) with MSI enabled, waits for its eventfd and acks it
 (0x64). The raw loop waits with a blocking read; vfio_impl waits in the Machine's loop, whose
-handler reads the eventfd and delivers the MSI message. A third side is the raw loop with a
-select before its read: the least an event loop adds, so the floor under vfio_impl's ratio.
-The group opens once at a time, so each side sets up, times its round trips and tears down
-in turn.
+handler reads the eventfd and delivers the MSI message. Two more sides are the raw loop with
+an epoll wait before its read (what the Machine's loop does, so the ceiling of any loop that
+waits on more than one fd) and with a `selectors` select (what a generic loop does). The
+group opens once at a time, so each side sets up, times its round trips and tears down in
+turn. Last, the vfio_impl side runs once more under cProfile, for where its time goes.
 
     python3 -m bench.guest_msi --json FILE [--device BDF] [--rounds N] [--repeats R]
 """
@@ -14,11 +15,14 @@ in turn.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import fcntl
 import functools
 import json
 import mmap
 import os
+import pstats
+import select
 import selectors
 import struct
 import time
@@ -34,16 +38,23 @@ WAIT_S = 5.0
 BAR0 = 1 << 20
 
 
-def raw_round_trips(bdf: str, rounds: int, selector: selectors.BaseSelector | None = None) -> float:
+def raw_round_trips(bdf: str, rounds: int, poller: str | None = None) -> float:
     """vfio's ioctls by hand: container, group, device, MSI onto an eventfd, BAR0 mmapped. The
-    wait is a blocking read, or with `selector` a select before the read, which is the least
-    any event loop does."""
+    wait is a blocking read, or with `poller` ("epoll" or "selectors") a wait on the eventfd
+    before the read, which is the least an event loop does."""
     group_nr = os.path.basename(os.readlink(f"/sys/bus/pci/devices/{bdf}/iommu_group"))
     container = os.open("/dev/vfio/vfio", os.O_RDWR | os.O_CLOEXEC)
     group = os.open(f"/dev/vfio/{group_nr}", os.O_RDWR | os.O_CLOEXEC)
-    efd = os.eventfd(0, os.EFD_CLOEXEC | (os.EFD_NONBLOCK if selector else 0))
-    if selector:
-        selector.register(efd, selectors.EVENT_READ)
+    efd = os.eventfd(0, os.EFD_CLOEXEC | (os.EFD_NONBLOCK if poller else 0))
+    wait = None
+    if poller == "epoll":
+        waiter = select.epoll()
+        waiter.register(efd, select.EPOLLIN)
+        wait = waiter.poll
+    elif poller == "selectors":
+        waiter = selectors.DefaultSelector()
+        waiter.register(efd, selectors.EVENT_READ)
+        wait = waiter.select
     try:
         fcntl.ioctl(group, uapi.VFIO_GROUP_SET_CONTAINER, struct.pack("=i", container))
         fcntl.ioctl(container, uapi.VFIO_SET_IOMMU, uapi.VFIO_TYPE1v2_IOMMU)
@@ -61,8 +72,8 @@ def raw_round_trips(bdf: str, rounds: int, selector: selectors.BaseSelector | No
                 t0 = time.perf_counter()
                 for _ in range(rounds):
                     words[RAISE // 4] = EDU_IRQ
-                    if selector:
-                        selector.select(WAIT_S)
+                    if wait:
+                        wait(WAIT_S)
                     os.eventfd_read(efd)
                     words[ACK // 4] = EDU_IRQ
                 took = time.perf_counter() - t0
@@ -70,8 +81,8 @@ def raw_round_trips(bdf: str, rounds: int, selector: selectors.BaseSelector | No
         finally:
             os.close(device)
     finally:
-        if selector:
-            selector.unregister(efd)
+        if poller:
+            waiter.close()
         os.close(efd)
         os.close(group)
         os.close(container)
@@ -109,21 +120,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
-    with selectors.DefaultSelector() as selector:
-        sides = {"vfio_impl": vfio_impl_round_trips, "raw": raw_round_trips,
-                 "raw_select": functools.partial(raw_round_trips, selector=selector)}
-        for side in sides.values():
-            side(args.device, max(1, args.rounds // 10))
-        rates: dict[str, list[float]] = {name: [] for name in sides}
-        for r in range(args.repeats):
-            for name in (sides if r % 2 == 0 else reversed(sides)):
-                rates[name].append(args.rounds / sides[name](args.device, args.rounds))
-    ratios = {name: [rate / raw for rate, raw in zip(rates[name], rates["raw"])] for name in ("vfio_impl", "raw_select")}
+    sides = {"vfio_impl": vfio_impl_round_trips, "raw": raw_round_trips,
+             "raw_epoll": functools.partial(raw_round_trips, poller="epoll"),
+             "raw_selectors": functools.partial(raw_round_trips, poller="selectors")}
+    for side in sides.values():
+        side(args.device, max(1, args.rounds // 10))
+    rates: dict[str, list[float]] = {name: [] for name in sides}
+    for r in range(args.repeats):
+        for name in (sides if r % 2 == 0 else reversed(sides)):
+            rates[name].append(args.rounds / sides[name](args.device, args.rounds))
+    ratios = {name: [rate / raw for rate, raw in zip(rates[name], rates["raw"])] for name in sides if name != "raw"}
     with open(args.json, "w") as out:
-        json.dump({"device": args.device, "rounds": args.rounds, "ratios": ratios, "rates": rates}, out, indent=2)
+        json.dump({"device": args.device, "rounds": args.rounds, "ratios": ratios, "rates": rates,
+                   "profile": profile(args.device, args.rounds)}, out, indent=2)
     for name, values in ratios.items():
         print(f"guest_msi: {name}/raw MSI rate ratios {', '.join(f'{v:.3f}' for v in values)}")
     return 0
+
+
+def profile(bdf: str, rounds: int, top: int = 12) -> list[dict]:
+    """The vfio_impl side's round trips under cProfile: the functions with the most time of
+    their own, as shares of the whole."""
+    profiler = cProfile.Profile()
+    profiler.runcall(vfio_impl_round_trips, bdf, rounds)
+    stats = pstats.Stats(profiler).stats
+    total = sum(own for _, _, own, _, _ in stats.values())
+    rows = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
+    return [{"function": f"{os.path.basename(file)}:{line}({name})", "calls": calls, "own": own / total,
+             "cumulative": cumulative / total} for (file, line, name), (_, calls, own, cumulative, _) in rows]
 
 
 if __name__ == "__main__":
