@@ -6,8 +6,10 @@ A round trip raises edu's interrupt (0x60) with MSI enabled, waits for its event
 handler reads the eventfd and delivers the MSI message. Two more sides are the raw loop with
 an epoll wait before its read (what the Machine's loop does, so the ceiling of any loop that
 waits on more than one fd) and with a `selectors` select (what a generic loop does). The
-group opens once at a time, so each side sets up, times its round trips and tears down in
-turn. Last, the vfio_impl side runs once more under cProfile, for where its time goes.
+last side makes each step of the raw loop a one-line Python function: what three calls cost
+there, whatever they do. The group opens once at a time, so each side sets up, times its
+round trips and tears down in turn. Last, the vfio_impl side runs once more under cProfile,
+for where its time goes.
 
     python3 -m bench.guest_msi --json FILE [--device BDF] [--rounds N] [--repeats R]
 """
@@ -41,12 +43,13 @@ BAR0 = 1 << 20
 def raw_round_trips(bdf: str, rounds: int, poller: str | None = None) -> float:
     """vfio's ioctls by hand: container, group, device, MSI onto an eventfd, BAR0 mmapped. The
     wait is a blocking read, or with `poller` ("epoll" or "selectors") a wait on the eventfd
-    before the read, which is the least an event loop does."""
+    before the read, which is the least an event loop does. With "calls" the three steps are
+    each a Python function of one line: the least any library's API costs."""
     group_nr = os.path.basename(os.readlink(f"/sys/bus/pci/devices/{bdf}/iommu_group"))
     container = os.open("/dev/vfio/vfio", os.O_RDWR | os.O_CLOEXEC)
     group = os.open(f"/dev/vfio/{group_nr}", os.O_RDWR | os.O_CLOEXEC)
     efd = os.eventfd(0, os.EFD_CLOEXEC | (os.EFD_NONBLOCK if poller else 0))
-    wait = None
+    wait = waiter = None
     if poller == "epoll":
         waiter = select.epoll()
         waiter.register(efd, select.EPOLLIN)
@@ -70,23 +73,42 @@ def raw_round_trips(bdf: str, rounds: int, poller: str | None = None) -> float:
             with mmap.mmap(device, BAR0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0) as bar0:
                 words = memoryview(bar0).cast("I")
                 t0 = time.perf_counter()
-                for _ in range(rounds):
-                    words[RAISE // 4] = EDU_IRQ
-                    if wait:
-                        wait(WAIT_S)
-                    os.eventfd_read(efd)
-                    words[ACK // 4] = EDU_IRQ
+                if poller == "calls":
+                    _library_round_trips(words, efd, rounds)
+                else:
+                    for _ in range(rounds):
+                        words[RAISE // 4] = EDU_IRQ
+                        if wait:
+                            wait(WAIT_S)
+                        os.eventfd_read(efd)
+                        words[ACK // 4] = EDU_IRQ
                 took = time.perf_counter() - t0
                 words.release()
         finally:
             os.close(device)
     finally:
-        if poller:
+        if waiter:
             waiter.close()
         os.close(efd)
         os.close(group)
         os.close(container)
     return took
+
+
+def _library_round_trips(words: memoryview, efd: int, rounds: int) -> None:
+    def raise_irq() -> None:
+        words[RAISE // 4] = EDU_IRQ
+
+    def wait_irq() -> int:
+        return os.eventfd_read(efd)
+
+    def ack_irq() -> None:
+        words[ACK // 4] = EDU_IRQ
+
+    for _ in range(rounds):
+        raise_irq()
+        wait_irq()
+        ack_irq()
 
 
 def vfio_impl_round_trips(bdf: str, rounds: int) -> float:
@@ -122,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sides = {"vfio_impl": vfio_impl_round_trips, "raw": raw_round_trips,
              "raw_epoll": functools.partial(raw_round_trips, poller="epoll"),
-             "raw_selectors": functools.partial(raw_round_trips, poller="selectors")}
+             "raw_selectors": functools.partial(raw_round_trips, poller="selectors"),
+             "raw_calls": functools.partial(raw_round_trips, poller="calls")}
     for side in sides.values():
         side(args.device, max(1, args.rounds // 10))
     rates: dict[str, list[float]] = {name: [] for name in sides}
