@@ -4,8 +4,8 @@ trip through vfio_impl against the same loop written with os and fcntl.ioctl alo
 A round trip raises edu's interrupt (0x60) with MSI enabled, waits for its eventfd and acks it
 (0x64). The raw loop waits with a blocking read; vfio_impl waits in the Machine's loop, whose
 handler reads the eventfd and delivers the MSI message. Two more sides are the raw loop with
-an epoll wait before its read (what the Machine's loop does, so the ceiling of any loop that
-waits on more than one fd) and with a `selectors` select (what a generic loop does). The
+an epoll wait before its read (the least any loop that waits on more than one fd can do) and
+with a `selectors` select (what the Machine's loop does, as DESIGN builds it on selectors). The
 last side makes each step of the raw loop a one-line Python function: what three calls cost
 there, whatever they do. The group opens once at a time, so each side sets up, times its
 round trips and tears down in turn. Last, the vfio_impl side runs once more under cProfile,

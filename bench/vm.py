@@ -39,8 +39,8 @@ def figure_9(scale: Scale) -> list[Figure] | None:
                    guest["ratios"]["vfio_impl"], Target(">=", 0.8),
                    note=f"TCG guest, {guest['rounds']} round trips a repeat; own time: {hot}"),
             Figure("9e", "MSI rate of the raw loop waiting in epoll", "the raw loop with an epoll wait before the read",
-                   raw, guest["ratios"]["raw_epoll"], note="the Machine's wait alone: 9's ceiling"),
+                   raw, guest["ratios"]["raw_epoll"], note="the least wait of any loop: a ceiling for 9"),
             Figure("9s", "MSI rate of the raw loop waiting in selectors", "the raw loop with a selectors select "
-                   "before the read", raw, guest["ratios"]["raw_selectors"], note="a generic event loop's wait"),
+                   "before the read", raw, guest["ratios"]["raw_selectors"], note="the Machine's own wait: 9's ceiling"),
             Figure("9c", "MSI rate of the raw loop as three Python calls", "raise, read and ack each a one-line "
                    "Python function", raw, guest["ratios"]["raw_calls"], note="what an API of three calls costs there")]

@@ -13,7 +13,6 @@ import heapq
 import itertools
 import mmap
 import os
-import select
 import selectors
 import time
 from dataclasses import dataclass, field
@@ -139,10 +138,10 @@ class Machine:
         self.clock = clock or RealClock()
         if isinstance(self.clock, VirtualClock):
             self.clock.machine = self
-        # The loop's readers: an epoll set and a handler per fd, polled directly, since a round
-        # of `selectors` costs more than the interrupt it waits for (bench figure 9).
+        self.selector = selectors.DefaultSelector()
+        # The handler of each fd the loop reads, kept beside the selector's own keys so that a
+        # round can skip a handler removed since its select returned, as QEMU's loop does.
         self.fd_handlers: dict[int, Callable[[], None]] = {}
-        self._epoll = select.epoll()
         self._timers: list = []
         self._order = itertools.count()
         self.ram: list[RAMArea] = []
@@ -161,12 +160,9 @@ class Machine:
     def set_fd_handler(self, fd: int, handler: Callable[[], None] | None) -> None:
         """Like qemu_set_fd_handler: None removes the reader."""
         if self.fd_handlers.pop(fd, None) is not None:
-            try:
-                self._epoll.unregister(fd)
-            except OSError:
-                pass  # closed before its handler was removed: epoll has dropped it already
+            self.selector.unregister(fd)
         if handler is not None:
-            self._epoll.register(fd, select.EPOLLIN)
+            self.selector.register(fd, selectors.EVENT_READ, handler)
             self.fd_handlers[fd] = handler
 
     def has_fd_handler(self, fd: int) -> bool:
@@ -196,10 +192,9 @@ class Machine:
         ran = 0
         handlers = self.fd_handlers
         if handlers:
-            for fd, _ in self._epoll.poll(-1 if timeout is None else timeout if timeout > 0 else 0):
-                handler = handlers.get(fd)
-                if handler is not None:
-                    handler()
+            for key, _ in self.selector.select(timeout):
+                if handlers.get(key.fd) is key.data:
+                    key.data()
                     ran += 1
         if self._timers:
             self.run_timers()
@@ -294,4 +289,4 @@ class Machine:
             self.remove_ram(area)
             area.memory.close()
         self._kvm.close()
-        self._epoll.close()
+        self.selector.close()
