@@ -396,13 +396,15 @@ class DeviceFile(File):
             raise _err(errno.EFAULT, "the ioctl takes a pointer to a struct") from None
         except struct.error:
             raise _err(errno.EFAULT, f"vfio_region_info buffer shorter than {_REGION_INFO_SIZE} bytes") from None
-        if argsz < _REGION_INFO_SIZE:
-            raise _err(errno.EINVAL, "argsz below vfio_region_info")
         try:
             needed, fits, chain, short = self.region_replies[index]
         except KeyError:
+            if argsz < _REGION_INFO_SIZE:
+                raise _err(errno.EINVAL, "argsz below vfio_region_info") from None
             needed, fits, chain, short = self.region_replies[index] = self.region_reply(index)
         if argsz < needed:
+            if argsz < _REGION_INFO_SIZE:
+                raise _err(errno.EINVAL, "argsz below vfio_region_info")
             arg[:_REGION_INFO_SIZE] = short
         else:
             arg[4:_REGION_INFO_SIZE] = fits
