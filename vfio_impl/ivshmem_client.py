@@ -216,10 +216,10 @@ class IvshmemClient:
     def wait_interrupt(self, timeout: float | None = None) -> int | None:
         """The vector of our own whose eventfd fired, or None when `timeout` passes first."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        wait = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
         sock = self._sock.fileno()
         while True:
             own = self._protocol.peers.get(self.own_id, [])
-            wait = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
             ready = self._poller((sock, *own)).poll(wait)
             for fd, _ in ready:
                 if fd != sock:
@@ -230,8 +230,11 @@ class IvshmemClient:
                         continue
             if ready:
                 self._read_server()
-            elif deadline is not None and time.monotonic() >= deadline:
-                return None
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                wait = int(left * 1000 + 0.999)
 
     def eventfds(self, peer: int) -> list[int]:
         """A peer's eventfds, one per vector: what its doorbells write, and what it reads."""
@@ -245,7 +248,8 @@ class IvshmemClient:
         eventfds = self.eventfds(peer)
         if not 0 <= vector < len(eventfds):
             raise ValueError(f"invalid vector {vector} on peer {peer}")
-        self._debug(f"notify peer {peer} on vector {vector}, fd {eventfds[vector]}")
+        if self.verbose:
+            self._debug(f"notify peer {peer} on vector {vector}, fd {eventfds[vector]}")
         os.eventfd_write(eventfds[vector], 1)
 
     def notify_all(self, peer: int | None = None) -> None:
