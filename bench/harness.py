@@ -7,6 +7,7 @@ min and max.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import operator
@@ -15,7 +16,7 @@ import platform
 import sys
 import timeit
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 # A side of a comparison runs n operations and returns the seconds they took, so a side can
 # keep its set-up (a batch of ivshmem peers leaving, say) out of its own timing.
@@ -102,6 +103,21 @@ def compare(subject: Side, baseline: Side, n: int, repeats: int, *, rate: bool =
         s, b = took[subject], took[baseline]
         ratios.append(b / s if rate else s / b)
     return ratios
+
+
+@contextlib.contextmanager
+def one_cpu() -> Iterator[int]:
+    """Pins this process, and the processes it forks, to one CPU for a ping-pong between
+    processes. Left to the scheduler, a hand-off lands on an idle or a busy CPU by chance, and
+    figure 1's per-repeat ratio ranged from 0.2 to 12 on this 2-CPU machine; on one CPU every
+    hand-off is one context switch, and the ratio's spread is a few percent."""
+    before = os.sched_getaffinity(0)
+    cpu = min(before)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield cpu
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def machine() -> dict:

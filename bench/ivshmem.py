@@ -2,7 +2,8 @@
 
 7:  a doorbell round trip between two peers (IvshmemClient.notify, the other peer's
     wait_interrupt, and its doorbell back) against the raw eventfd ping-pong of figure 1. The
-    other peer is a forked process, forked before the server's thread starts.
+    other peer is a forked process, forked before the server's thread starts; while the round
+    trips are timed, both peers and the raw responder share one CPU, as in figure 1.
 7j: peers joining an IvshmemServer, each a full IvshmemClient.connect(), against the syscalls
     of a join done by hand (connect, accept, the three setup messages with the shared memory's
     fd, its mmap). Peers join in batches that then leave, as the server's own 1,000-peer test
@@ -22,7 +23,7 @@ import time
 from vfio_impl.ivshmem_client import IvshmemClient
 from vfio_impl.ivshmem_server import IvshmemServer
 
-from .harness import Figure, Target, compare
+from .harness import Figure, Target, compare, one_cpu
 from .irq import Responder
 from .scale import Scale
 
@@ -134,8 +135,12 @@ def figure_7(scale: Scale) -> list[Figure]:
             with IvshmemServer(path, size=SHM_SIZE, vectors=1), IvshmemClient(path, vectors=1) as client:
                 other = struct.unpack("=i", os.read(ready_r, 4))[0]
                 _until(lambda: other in client.peers, client, "the other peer never joined")
-                doorbells = compare(_doorbells(client, other), raw.round_trips(lambda: os.eventfd_write(raw_fd, 1)),
-                                    scale.pings, scale.ping_repeats)
+                with one_cpu() as cpu:
+                    for process in (pid, raw.pid):
+                        os.sched_setaffinity(process, {cpu})
+                    doorbells = compare(_doorbells(client, other),
+                                        raw.round_trips(lambda: os.eventfd_write(raw_fd, 1)),
+                                        scale.pings, scale.ping_repeats)
         finally:
             os.waitpid(pid, 0)
             raw.close()
