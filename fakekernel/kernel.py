@@ -665,7 +665,7 @@ class FakeKernel(EventfdMixin):
     def ioctl(self, fd: int, request: int, arg: int | bytearray | bytes = 0) -> int:
         """Immutable bytes go in as a copy, as RealHost passes them: the answer is not seen.
 
-        The lock is taken by hand: a `with` costs a lock three times over on 3.11, and every
+        The lock is taken by hand: on 3.11 a `with` costs two to three times as much, and every
         test's syscalls come through here."""
         if isinstance(arg, bytes):
             arg = bytearray(arg)
