@@ -470,9 +470,7 @@ class VfioPciDevice:
         What it depends on is fixed at the first open (vfio_pci_probe_mmaps runs in
         vfio_pci_core_enable), so a BAR moved afterwards keeps the mmap support it had then."""
         info = self.regions.get(index)
-        if info is None:
-            info = self.regions[index] = self._region_info(index)
-        return info
+        return info if info is not None else self._region_info(index)
 
     def _region_info(self, index: int) -> tuple[int, int, list]:
         f = self.function
@@ -552,7 +550,7 @@ class VfioPciDevice:
             raise _einval("beyond the BAR")
         if count > bar.size - pos:
             count = bar.size - pos
-        if bar.kind != pci.BAR_IO and not self.vconfig[pci.PCI_COMMAND] & pci.PCI_COMMAND_MEMORY:
+        if bar.kind != pci.BAR_IO and not self.memory_enabled():
             raise OSError(errno.EIO, "memory decode disabled")
         if bar.ram:
             if data is None:
