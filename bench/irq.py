@@ -28,14 +28,12 @@ class Responder:
     A process rather than a thread, so the hand-off is the kernel's wake-up alone: two threads
     of one interpreter also trade the GIL, which made the same ping-pong vary 5-11 us here."""
 
-    def __init__(self, wait_fd: int, cpu: int | None = None):
+    def __init__(self, wait_fd: int):
         self.wait_fd = wait_fd
         self.answer = os.eventfd(0, os.EFD_CLOEXEC)
         self.pid = os.fork()
         if self.pid == 0:
             try:
-                if cpu is not None:
-                    os.sched_setaffinity(0, {cpu})
                 while os.eventfd_read(wait_fd) < STOP:
                     os.eventfd_write(self.answer, 1)
             finally:
@@ -68,7 +66,10 @@ def _figure_1(scale: Scale, number: str, user_cpu: int | None) -> Figure:
             bus_master(device)
             device.set_irq_signaling(uapi.VFIO_PCI_MSI_IRQ_INDEX, 0, uapi.VFIO_IRQ_SET_ACTION_TRIGGER, user_fd)
             edu = kernel.functions[EDU]
-            raw, fake = Responder(raw_fd, user_cpu), Responder(user_fd, user_cpu)
+            raw, fake = Responder(raw_fd), Responder(user_fd)
+            if user_cpu is not None:
+                for responder in (raw, fake):
+                    os.sched_setaffinity(responder.pid, {user_cpu})
             try:
                 samples = compare(fake.round_trips(functools.partial(kernel.locked, edu.raise_irq, EDU_IRQ)),
                                   raw.round_trips(functools.partial(os.eventfd_write, raw_fd, 1)),
