@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass, field
 
+from vfio_impl import uapi
 from vfio_impl.host import Host, RealHost
+from vfio_impl.pciaddr import PCI_DEVICES, sysfs_path
 
 # vendor:device -> the catalog name tests ask for.
 MODELS = {(0x1234, 0x11E8): "edu", (0x1AF4, 0x1110): "ivshmem", (0x8086, 0x10D3): "e1000e"}
-PCI_DEVICES = "/sys/bus/pci/devices"
+# Drivers that leave a group viable: vfio's own, pci-stub, and those that do no DMA (Linux's
+# driver_managed_dma), which is why a PCIe root port bound to pcieport may share a group.
+VIABLE_DRIVERS = ("vfio-pci", "pci-stub", "pcieport")
 
 
 @dataclass(slots=True)
@@ -34,14 +39,18 @@ class Backend:
     kernel: str
     devices: list[DeviceInfo] = field(default_factory=list)
     destructive: bool = False
+    used: list[str] = field(default_factory=list)
 
     def find(self, model: str) -> DeviceInfo | None:
-        return next((d for d in self.devices if d.model == model), None)
+        """The first device of a model; what a test finds is what it ran on, for the report."""
+        found = next((d for d in self.devices if d.model == model), None)
+        if found and found.bdf not in self.used:
+            self.used.append(found.bdf)
+        return found
 
 
 def describe(host: Host, bdf_or_path: str) -> DeviceInfo:
-    sysfs = bdf_or_path if bdf_or_path.startswith("/") else f"{PCI_DEVICES}/{bdf_or_path}"
-    sysfs = sysfs.rstrip("/")
+    sysfs = sysfs_path(bdf_or_path)
     bdf = os.path.basename(sysfs)
     vendor = int(host.read_text(f"{sysfs}/vendor"), 16)
     device = int(host.read_text(f"{sysfs}/device"), 16)
@@ -49,14 +58,66 @@ def describe(host: Host, bdf_or_path: str) -> DeviceInfo:
         group = int(host.readlink(f"{sysfs}/iommu_group").rsplit("/", 1)[-1])
     except (OSError, ValueError):
         group = None
-    try:
-        driver = host.readlink(f"{sysfs}/driver").rsplit("/", 1)[-1]
-    except OSError:
-        driver = None
+    driver = driver_of(host, sysfs)
     model = MODELS.get((vendor, device), "unknown")
     if model == "ivshmem" and _resource_size(host, sysfs, 1):
         model = "ivshmem-doorbell"
     return DeviceInfo(bdf, sysfs, vendor, device, model, group, driver)
+
+
+def driver_of(host: Host, sysfs: str) -> str | None:
+    try:
+        return host.readlink(f"{sysfs}/driver").rsplit("/", 1)[-1]
+    except OSError:
+        return None
+
+
+class DeviceError(Exception):
+    """A device named on the command line that no test can run on; the message says why and
+    what to do, in one line."""
+
+
+def check_device(host: Host, name: str) -> DeviceInfo:
+    """What a named device must be before any test runs: present, bound to vfio-pci, and in a
+    viable group. The group's viability is the kernel's own answer (GROUP_GET_STATUS)."""
+    try:
+        sysfs = sysfs_path(name)
+    except ValueError as e:
+        raise DeviceError(f"--device {name}: {e}, nor a sysfs path") from None
+    if not host.exists(sysfs):
+        raise DeviceError(f"--device {name}: no such device: {sysfs} does not exist")
+    info = describe(host, sysfs)
+    if info.driver != "vfio-pci":
+        bound = f"bound to {info.driver}" if info.driver else "bound to no driver"
+        raise DeviceError(f"--device {name}: {info.bdf} is {bound}, not vfio-pci; bind it with "
+                          f"'echo vfio-pci > {sysfs}/driver_override' and "
+                          f"'echo {info.bdf} > /sys/bus/pci/drivers_probe' (after unbinding it)")
+    if info.group is None:
+        raise DeviceError(f"--device {name}: {info.bdf} has no IOMMU group (is the IOMMU on?)")
+    _check_viable(host, info)
+    return info
+
+
+def _check_viable(host: Host, info: DeviceInfo) -> None:
+    path = f"/dev/vfio/{info.group}"
+    try:
+        fd = host.open(path, os.O_RDWR)
+    except OSError as e:
+        hint = "; another process has the group open" if e.errno == errno.EBUSY else ""
+        raise DeviceError(f"--device {info.bdf}: cannot open {path}: {e.strerror}{hint}") from None
+    try:
+        status = uapi.vfio_group_status.pack()
+        host.ioctl(fd, uapi.VFIO_GROUP_GET_STATUS, status)
+        viable = uapi.vfio_group_status.unpack(status).flags & uapi.VFIO_GROUP_FLAGS_VIABLE
+    finally:
+        host.close(fd)
+    if viable:
+        return
+    members = host.listdir(f"/sys/kernel/iommu_groups/{info.group}/devices")
+    culprits = [f"{m} (bound to {d})" for m in sorted(members)
+                if (d := driver_of(host, f"{PCI_DEVICES}/{m}")) and d not in VIABLE_DRIVERS]
+    raise DeviceError(f"--device {info.bdf}: IOMMU group {info.group} is not viable: "
+                      f"{', '.join(culprits) or 'a member'} must be bound to vfio-pci or unbound")
 
 
 def _resource_size(host: Host, sysfs: str, index: int) -> int:
@@ -80,9 +141,36 @@ def vfio_bound(host: Host) -> list[DeviceInfo]:
 REAL_MISSING = "real backend: /dev/vfio/vfio is absent, this kernel has no VFIO (load vfio-pci or use the ci/ VM runner)"
 
 
+def check_named(kind: str, names: list[str]) -> list[DeviceInfo]:
+    """The devices named for a run, each checked as `check_device` does, on this machine or on
+    the fake's default topology (the machine the fake mirrors)."""
+    if kind == "real":
+        if not real_available():
+            raise DeviceError(REAL_MISSING)
+        host = RealHost()
+        return [check_device(host, name) for name in names]
+    from fakekernel import FakeKernel, Topology
+    from fakekernel.topology import DEFAULT_TOPOLOGY
+
+    with FakeKernel(Topology.named(DEFAULT_TOPOLOGY)) as kernel:
+        try:
+            return [check_device(kernel, name) for name in names]
+        except DeviceError as e:
+            raise DeviceError(f"{e} (on the fake's {DEFAULT_TOPOLOGY!r} topology)") from None
+
+
+def kernel_label(kind: str) -> str:
+    """The kernel a run tests, as reports and JUnit suite names show it."""
+    if kind == "real":
+        return os.uname().release
+    from fakekernel.profile import LINUX_6_1
+
+    return f"fake {LINUX_6_1.name}"
+
+
 def real_backend(devices: list[str], destructive: bool) -> Backend:
     host = RealHost()
-    found = [describe(host, d) for d in devices] if devices else vfio_bound(host)
+    found = [check_device(host, d) for d in devices] if devices else vfio_bound(host)
     return Backend("real", host, os.uname().release, found, destructive)
 
 

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+from collections import Counter
 
 import pytest
 
 # The plugin loads before coverage starts, so the packages under test are imported lazily.
 
-# The fake mirrors the CI VM by default, so every test that runs on real also runs on the fake.
-FAKE_TOPOLOGY = "vm"
+# What the `vfio` fixture learnt about a test, for its report: why it skipped, which devices it used.
+SKIP_KIND = pytest.StashKey[str]()
+DEVICES_USED = pytest.StashKey[list]()
+FIGURES = pytest.StashKey[list]()
 
 
 def pytest_addoption(parser) -> None:
@@ -40,8 +44,16 @@ def pytest_configure(config) -> None:
     _fault_rules(config.getoption("--vfio-fault", []))
     if config.getoption("--vfio-fault", []) and config.getoption("--vfio-backend", "fake") == "real":
         raise pytest.UsageError("--vfio-fault injects faults into the fake kernel; it needs --vfio-backend fake")
-    if config.getoption("--vfio-json", None) and not hasattr(config, "workerinput"):
-        config.pluginmanager.register(JSONReport(config), "vfio-json-report")
+    named = config.getoption("--vfio-device", [])
+    if named and not hasattr(config, "workerinput"):
+        from .backends import DeviceError, check_named
+
+        try:
+            check_named(config.getoption("--vfio-backend", "fake"), named)
+        except DeviceError as e:
+            raise pytest.UsageError(str(e)) from None
+    if not hasattr(config, "workerinput"):
+        config.pluginmanager.register(RunReport(config), "vfio-run-report")
 
 
 def _fault_rules(specs) -> list:
@@ -70,6 +82,8 @@ def vfio(request):
     On the fake, every open fd is counted before and after the test: a leak fails it.
     """
     from fakekernel import FakeKernel, Topology
+    from fakekernel.topology import DEFAULT_TOPOLOGY
+    from vfio_impl.pciaddr import sysfs_path
 
     from .backends import REAL_MISSING, Backend, describe, real_available, real_backend
 
@@ -77,43 +91,57 @@ def vfio(request):
     kind = request.config.getoption("--vfio-backend")
     if kind == "real":
         if not real_available():
-            pytest.skip(REAL_MISSING)
+            _skip(request, "backend", REAL_MISSING)
         if need.get("platform"):
-            pytest.skip("real backend: no vfio-platform device")
+            _skip(request, "runner", "real backend: no vfio-platform device")
         if need.get("ccw"):
-            pytest.skip("real backend: no vfio-ccw device")
+            _skip(request, "runner", "real backend: no vfio-ccw device")
         if need.get("fake_only"):
-            pytest.skip(f"real backend: needs {need['fake_only']}")
+            _skip(request, "runner", f"real backend: needs {need['fake_only']}")
         if need.get("faults"):
-            pytest.skip("real backend: needs the fake kernel's fault injection")
+            _skip(request, "runner", "real backend: needs the fake kernel's fault injection")
         if need.get("topology"):
-            pytest.skip(f"real backend: needs the fake kernel's {need['topology']!r} topology")
+            _skip(request, "runner", f"real backend: needs the fake kernel's {need['topology']!r} topology")
         backend = real_backend(request.config.getoption("--vfio-device"),
                                request.config.getoption("--vfio-destructive"))
         if need.get("destructive") and not backend.destructive:
-            pytest.skip("real backend: destructive test (reset/DMA); pass --vfio-destructive to allow it")
-        _require_device(backend, need)
+            _skip(request, "destructive", "real backend: destructive test (reset/DMA); pass --vfio-destructive to allow it")
+        _require_device(request, backend, need)
         yield backend
+        request.node.stash[DEVICES_USED] = backend.used
         return
     before = _open_fds()
-    default = "platform" if need.get("platform") else "ccw" if need.get("ccw") else FAKE_TOPOLOGY
+    default = "platform" if need.get("platform") else "ccw" if need.get("ccw") else DEFAULT_TOPOLOGY
     kernel = FakeKernel(Topology.named(need.get("topology") or default))
     backend = Backend("fake", kernel, f"fake {kernel.profile.name}", destructive=True)
-    backend.devices = [describe(kernel, spec.bdf) for spec in kernel.topology.devices]
+    named = request.config.getoption("--vfio-device")
+    if named and not need.get("topology"):
+        backend.devices = [describe(kernel, name) for name in named if kernel.exists(sysfs_path(name))]
+    else:
+        backend.devices = [describe(kernel, spec.bdf) for spec in kernel.topology.devices]
     try:
-        _require_device(backend, need)
+        _require_device(request, backend, need)
         kernel.faults.add(*_fault_rules([*request.config.getoption("--vfio-fault"), *need.get("faults", ())]))
         yield backend
+        request.node.stash[DEVICES_USED] = backend.used
     finally:
         kernel.close_all()
     leaked = _open_fds() - before
     assert not leaked, f"test leaked file descriptors {sorted(leaked)}"
 
 
-def _require_device(backend, need: dict) -> None:
+def _require_device(request, backend, need: dict) -> None:
     model = need.get("device")
-    if model and backend.find(model) is None:
-        pytest.skip(f"{backend.kind} backend: no {model} device bound to vfio-pci")
+    if model and not any(d.model == model for d in backend.devices):
+        _skip(request, "device", f"{backend.kind} backend: no {model} device bound to vfio-pci")
+
+
+def _skip(request, kind: str, reason: str) -> None:
+    """Skips, remembering why in a word the report can judge by: "runner" (the real runner
+    cannot build what the test needs: a fake topology, fake internals, a bus it lacks),
+    "backend" (no VFIO at all), "device" (no such device bound) or "destructive"."""
+    request.node.stash[SKIP_KIND] = kind
+    pytest.skip(reason)
 
 
 @pytest.fixture
@@ -186,52 +214,128 @@ def raw(vfio, request):
     session.close()
 
 
+@pytest.fixture
+def record_reliability(request):
+    """Records a reliability figure (a dict) for the JSON report's `reliability` section. Kept
+    off `record_property`, whose values JUnit files would carry inside <testcase>."""
+    figures = request.node.stash.setdefault(FIGURES, [])
+    return figures.append
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Adds what the report needs and only this process knows (the exception object, the
+    fixture's stash) to the test report, which xdist carries to the controller as is."""
+    report = yield
+    extra = {"vfio": "vfio" in getattr(item, "fixturenames", ())}
+    if call.excinfo is not None and report.failed:
+        from .reasons import failure_reason
+
+        extra["reason"] = failure_reason(call.excinfo, item.path, item.config.rootpath)
+    if report.skipped and SKIP_KIND in item.stash:
+        extra["skip"] = item.stash[SKIP_KIND]
+    if call.when == "teardown":
+        extra["devices"] = item.stash.get(DEVICES_USED, [])
+        extra["figures"] = item.stash.get(FIGURES, [])
+    report.vfio_details = extra
+    return report
+
+
 def area_of(nodeid: str) -> str:
     module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
     name = module.removesuffix(".py")
     return name.removeprefix("test_").replace("_", "-")
 
 
-class JSONReport:
-    """Collects one outcome per test (controller side under xdist) and writes the report."""
+class RunReport:
+    """One outcome per test (controller side under xdist), the verdict on the run, and the JSON.
+
+    A run in which no test that asked for `vfio` passed, or in which a named device had no
+    passing test, tested nothing that was asked for: it ends with exit status 5 (pytest's "no
+    tests"), whatever the skips, and one line saying why."""
 
     def __init__(self, config):
         self.config = config
         self.tests: dict[str, dict] = {}
-        self.reliability: dict[str, list[dict]] = {}
+        self.reliability: list[dict] = []
+        self.uses_vfio: set[str] = set()
+        self.verdict = ""
 
     def pytest_runtest_logreport(self, report) -> None:
-        figures = [value for name, value in report.user_properties if name == "reliability"]
-        if figures:
-            self.reliability[report.nodeid] = figures
+        details = getattr(report, "vfio_details", {})
+        self.reliability += details.get("figures", [])
+        if details.get("vfio"):
+            self.uses_vfio.add(report.nodeid)
         entry = self.tests.setdefault(report.nodeid, {"id": report.nodeid, "area": area_of(report.nodeid),
-                                                      "outcome": "passed", "reason": ""})
+                                                      "outcome": "passed", "reason": "", "duration": 0.0,
+                                                      "devices": []})
+        entry["duration"] = round(entry["duration"] + report.duration, 6)
+        if details.get("devices"):
+            entry["devices"] = details["devices"]
         if report.skipped and report.when in ("setup", "call"):
             entry["outcome"] = "skipped"
             reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
             entry["reason"] = reason.removeprefix("Skipped: ")
-        elif report.failed:
+            entry["skip"] = details.get("skip", "test")
+        elif report.failed and entry["outcome"] != "failed":
             entry["outcome"] = "failed"
-            entry["reason"] = (report.longreprtext or "").strip().splitlines()[-1:][0] if report.longreprtext else report.when
+            entry["reason"] = details.get("reason") or _last_line(report)
+            if report.when != "call":
+                entry["reason"] = f"in {report.when}: {entry['reason']}"
 
     def pytest_sessionfinish(self, session) -> None:
-        cfg = self.config
-        kind = cfg.getoption("--vfio-backend")
-        if kind == "real":
-            kernel = os.uname().release
-        else:
-            from fakekernel.profile import LINUX_6_1
+        if session.exitstatus == pytest.ExitCode.OK:
+            self.verdict = self._nothing_tested()
+            if self.verdict:
+                session.exitstatus = pytest.ExitCode.NO_TESTS_COLLECTED
+        path = self.config.getoption("--vfio-json")
+        if path:
+            with open(path, "w") as f:
+                json.dump(self.document(session), f, indent=1)
 
-            kernel = f"fake {LINUX_6_1.name}"
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if self.verdict:
+            terminalreporter.write_line(f"vfio: {self.verdict}", red=True, bold=True)
+
+    def _nothing_tested(self) -> str:
+        ran = [self.tests[i] for i in self.uses_vfio if i in self.tests]
+        passed = [t for t in ran if t["outcome"] == "passed"]
+        if ran and not passed:
+            reasons = Counter(t["reason"] for t in ran if t["outcome"] == "skipped")
+            why = f"; {reasons.most_common(1)[0][1]} skipped because: {reasons.most_common(1)[0][0]}" if reasons else ""
+            return f"nothing tested: none of {len(ran)} VFIO tests passed{why}"
+        from vfio_impl.pciaddr import sysfs_path
+
+        for name in self.config.getoption("--vfio-device"):
+            bdf = os.path.basename(sysfs_path(name))
+            if not any(bdf in t["devices"] for t in passed):
+                return f"nothing tested on --vfio-device {name}: no test that uses it passed"
+        return ""
+
+    def document(self, session) -> dict:
+        cfg = self.config
+        from .backends import kernel_label
+
+        kind = cfg.getoption("--vfio-backend")
         tests = sorted(self.tests.values(), key=lambda t: t["id"])
         summary = {k: sum(1 for t in tests if t["outcome"] == k) for k in ("passed", "failed", "skipped")}
-        report = {"backend": kind, "kernel": kernel, "summary": summary, "tests": tests}
+        devices = sorted({bdf for t in tests for bdf in t["devices"]})
+        report = {"backend": kind, "kernel": kernel_label(kind), "host": socket.gethostname(),
+                  "host_kernel": os.uname().release, "devices": devices, "summary": summary,
+                  "exitstatus": int(session.exitstatus), "tests": tests}
+        if session.exitstatus == pytest.ExitCode.INTERRUPTED:
+            report["interrupted"] = True
+        if self.verdict:
+            report["verdict"] = self.verdict
         if cfg.getoption("--vfio-fault"):
             report["faults"] = cfg.getoption("--vfio-fault")
         if self.reliability:
             from .reliability import summarize
 
-            report["reliability"] = summarize([f for figures in self.reliability.values() for f in figures])
-        path = cfg.getoption("--vfio-json")
-        with open(path, "w") as f:
-            json.dump(report, f, indent=1)
+            report["reliability"] = summarize(self.reliability)
+        return report
+
+
+def _last_line(report) -> str:
+    text = (report.longreprtext or "").strip()
+    return text.splitlines()[-1] if text else report.when

@@ -695,6 +695,32 @@ def disagreements(recorded: dict, replayed: dict) -> list[tuple[str, object, obj
     return [(k, recorded.get(k), replayed.get(k)) for k in keys if recorded.get(k) != replayed.get(k)]
 
 
+BAD_FILE = 4  # as vfio-conformance: a file that cannot be read or written
+
+
+class RecordingError(Exception):
+    """A recording that cannot be replayed; the message names the file and what is wrong."""
+
+
+def load_recording(path: str) -> dict:
+    """A probe recording: answers by key, each {"ok": value} or {"errno": name}, with the kernel
+    and the devices it was recorded on."""
+    try:
+        with open(path) as f:
+            recorded = json.load(f)
+    except OSError as e:
+        raise RecordingError(f"{path}: cannot read: {e.strerror}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RecordingError(f"{path}: not JSON: {e}") from None
+    if not isinstance(recorded, dict) or not all(k in recorded for k in ("kernel", "devices")):
+        raise RecordingError(f"{path}: not a probe recording (needs kernel, devices and answers); "
+                             "make one with: python3 -m conformance.probe record FILE")
+    for key, answer in recorded.items():
+        if not isinstance(answer, dict) or len(answer) != 1 or not {"ok", "errno"} >= set(answer):
+            raise RecordingError(f"{path}: answer {key!r} is neither {{\"ok\": ...}} nor {{\"errno\": ...}}")
+    return recorded
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m conformance.probe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -715,8 +741,11 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(answers, f, indent=1)
         print(f"probe: recorded {len(answers)} answers from {os.uname().release} into {args.out}")
         return 0
-    with open(args.recording) as f:
-        recorded = json.load(f)
+    try:
+        recorded = load_recording(args.recording)
+    except RecordingError as e:
+        print(f"probe: {e}", file=sys.stderr)
+        return BAD_FILE
     kernel = recorded.pop("kernel", {}).get("ok", "?")
     bdfs = list(recorded.get("devices", {}).get("ok", {}))
     found = disagreements(recorded, replay_on_fake(bdfs))

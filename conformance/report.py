@@ -1,8 +1,10 @@
 """Side-by-side matrix of conformance runs: where the fake and a real kernel disagree.
 
 The real kernel is the oracle, so a divergence is any failure the other runs do not share, or a
-test real passes that the fake skips or lacks. A real skip where the fake passes is only the
-VM's missing topology, shown but not counted.
+test real passes that the fake skips or lacks. A real skip where the fake passes is shown but
+not counted: a "real-only skip" when the real runner cannot build what the test needs (a fake
+topology, fake internals), "not run" when the machine lacked VFIO, the device, or leave to be
+destructive. A run that passed nothing is an error of its own: it compared nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ class Run:
     kernel: str
     tests: dict[str, dict]
     label: str = ""
+    host: str = ""
+    devices: list[str] = field(default_factory=list)
+    faults: list[str] = field(default_factory=list)
+    verdict: str = ""
 
     def count(self, outcome: str) -> int:
         return sum(1 for t in self.tests.values() if t["outcome"] == outcome)
@@ -54,7 +60,12 @@ def load_run(path: str | Path) -> Run:
         if entry["id"] in tests:
             raise ReportError(f"{path}: test {entry['id']} is reported twice")
         tests[entry["id"]] = {**entry, "reason": str(entry.get("reason") or "")}
-    return Run(path, data["backend"], data["kernel"], tests)
+    run = Run(path, data["backend"], data["kernel"], tests, host=str(data.get("host") or ""),
+              devices=[str(d) for d in data.get("devices") or []], faults=[str(f) for f in data.get("faults") or []])
+    if not run.count("passed"):
+        reasons = Counter(t["reason"] for t in tests.values() if t["outcome"] == "skipped")
+        run.verdict = "passed nothing" + (f": {reasons.most_common(1)[0][0]}" if reasons else "")
+    return run
 
 
 def load_runs(paths: list[str | Path]) -> list[Run]:
@@ -107,6 +118,11 @@ class Matrix:
     def divergences(self) -> list[Row]:
         return [row for row in self.rows if row.divergence]
 
+    @property
+    def empty_runs(self) -> list[Run]:
+        """Runs that tested nothing; comparing against them proves nothing."""
+        return [r for r in self.runs if r.verdict]
+
     def absent(self, i: int) -> int:
         return sum(1 for row in self.rows if row.cells[i] is None)
 
@@ -120,13 +136,24 @@ class Matrix:
         outcomes = [row.outcome(i) for i in range(len(self.runs))]
         on = {kind: [o for r, o in zip(self.runs, outcomes) if r.backend == kind] for kind in ("fake", "real")}
         if "failed" in outcomes and len(set(outcomes)) > 1:
-            row.divergence = "outcomes differ"
+            row.divergence = "; ".join(self._says(row, i) for i in range(len(self.runs)))
         elif "passed" in on["real"] and ({"skipped", ABSENT} & set(on["fake"])):
-            row.divergence = "real passes, the fake does not cover it"
+            row.divergence = "real passes, the fake does not cover it: " + "; ".join(
+                self._says(row, i) for i, r in enumerate(self.runs) if r.backend == "fake")
         fake_passes = "passed" in on["fake"]
-        row.states = ["real-only skip" if fake_passes and r.backend == "real" and o == "skipped" else o
-                      for r, o in zip(self.runs, outcomes)]
+        row.states = [self._state(row, i, fake_passes) for i in range(len(self.runs))]
         return row
+
+    def _says(self, row: Row, i: int) -> str:
+        """`fake passed`, `real failed: assert 16 == 22`: one run's side of a divergence."""
+        reason = row.reason(i)
+        return f"{self.runs[i].backend} {row.outcome(i)}" + (f": {reason}" if reason else "")
+
+    def _state(self, row: Row, i: int, fake_passes: bool) -> str:
+        run, cell = self.runs[i], row.cells[i]
+        if not (fake_passes and run.backend == "real" and row.outcome(i) == "skipped"):
+            return row.outcome(i)
+        return "real-only skip" if cell.get("skip") == "runner" else "not run"
 
 
 def format_text(matrix: Matrix) -> str:
@@ -136,14 +163,17 @@ def format_text(matrix: Matrix) -> str:
     for i, r in enumerate(matrix.runs):
         lines.append(f"{r.label:<{width}}  {r.count('passed'):>4} passed {r.count('failed'):>4} failed "
                      f"{r.count('skipped'):>4} skipped {matrix.absent(i):>4} absent   {r.path}")
-    real_only = sum(row.states.count("real-only skip") for row in matrix.rows)
-    if real_only:
-        lines.append(f"real-only skips: {real_only} (the real runner lacks what they need; not divergences)")
+        if r.faults:
+            lines.append(f"  faults injected: {'; '.join(r.faults)}")
+    for r in matrix.empty_runs:
+        lines.append(f"ERROR {r.label} {r.verdict}")
+    for state, why in (("real-only skip", "the real runner cannot build what they need; not divergences"),
+                       ("not run", "the real machine lacked VFIO, the device or --destructive; not divergences")):
+        count = sum(row.states.count(state) for row in matrix.rows)
+        if count:
+            lines.append(f"{state}: {count} ({why})")
     for row in matrix.divergences:
-        lines.append(f"DIVERGES {row.test}: {row.divergence}")
-        for i, r in enumerate(matrix.runs):
-            reason = row.reason(i)
-            lines.append(f"  {r.label:<{width}}  {row.outcome(i)}" + (f": {reason}" if reason else ""))
+        lines.append(f"DIVERGES [{row.area}] {row.test}: {row.divergence}")
     lines.append(f"divergences: {len(matrix.divergences)}")
     return "\n".join(lines)
 
@@ -159,7 +189,8 @@ tr.divergent th { border-left: 4px solid #c00; }
 .passed { background: #e3f5e1; }
 .failed { background: #f9d6d5; font-weight: bold; }
 .skipped { background: #fff4cc; }
-.real-only-skip { background: #f0f0f0; color: #555; }
+.real-only-skip, .not-run { background: #f0f0f0; color: #555; }
+.error { background: #f9d6d5; border: 2px solid #c00; padding: 0.5em 1em; }
 .absent { background: #fff; color: #999; font-style: italic; }
 small { display: block; color: #555; font-weight: normal; max-width: 40em; }
 code { font-size: 13px; }
@@ -168,17 +199,18 @@ code { font-size: 13px; }
 
 def _cell(row: Row, i: int) -> str:
     state = row.states[i]
-    cls = row.outcome(i) + (" real-only-skip" if state == "real-only skip" else "")
+    cls = row.outcome(i) + (f" {state.replace(' ', '-')}" if state in ("real-only skip", "not run") else "")
     reason = escape(row.reason(i))
     note = f"<small>{reason}</small>" if reason else ""
     return f'<td class="{cls}" title="{reason}">{escape(state)}{note}</td>'
 
 
-def _test_row(matrix: Matrix, row: Row, extra: str = "") -> str:
+def _test_row(matrix: Matrix, row: Row, extra: str = "", area: bool = False) -> str:
     cls = ' class="divergent"' if row.divergence else ""
     name = row.test.split("::", 1)[-1]
     cells = "".join(_cell(row, i) for i in range(len(matrix.runs)))
-    return (f'<tr data-test="{escape(row.test)}" data-area="{escape(row.area)}"{cls}>'
+    area_cell = f"<td>{escape(row.area)}</td>" if area else ""
+    return (f'<tr data-test="{escape(row.test)}" data-area="{escape(row.area)}"{cls}>{area_cell}'
             f'<th scope="row" title="{escape(row.test)}"><code>{escape(name)}</code></th>{cells}{extra}</tr>')
 
 
@@ -191,11 +223,18 @@ def render_html(matrix: Matrix) -> str:
     for i, r in enumerate(runs):
         nums = "".join(f'<td class="num {k if n else ""}">{n}</td>' for k, n in
                        [(o, r.count(o)) for o in OUTCOMES] + [(ABSENT, matrix.absent(i))])
-        summary.append(f"<tr><th>{escape(r.label)}</th><td><code>{escape(str(r.path))}</code></td>{nums}</tr>")
+        about = "".join(f"<td>{escape(text)}</td>" for text in
+                        (r.host, ", ".join(r.devices), "; ".join(r.faults) or "none"))
+        summary.append(f"<tr><th>{escape(r.label)}</th><td><code>{escape(str(r.path))}</code></td>{nums}{about}</tr>")
+    errors = "".join(f'<p class="error" data-run="{escape(r.label)}">Error: {escape(r.label)} {escape(r.verdict)}. '
+                     "It tested nothing, so this comparison proves nothing.</p>" for r in matrix.empty_runs)
     divergent = matrix.divergences
     if divergent:
-        body = "".join(_test_row(matrix, row, f"<td>{escape(row.divergence)}</td>") for row in divergent)
-        div_body = f"<table><thead><tr><th>test</th>{heads}<th>why</th></tr></thead><tbody>{body}</tbody></table>"
+        body = "".join(_test_row(matrix, row, f"<td>{escape(row.divergence)}</td>", area=True) for row in divergent)
+        div_body = (f"<table><thead><tr><th>area</th><th>test</th>{heads}<th>why</th></tr></thead>"
+                    f"<tbody>{body}</tbody></table>")
+    elif matrix.empty_runs:
+        div_body = "<p>None counted, but a run passed nothing (above).</p>"
     else:
         div_body = "<p>None: every test real passes, the fake passes too, and no run fails alone.</p>"
     groups = []
@@ -207,16 +246,18 @@ def render_html(matrix: Matrix) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title><style>{_CSS}</style></head>
 <body>
 <h1>{escape(title)}</h1>
+{errors}
 <h2>Runs</h2>
 <table id="summary"><thead><tr><th>run</th><th>file</th><th>passed</th><th>failed</th><th>skipped</th>
-<th>absent</th></tr></thead><tbody>{''.join(summary)}</tbody></table>
+<th>absent</th><th>host</th><th>devices</th><th>faults injected</th></tr></thead><tbody>{''.join(summary)}</tbody></table>
 <section id="divergences" data-count="{len(divergent)}">
 <h2>Divergences: {len(divergent)}</h2>
 {div_body}
 </section>
 <h2>Matrix</h2>
 <p>A real-only skip is a test the real runner cannot set up (a fake-only topology or fake
-internals) while the fake passes it; it is not a divergence. Absent: the run has no such test.</p>
+internals) while the fake passes it; "not run" is one the real machine skipped for want of VFIO,
+the device, or leave to be destructive. Neither is a divergence. Absent: the run has no such test.</p>
 <table id="matrix"><thead><tr><th>test</th>{heads}</tr></thead>
 {''.join(groups)}
 </table>

@@ -22,9 +22,9 @@ def pinned():
 
 
 @pytest.mark.parametrize("path", PATHS, ids=[p.name for p in PATHS])
-def test_every_fault_point_of_a_setup_path_ends_clean(path, pinned, record_property):
+def test_every_fault_point_of_a_setup_path_ends_clean(path, pinned, record_reliability):
     result = walk(path)
-    record_property("reliability", result.figures())
+    record_reliability(result.figures())
     assert result.points, f"{path.name}: the clean run made no kernel call to fail"
     assert result.clean, f"{path.name}: a failure crashed, fired elsewhere or leaked:\n{result.render()}"
     found = result.render().splitlines()[1:]

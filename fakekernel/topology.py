@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 from vfio_impl import uapi
 
+# The fake mirrors the CI VM unless told otherwise, so every test that runs on real also runs on the
+# fake; every tool that takes --topology defaults to it.
+DEFAULT_TOPOLOGY = "vm"
 VFIO_DRIVERS = ("vfio-pci", "vfio-platform", "vfio_ccw_mdev")
 # Drivers that do not break a group's viability (vfio_dev_driver_allowed and unbound devices).
 VIABLE_DRIVERS = (None, "vfio-pci", "vfio-platform", "vfio_ccw_mdev", "pci-stub", "pcieport")

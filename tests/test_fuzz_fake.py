@@ -437,7 +437,7 @@ def _ready_device(session: Session, groups: list[int], names: dict[int, list[str
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_fuzz_the_fake_kernel(target, record_property):
+def test_fuzz_the_fake_kernel(target, record_reliability):
     topology, kinds = TARGETS[target]
     examples = 0
     dma = mmap.mmap(-1, DMA_PAGES * PAGE)
@@ -483,7 +483,7 @@ def test_fuzz_the_fake_kernel(target, record_property):
             example()
             clean = True
         finally:
-            record_property("reliability", {"kind": "fuzz", "target": target, "examples": examples,
+            record_reliability({"kind": "fuzz", "target": target, "examples": examples,
                                             "leaks": int(not clean)})
     dma.close()
 

@@ -114,7 +114,7 @@ class Scene:
 
 
 @pytest.fixture
-def scene(tmp_path, record_property, request):
+def scene(tmp_path, record_reliability, request):
     s = Scene(str(tmp_path / "sock"))
     fds_left = None
     try:
@@ -123,7 +123,7 @@ def scene(tmp_path, record_property, request):
     finally:
         s.close()
         if fds_left is not None:
-            record_property("reliability", {"kind": "hostile", "scenario": request.node.name.removeprefix("test_"),
+            record_reliability({"kind": "hostile", "scenario": request.node.name.removeprefix("test_"),
                                             "connections": s.connections, "fds_left": fds_left,
                                             "leaks": fds_left, **s.extra})
 
@@ -194,7 +194,7 @@ def test_half_closed_peers_are_dropped(scene):
 
 
 # -- slow readers ----------------------------------------------------------------------------------------------
-def test_slow_readers_are_dropped_without_slowing_anyone(tmp_path, record_property):
+def test_slow_readers_are_dropped_without_slowing_anyone(tmp_path, record_reliability):
     """Twenty peers read one message for every ten other peers that join and leave: their socket
     buffers fill, the server queues for them, and each is dropped once its oldest message has
     waited send_timeout. Meanwhile A and B hear every join and leave and each newcomer is served.
@@ -223,7 +223,7 @@ def test_slow_readers_are_dropped_without_slowing_anyone(tmp_path, record_proper
             with IvshmemClient(s.server.socket_path, vectors=VECTORS).connect(WAIT):
                 s.connections += 1
         s.assert_still_serving()
-        record_property("reliability", {"kind": "hostile", "scenario": "slow readers", "connections": s.connections,
+        record_reliability({"kind": "hostile", "scenario": "slow readers", "connections": s.connections,
                                         "most_queued": queued, "fds_left": 0, "leaks": 0})
     finally:
         s.close()

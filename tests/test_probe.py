@@ -50,3 +50,18 @@ def test_compare_names_each_disagreement(tmp_path, recorded, replayed, monkeypat
 def test_disagreements_include_keys_missing_on_either_side():
     assert probe.disagreements({"a": {"ok": 1}, "b": {"ok": 2}}, {"a": {"ok": 1}, "c": {"ok": 3}}) == [
         ("b", {"ok": 2}, None), ("c", None, {"ok": 3})]
+
+
+@pytest.mark.parametrize("content, why", [
+    ("garbled", "not JSON"),
+    ('{"container.GET_API_VERSION": {"ok": 0}}', "not a probe recording"),
+    ('{"kernel": {"ok": "6.1"}, "devices": {"ok": {}}, "x": {"maybe": 1}}', "answer 'x' is neither"),
+    (None, "cannot read: No such file or directory"),
+])
+def test_compare_refuses_an_unusable_recording_in_one_line(tmp_path, capsys, content, why):
+    path = tmp_path / "recording.json"
+    if content is not None:
+        path.write_text(content)
+    assert probe.main(["compare", str(path)]) == probe.BAD_FILE
+    err = capsys.readouterr().err
+    assert err.startswith(f"probe: {path}: {why}") and err.count("\n") == 1

@@ -8,7 +8,6 @@ text to make sure the JSON leaves nothing out.
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,14 @@ HEADERS = {
 }
 # Named values; pci_regs is only the part of <linux/pci_regs.h> the project uses.
 VALUES = ("ioctls", "constants", "pci_regs")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def gcc(debian_package) -> str:
+    """gcc, with the kernel's UAPI headers (Debian's linux-libc-dev) it compiles against."""
+    for header in HEADERS.values():
+        debian_package("linux-libc-dev", str(header))
+    return debian_package("gcc", "gcc")
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +64,7 @@ def c_program(abi: dict) -> str:
 
 
 @pytest.fixture(scope="module")
-def c_output(abi, tmp_path_factory) -> str:
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.fail("gcc is needed to check the ABI against the kernel headers")
+def c_output(abi, gcc, tmp_path_factory) -> str:
     tmp = tmp_path_factory.mktemp("uapi_abi")
     (tmp / "abi.c").write_text(c_program(abi))
     build = subprocess.run([gcc, "-std=gnu11", "-Wall", "-o", str(tmp / "abi"), str(tmp / "abi.c")],
@@ -105,11 +109,11 @@ def test_a_wrong_claim_is_caught(abi, c_output):
     assert any("VFIO_DEVICE_SET_IRQS" in line for line in found)
 
 
-def test_a_name_the_header_lacks_breaks_the_build(abi, tmp_path):
+def test_a_name_the_header_lacks_breaks_the_build(abi, gcc, tmp_path):
     wrong = json.loads(json.dumps(abi))
     wrong["constants"]["VFIO_NO_SUCH_FLAG"] = 1
     (tmp_path / "abi.c").write_text(c_program(wrong))
-    build = subprocess.run(["gcc", "-fsyntax-only", str(tmp_path / "abi.c")],
+    build = subprocess.run([gcc, "-fsyntax-only", str(tmp_path / "abi.c")],
                            capture_output=True, text=True)
     assert build.returncode != 0 and "VFIO_NO_SUCH_FLAG" in build.stderr
 
