@@ -15,6 +15,8 @@ import pytest
 
 # The plugin loads before coverage starts, so the packages under test are imported lazily.
 
+# What @pytest.mark.vfio takes: keyword arguments only, each read by the `vfio` fixture.
+MARKER_ARGS = ("device", "topology", "destructive", "fake_only", "platform", "ccw", "faults")
 # What the `vfio` fixture learnt about a test, for its report: why it skipped, which devices it used.
 SKIP_KIND = pytest.StashKey[str]()
 DEVICES_USED = pytest.StashKey[list]()
@@ -38,9 +40,9 @@ def pytest_addoption(parser) -> None:
 def pytest_configure(config) -> None:
     config.addinivalue_line(
         "markers",
-        "vfio(device=None, topology=None, destructive=False, fake_only=None, platform=False, ccw=False, faults=()): "
-        "what a conformance test needs; anything the backend lacks skips the test with a reason naming it; "
-        "faults are fakekernel.faults rules armed on the fake kernel for the test")
+        f"vfio({', '.join(f'{name}=' for name in MARKER_ARGS)}): what a conformance test needs; anything the "
+        "backend lacks skips the test with a reason naming it; faults are fakekernel.faults rules armed on the "
+        "fake kernel for the test")
     _fault_rules(config.getoption("--vfio-fault", []))
     if config.getoption("--vfio-fault", []) and config.getoption("--vfio-backend", "fake") == "real":
         raise pytest.UsageError("--vfio-fault injects faults into the fake kernel; it needs --vfio-backend fake")
@@ -71,21 +73,72 @@ def _requirements(request) -> dict:
     return dict(marker.kwargs) if marker else {}
 
 
-def _open_fds() -> set[int]:
-    return set(int(fd) for fd in os.listdir("/proc/self/fd"))
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    """A vfio marker with an argument the fixture never reads (devcie="edu") would let its test
+    pass without what it asked for; it is a collection error instead, as --strict-markers makes of
+    an unknown marker. A marker belongs to one node (module, class or test), so each mistake is
+    reported once, with that node's id."""
+    report = yield
+    if report.passed:
+        seen = set()
+        mistakes = []
+        for node in (collector, *(n for n in report.result if isinstance(n, pytest.Item))):
+            for mark in node.own_markers:
+                if mark.name == "vfio" and id(mark) not in seen:
+                    seen.add(id(mark))
+                    mistakes += _marker_mistakes(node.nodeid, mark)
+        if mistakes:
+            report.outcome, report.longrepr, report.result = "failed", "\n".join(mistakes), []
+    return report
+
+
+def _marker_mistakes(nodeid: str, mark) -> list[str]:
+    wrong = [f"a positional argument {arg!r}" for arg in mark.args]
+    wrong += [f"an unknown argument {name!r}" for name in mark.kwargs if name not in MARKER_ARGS]
+    takes = ", ".join(f"{name}=" for name in MARKER_ARGS)
+    return [f"{nodeid}: @pytest.mark.vfio got {what}; it takes only {takes}" for what in wrong]
+
+
+def pytest_sessionstart(session) -> None:
+    """pyfakefs's `fs` puts fakes of `os` and `open` into every loaded module it is not told to
+    skip. The VFIO stack needs the real ones whichever of `fs` and `vfio` a test asks for first:
+    RealHost opens the real /dev/vfio, the fake kernel has its own filesystem and real eventfds
+    and memfds, the leak check reads /proc/self/fd. So its modules go on Patcher.SKIPNAMES, the
+    list pyfakefs's documentation has pytest plugins extend."""
+    from pyfakefs.fake_filesystem_unittest import Patcher
+
+    Patcher.SKIPNAMES.update(_stack_modules())
+
+
+def _stack_modules() -> set[str]:
+    """Every module of vfio_impl, fakekernel and conformance by its full name, which is what
+    pyfakefs matches (a package name does not cover its modules), found without importing them."""
+    import importlib.util
+    from pathlib import Path
+
+    names = set()
+    for package in ("vfio_impl", "fakekernel", "conformance"):
+        root = Path(importlib.util.find_spec(package).origin).parent
+        for path in root.rglob("*.py"):
+            names.add(".".join((package, *path.relative_to(root).with_suffix("").parts)).removesuffix(".__init__"))
+    return names
 
 
 @pytest.fixture
 def vfio(request):
     """The backend under test: a fresh FakeKernel per test, or this machine's /dev/vfio.
 
-    On the fake, every open fd is counted before and after the test: a leak fails it.
+    On the fake, a test that leaves anything behind (an fd, a VFIO file, an mmap, a DMA mapping)
+    fails with each leftover named (conformance.leaks).
     """
     from fakekernel import FakeKernel, Topology
     from fakekernel.topology import DEFAULT_TOPOLOGY
     from vfio_impl.pciaddr import sysfs_path
 
     from .backends import REAL_MISSING, Backend, describe, real_available, real_backend
+    from .leaks import fds_opened_since, kernel_leftovers, report
+    from .reliability import process_fds
 
     need = _requirements(request)
     kind = request.config.getoption("--vfio-backend")
@@ -105,12 +158,13 @@ def vfio(request):
         backend = real_backend(request.config.getoption("--vfio-device"),
                                request.config.getoption("--vfio-destructive"))
         if need.get("destructive") and not backend.destructive:
-            _skip(request, "destructive", "real backend: destructive test (reset/DMA); pass --vfio-destructive to allow it")
+            _skip(request, "destructive",
+                  "real backend: destructive test (reset/DMA); pass --vfio-destructive to allow it")
         _require_device(request, backend, need)
         yield backend
         request.node.stash[DEVICES_USED] = backend.used
         return
-    before = _open_fds()
+    before = process_fds()
     default = "platform" if need.get("platform") else "ccw" if need.get("ccw") else DEFAULT_TOPOLOGY
     kernel = FakeKernel(Topology.named(need.get("topology") or default))
     backend = Backend("fake", kernel, f"fake {kernel.profile.name}", destructive=True)
@@ -124,10 +178,12 @@ def vfio(request):
         kernel.faults.add(*_fault_rules([*request.config.getoption("--vfio-fault"), *need.get("faults", ())]))
         yield backend
         request.node.stash[DEVICES_USED] = backend.used
+        left = kernel_leftovers(kernel)
     finally:
         kernel.close_all()
-    leaked = _open_fds() - before
-    assert not leaked, f"test leaked file descriptors {sorted(leaked)}"
+    left += fds_opened_since(before)
+    if left:
+        pytest.fail(report(left), pytrace=False)
 
 
 def _require_device(request, backend, need: dict) -> None:

@@ -50,8 +50,8 @@ def describe_exception(exc: BaseException, tb=None) -> str:
     elif isinstance(exc, AssertionError):
         text = _assertion(str(exc)) or "AssertionError"
     else:
-        first = str(exc).strip().splitlines()
-        text = f"{type(exc).__name__}: {first[0]}" if first else type(exc).__name__
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        text = f"{type(exc).__name__}: {' / '.join(lines)}" if lines else type(exc).__name__
     return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 3] + "..."
 
 
