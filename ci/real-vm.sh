@@ -16,9 +16,15 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 root=$(cd "$here/.." && pwd -P)
+# shellcheck source-path=SCRIPTDIR
+. "$here/vm/lib.sh"
 work=${VFIO_CI_WORK:-$here/.work}
 accel_mode=${VFIO_CI_ACCEL:-auto}
 mem=${VFIO_CI_MEM:-1G}
+case $accel_mode in
+    auto | kvm | tcg) ;;
+    *) echo "real-vm: VFIO_CI_ACCEL must be auto, kvm or tcg, not '$accel_mode'" >&2; exit 2 ;;
+esac
 
 timeout_s=300
 results=$root/results
@@ -54,7 +60,7 @@ done
 devices=(0000:00:03.0 0000:00:04.0 0000:00:06.0 0000:01:00.0)
 
 # --- 1. host packages -------------------------------------------------------
-need_pkgs=(qemu-system-x86 busybox-static kmod cpio xz-utils)
+need_pkgs=(qemu-system-x86 busybox-static kmod cpio xz-utils binutils)
 missing=()
 for p in "${need_pkgs[@]}"; do
     st=$(dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null || true)
@@ -115,12 +121,17 @@ else
     [ -n "$kdir" ] && [ -f "$kdir/.done" ] || fail "cannot find the linux-image-amd64 dependency with apt-cache"
     say "apt-cache lookup failed; using cached kernel $(basename "$kdir")"
 fi
+mb() { awk -v b="$1" 'BEGIN {printf "%.1f MB", b / 1e6}'; }
 if [ ! -f "$kdir/.done" ]; then
-    say "fetching guest kernel $kpkg $kver"
+    ksize=$(apt-cache show "$kpkg=$kver" 2>/dev/null | awk '$1 == "Size:" {print $2; exit}')
+    say "fetching guest kernel $kpkg $kver${ksize:+ ($(mb "$ksize"))} into $kdir"
+    t_fetch=$SECONDS
     tmp=$(mktemp -d "$work/kernel/.fetch.XXXXXX")
     (cd "$tmp" && apt-get download -q -o APT::Sandbox::User=root "$kpkg=$kver" >> "$apt_log" 2>&1) \
         || { rm -rf "$tmp"; apt_fail "apt-get download $kpkg=$kver failed"; }
-    dpkg -x "$tmp"/*.deb "$tmp/tree"
+    deb=$(ls "$tmp"/*.deb)
+    say "downloaded ${deb##*/} ($(mb "$(stat -c %s "$deb")")) in $((SECONDS - t_fetch)) s; unpacking"
+    dpkg -x "$deb" "$tmp/tree"
     vmlinuz=$(ls "$tmp"/tree/boot/vmlinuz-* | head -n1)
     # The bzImage payload (xz here) is the ELF vmlinux; it has a PVH entry
     # note, so QEMU boots it directly and skips the in-guest decompression.
@@ -146,6 +157,7 @@ if [ ! -f "$kdir/.done" ]; then
     mv "$tmp/tree" "$kdir"
     rmdir "$tmp"
     touch "$kdir/.done"
+    say "guest kernel ready in $((SECONDS - t_fetch)) s"
 fi
 kernel=$kdir/vmlinux
 moddir=$(ls -d "$kdir"/lib/modules/*/ | head -n1)
@@ -238,37 +250,28 @@ stop_ivshmem() { # responder first, so the server sees a peer leave before it st
     ivpids=()
 }
 
-# --- 6. accelerator ---------------------------------------------------------
-kvm_works() {
-    [ -r /dev/kvm ] && [ -w /dev/kvm ] || return 1
-    # QEMU fails fast (before the guest runs) on hosts whose KVM cannot
-    # take the host CPU model; -S stops before the first instruction.
-    (echo quit | timeout 10 qemu-system-x86_64 -nodefaults -no-user-config -display none \
-        -machine q35,accel=kvm -cpu host -m 64 -S -monitor stdio -serial none) >/dev/null 2>&1
-}
-case $accel_mode in
-    tcg) accel=tcg ;;
-    kvm) accel=kvm ;;
-    auto) if kvm_works; then accel=kvm; else accel=tcg; fi ;;
-    *) fail "VFIO_CI_ACCEL must be auto, kvm or tcg" ;;
-esac
+# --- 6. accelerator (choose_accel in ci/vm/lib.sh) --------------------------
+t_accel=$(now_us)
+choose_accel "$accel_mode" || fail "VFIO_CI_ACCEL must be auto, kvm or tcg"
+say "accel: $accel, chosen in $(secs_since "$t_accel") s ($accel_why)"
 
 # --- 7. boot ----------------------------------------------------------------
 log=$results/console.log
-run_vm() { # run_vm ACCEL -> sets vm_rc, vm_why
-    local acc=$1 machine cpu
+progress_s=15   # a line on stderr when the console has been silent this long
+boot_console() { tail -c +$((boot_from + 1)) "$log"; }   # this boot's part of the log
+# The first line of this boot's console that matches; read from a process substitution,
+# since under pipefail a grep that stops early would fail the pipeline.
+boot_grep() { grep -m1 -- "$1" < <(boot_console); }
+run_vm() { # run_vm ACCEL -> sets vm_rc, vm_why, boot_from (where its console starts in the log)
+    local acc=$1
     # QEMU option values escape a comma by doubling it.
     local res_opt=${results//,/,,} run_opt=${run//,/,,}
-    if [ "$acc" = kvm ]; then
-        machine=q35,accel=kvm,kernel-irqchip=split; cpu=host
-    else
-        machine=q35,accel=tcg; cpu=max
-    fi
+    qemu_accel_args "$acc"
     local cmd=(qemu-system-x86_64 -nodefaults -no-user-config -display none -no-reboot
-        -machine "$machine" -cpu "$cpu" -smp 1 -m "$mem"
+        "${accel_args[@]}" -smp 1 -m "$mem"
         -device intel-iommu,intremap=on
         -kernel "$kernel" -initrd "$initrd"
-        -append "console=ttyS0 intel_iommu=on iommu=pt panic=-1 quiet ${VFIO_CI_APPEND:-}"
+        -append "$(guest_cmdline)"
         -chardev stdio,id=con,signal=off -serial chardev:con
         -device edu,addr=0x3
         -object memory-backend-memfd,id=shm0,size=1M,share=on
@@ -284,6 +287,7 @@ run_vm() { # run_vm ACCEL -> sets vm_rc, vm_why
         -fsdev local,id=fsctl,path="$run_opt",security_model=none,readonly=on
         -device virtio-9p-pci,fsdev=fsctl,mount_tag=ctl,addr=0x12)
     say "booting $kernel_release ($acc, timeout ${timeout_s}s)"
+    boot_from=$(stat -c %s "$log")
     local fifo=$run/console.fifo
     rm -f "$fifo"; mkfifo "$fifo"
     # Console: strip the serial line's CRs, stream to stdout, keep a copy.
@@ -291,17 +295,22 @@ run_vm() { # run_vm ACCEL -> sets vm_rc, vm_why
     local teepid=$!
     "${cmd[@]}" < /dev/null > "$fifo" 2>&1 &
     qpid=$!
-    local t0 now
-    t0=$(date +%s)
+    local t0=$SECONDS size seen=$boot_from quiet_from=$SECONDS
     vm_why=
     while kill -0 "$qpid" 2>/dev/null; do
-        now=$(date +%s)
-        if [ $((now - t0)) -ge "$timeout_s" ]; then
+        if [ $((SECONDS - t0)) -ge "$timeout_s" ]; then
             vm_why=timeout; break
         fi
         # A KVM emulation failure pauses the VM instead of ending QEMU.
-        if [ "$acc" = kvm ] && grep -q 'KVM internal error' "$log" 2>/dev/null; then
+        if [ "$acc" = kvm ] && boot_grep 'KVM internal error' > /dev/null; then
             vm_why=kvm-error; break
+        fi
+        size=$(stat -c %s "$log")
+        if [ "$size" != "$seen" ]; then
+            seen=$size quiet_from=$SECONDS
+        elif [ $((SECONDS - quiet_from)) -ge "$progress_s" ]; then
+            say "$((SECONDS - t0)) s elapsed, still $(boot_console | boot_phase) ($acc, timeout ${timeout_s}s)"
+            quiet_from=$SECONDS
         fi
         sleep 0.1
     done
@@ -321,9 +330,17 @@ t_start=$(date +%s%N)
 start_ivshmem
 run_vm "$accel"
 if [ "$vm_why" = kvm-error ] && [ "$accel_mode" = auto ]; then
-    say "KVM failed inside the guest; retrying with TCG (set VFIO_CI_ACCEL=tcg to skip KVM)"
+    remember_kvm_failure "a real guest: $(boot_grep 'KVM internal error')"
+    say "KVM failed inside the guest; retrying with TCG (remembered in $(kvm_memo): later runs here go straight to TCG)"
     rm -f "$results/exit-status" "$results/exit-reason"
-    run_vm tcg
+    accel=tcg
+    run_vm "$accel"
+fi
+# A panic before the command started (nothing ran, nothing was written) is worth
+# one more boot: e.g. the IO-APIC timer check under heavy load.
+if [ -z "$vm_why" ] && [ ! -s "$results/exit-status" ] && panic=$(boot_console | panic_before_command); then
+    say "the guest kernel panicked before the command started ($panic); booting once more"
+    run_vm "$accel"
 fi
 stop_ivshmem
 ms=$(( ($(date +%s%N) - t_start) / 1000000 ))
@@ -338,7 +355,7 @@ if [ "$vm_why" = timeout ]; then
 fi
 [ "$vm_why" = kvm-error ] && { say "KVM internal error in the guest (try VFIO_CI_ACCEL=tcg)"; exit 125; }
 if [ ! -s "$results/exit-status" ]; then
-    grep -q 'Kernel panic' "$log" && say "the guest kernel panicked"
+    panic=$(boot_grep 'Kernel panic') && say "the guest kernel panicked: $panic"
     say "the VM ended without reporting the command's exit status (qemu exit $vm_rc; console: $log)"
     exit 125
 fi
