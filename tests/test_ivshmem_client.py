@@ -1,7 +1,9 @@
 """ivshmem-client against the project's server: doorbells both ways, shared bytes, peers, the CLI by a pipe."""
 
 import os
+import re
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -203,55 +205,92 @@ def test_connect_without_a_server(tmp_path):
         IvshmemClient(str(tmp_path / "nothing")).connect()
 
 
+def test_verbose_says_ids_vectors_and_fds_in_words(server, client, capsys):
+    a = client(verbose=True)
+    b = client()
+    until(lambda: a.peers == {1: 2}, a)
+    b.close()
+    assert a.poll(2) == [PeerGone(1)]
+    a.notify(0, 1)
+    assert re.sub(r"fd[= ]\d+", "fd N", capsys.readouterr().out).splitlines() == [
+        "server protocol version 0",
+        "our_id=0",
+        "mapped 65536 bytes of shared memory",
+        "  new vector 0 (fd N) for peer id 0",
+        "  new vector 1 (fd N) for peer id 0",
+        "new peer id = 1",
+        "  new vector 0 (fd N) for peer id 1",
+        "  new vector 1 (fd N) for peer id 1",
+        "delete peer id = 1",
+        "notify peer 0 on vector 1, fd N",
+    ]
+
+
 # the console script
 
-def test_main_flags(tmp_path, capsys):
+def test_main_flags(capsys):
     assert main(["-h"]) == 0
     assert "-S <unix_sock_path>" in capsys.readouterr().err
     assert main(["-x"]) == 1
-    assert main(["-S", str(tmp_path / "nothing")]) == 1
-    assert "cannot connect to server" in capsys.readouterr().err
+
+
+RETRY = 0.05
 
 
 class Cli:
-    """The console script on a pipe: commands in, lines out."""
+    """The console script on pipes: commands in, lines out; it retries every RETRY seconds."""
 
-    def __init__(self, socket_path):
+    def __init__(self, socket_path, stdin=subprocess.PIPE, **popen):
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from vfio_impl.ivshmem_client import main; sys.exit(main())",
+            [sys.executable, "-c",
+             f"import sys; from vfio_impl.ivshmem_client import main; sys.exit(main(retry_interval={RETRY}))",
              "-S", socket_path], env={**os.environ, "PYTHONPATH": str(REPO)},
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.out = b""
+            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+        self.unread = {self.proc.stdout: b"", self.proc.stderr: b""}
 
     def send(self, text):
         self.proc.stdin.write(text.encode())
         self.proc.stdin.flush()
 
-    def expect(self, text, timeout=5.0):
+    def expect(self, text, timeout=5.0, stream="stdout"):
+        """What came before `text` on `stream`, consumed up to the end of `text`."""
+        pipe = getattr(self.proc, stream)
         deadline = time.monotonic() + timeout
-        while text.encode() not in self.out:
+        while text.encode() not in self.unread[pipe]:
             remaining = deadline - time.monotonic()
-            assert remaining > 0, f"{text!r} not in {self.out!r}"
-            if select.select([self.proc.stdout], [], [], remaining)[0]:
-                chunk = os.read(self.proc.stdout.fileno(), 4096)
-                assert chunk, f"{text!r} not in {self.out!r} at its end"
-                self.out += chunk
-        before, _, self.out = self.out.partition(text.encode())
+            assert remaining > 0, f"{text!r} not in {self.unread[pipe]!r}"
+            if select.select([pipe], [], [], remaining)[0]:
+                chunk = os.read(pipe.fileno(), 4096)
+                assert chunk, f"{text!r} not in {self.unread[pipe]!r} at its end"
+                self.unread[pipe] += chunk
+        before, _, self.unread[pipe] = self.unread[pipe].partition(text.encode())
         return before.decode()
 
-    def finish(self):
-        self.proc.stdin.close()
+    def dump(self):
+        """What `dump` prints, once the client is connected and reads commands."""
+        self.send("dump\nhelp\n")
+        return self.expect(HELP)
+
+    def stop(self, signum=signal.SIGTERM):
+        """Its exit status, and what it wrote to stderr that no expect() took."""
+        self.proc.send_signal(signum)
         code = self.proc.wait(timeout=5)
-        rest = self.out + self.proc.stdout.read()
-        self.proc.stdout.close()
-        self.proc.stderr.close()
-        return code, rest.decode()
+        return code, (self.unread[self.proc.stderr] + self.proc.stderr.read()).decode()
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 def test_cli_driven_by_a_pipe(server, client):
     b = client()
     cli = Cli(server.socket_path)
     try:
+        cli.expect(f"connected to server at {server.socket_path}, our_id = 1\n")
         cli.send("dump\n")
         cli.expect("our_id = 1\n")
         cli.expect("peer_id = 0\n")
@@ -266,19 +305,91 @@ def test_cli_driven_by_a_pipe(server, client):
         cli.send("int 7 0;int 0 5\nbogus\nhelp\n")
         cli.expect("cannot find peer_id = 7\ninvalid vector 5 on peer 0\ninvalid command, type help\n" + HELP)
         cli.send("int 0 1")
+        cli.proc.stdin.close()
+        assert b.wait_interrupt(2) == 1, "a last command with no newline still runs"
+        assert cli.stop() == (0, "")
     finally:
-        code, _ = cli.finish()
-    assert code == 0
-    assert b.wait_interrupt(2) == 1, "a last command with no newline still runs"
+        cli.close()
     until(lambda: b.peers == {}, b)
 
 
-def test_cli_reports_the_server_going_away(tmp_path):
-    server = IvshmemServer(str(tmp_path / "sock"))
-    with server:
-        cli = Cli(server.socket_path)
-        cli.send("dump\n")
-        cli.expect("our_id = 0\n")
-    assert cli.proc.wait(timeout=5) == 1
-    cli.expect("disconnected from server\n")
-    cli.finish()
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 0)], ids=["SIGINT", "SIGTERM"])
+def test_cli_listens_on_after_stdin_ends_until_a_signal_stops_it_quietly(server, client, signum, status):
+    """`ivshmem-client </dev/null &` is a background listener; Ctrl-C or kill ends it with no traceback."""
+    b = client()
+    cli = Cli(server.socket_path, stdin=subprocess.DEVNULL)
+    try:
+        cli.expect("our_id = 1\n")
+        until(lambda: b.peers.get(1) == 2, b)
+        for vector in (0, 1):
+            b.notify(1, vector)
+            cli.expect(f"receive notification from peer_id=1 vector={vector}\n")
+        assert cli.stop(signum) == (status, "")
+    finally:
+        cli.close()
+    until(lambda: b.peers == {}, b)
+
+
+def test_a_background_job_of_a_script_outlives_its_ctrl_c(server, client):
+    """A shell with no job control starts `cmd &` with SIGINT ignored; the client leaves it so."""
+    b = client()
+    cli = Cli(server.socket_path, stdin=subprocess.DEVNULL,
+              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        cli.expect("our_id = 1\n")
+        until(lambda: 1 in b.peers, b)
+        cli.proc.send_signal(signal.SIGINT)
+        b.notify(1, 0)
+        cli.expect("receive notification from peer_id=1 vector=0\n")
+        assert cli.stop() == (0, "")
+    finally:
+        cli.close()
+
+
+def test_cli_waits_for_the_server_and_reconnects_when_it_restarts(tmp_path):
+    """QEMU's client loop: retry until the server answers, and after it hangs up start over
+    with no peers, as a new peer of the next server."""
+    path = str(tmp_path / "sock")
+    cli = Cli(path)
+    retry = f"cannot connect to server at {path}: No such file or directory; retry in {RETRY} seconds\n"
+    try:
+        for _ in range(2):
+            cli.expect(retry, stream="stderr")
+        with IvshmemServer(path), IvshmemClient(path, vectors=1) as b:
+            deadline = time.monotonic() + 5
+            while f"peer_id = {b.own_id}\n" not in cli.dump():
+                assert time.monotonic() < deadline
+        cli.expect("disconnected from server\n")
+        with IvshmemServer(path):
+            cli.expect(f"connected to server at {path}, our_id = 0\n")
+            dump = cli.dump()
+            assert dump.startswith("our_id = 0\n") and "peer_id" not in dump, "the first server's peers are gone"
+        cli.expect("disconnected from server\n")
+        code, err = cli.stop(signal.SIGINT)
+    finally:
+        cli.close()
+    assert code == 130
+    assert set(err.splitlines()) <= {retry.strip()}, "Ctrl-C while retrying is quiet too"
+
+
+def test_main_closes_its_fds_when_a_signal_stops_it(server):
+    baseline = open_fds()
+
+    def connected_then_sigint():
+        deadline = time.monotonic() + 5
+        while not server.peer_ids() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    helper = threading.Thread(target=connected_then_sigint)
+    helper.start()
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        assert main(["-S", server.socket_path], retry_interval=RETRY) == 130
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main()")
+    helper.join()
+    assert signal.getsignal(signal.SIGINT) is sigint
+    deadline = time.monotonic() + 2
+    while server.peer_ids() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert open_fds() == baseline

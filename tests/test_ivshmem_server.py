@@ -321,10 +321,47 @@ def test_the_socket_path_appears_ready(tmp_path):
 def test_a_second_server_on_the_same_path_fails_and_leaves_the_first_alone(make_server, peers):
     server = make_server()
     other = IvshmemServer(server.socket_path)
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match="a process listens on it") as error:
         other.start()
+    assert error.value.filename == server.socket_path
     assert os.path.exists(server.socket_path)
-    assert shape(peers(server).read(server, 4)) == setup_of(0)
+    assert shape(peers(server).read(server, 4)) == setup_of(0), "finding out cost the first server no peer id"
+
+
+def a_stale_socket(path, _):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as gone:
+        gone.bind(str(path))
+
+
+def a_file(path, _):
+    path.write_text("")
+
+
+def a_listener(path, cleanup):
+    listener = cleanup.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+    listener.bind(str(path))
+    listener.listen()
+
+
+STALE = "the path exists but nothing listens on it (a stale socket?); remove it and start again"
+
+
+@pytest.mark.parametrize("leave, longest, advice", [
+    (a_stale_socket, False, STALE),
+    (a_stale_socket, True, STALE),
+    (a_file, False, "the path exists and is not a socket; remove it or choose another socket path"),
+    (a_listener, False, "the path exists and a process listens on it; is another ivshmem-server running? "
+                        "Stop it or choose another socket path"),
+], ids=["stale", "stale, too long for a temporary name", "not a socket", "live"])
+def test_main_says_what_to_do_about_a_socket_path_that_exists(tmp_path, capsys, leave, longest, advice):
+    """One line on the user's path (never the temporary `path~PID` bound first) that says how to go on."""
+    # 107 bytes is the longest path sun_path holds; the server binds it directly, with no `~PID`.
+    path = tmp_path / ("x" * (107 - len(str(tmp_path)) - 1) if longest else "sock")
+    with contextlib.ExitStack() as cleanup:
+        leave(path, cleanup)
+        assert main(["-F", "-S", str(path), "-m", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == f"cannot start server on {path}: {advice}\n"
+    assert os.listdir(tmp_path) == [path.name]
 
 
 def test_file_backed_shm_is_unlinked_at_once(tmp_path, peers):
@@ -489,13 +526,13 @@ def wait_for(path, proc=None, timeout=10):
 
 
 @contextlib.contextmanager
-def foreground_server(sock, *flags, **popen):
-    """The console script with -F, ready on `sock`; SIGTERM at the end must stop it cleanly."""
+def foreground_server(sock, *flags, stop=signal.SIGTERM, **popen):
+    """The console script with -F, ready on `sock`; `stop` at the end must stop it cleanly."""
     proc = run_server("-F", "-S", str(sock), *flags, **popen)
     try:
         wait_for(sock, proc)
         yield proc
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(stop)
         assert proc.wait(timeout=5) == 0
     finally:
         if proc.poll() is None:
@@ -513,6 +550,14 @@ def test_console_script_in_the_foreground_with_a_pid_file(tmp_path):
         assert shape(got) == setup_of(0, vectors=2)
         assert os.fstat(got[2][1]).st_size == 1 << 20
         peer.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_console_script_in_the_foreground_stops_quietly_on_ctrl_c(tmp_path):
+    with foreground_server(tmp_path / "sock", "-m", str(tmp_path), stop=signal.SIGINT, stderr=subprocess.PIPE) as proc:
+        pass
+    with proc.stderr:
+        assert proc.stderr.read() == b"", "no traceback"
     assert os.listdir(tmp_path) == []
 
 

@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import argparse
 import array
+import contextlib
 import mmap
 import os
 import re
 import select
+import signal
 import socket
 import sys
 import time
 
-from .uapi.ivshmem import (Event, PeerProtocol, ProtocolError, Reassembler, Rejected,
-                           SharedMemory)
+from .uapi.ivshmem import (Event, OwnId, PeerGone, PeerProtocol, PeerVector, ProtocolError, Reassembler,
+                           Rejected, SharedMemory, Version)
 
 DEFAULT_SOCKET_PATH = "/tmp/ivshmem_socket"
 CONNECT_TIMEOUT = 5.0
+RETRY_INTERVAL = 1.0
 SETTLE_TIME = 0.5
 QUIET_TIME = 0.02
 READ_SIZE = 4096
@@ -99,7 +102,6 @@ class IvshmemClient:
             self.close()
             raise
         self._events.clear()
-        self._debug(f"our_id={self.own_id}")
         return self
 
     def _read_until(self, done, deadline: float | None, *, required: bool = True) -> None:
@@ -136,8 +138,27 @@ class IvshmemClient:
             event = self._map(event.fd)
         if isinstance(event, Rejected) and setup:
             raise ProtocolError(event.reason)
-        self._debug(str(event))
+        if self.verbose:
+            self._debug(self._describe(event))
         self._events.append(event)
+
+    def _describe(self, event: Event) -> str:
+        """-v output: ids, vectors and fds in words, never a repr."""
+        match event:
+            case Version(version):
+                return f"server protocol version {version}"
+            case OwnId(peer):
+                return f"our_id={peer}"
+            case SharedMemory():
+                return f"mapped {len(self.shm)} bytes of shared memory"
+            case PeerVector(peer, 0, fd) if peer != self.own_id:
+                return f"new peer id = {peer}\n  new vector 0 (fd={fd}) for peer id {peer}"
+            case PeerVector(peer, vector, fd):
+                return f"  new vector {vector} (fd={fd}) for peer id {peer}"
+            case PeerGone(peer):
+                return f"delete peer id = {peer}"
+            case Rejected(_, reason):
+                return reason
 
     def _map(self, fd: int) -> Event:
         try:
@@ -319,11 +340,57 @@ ivshmem-client [opts]
   -S <unix_sock_path>: path to the unix socket
      to connect to.
      default={DEFAULT_SOCKET_PATH}
-Commands are read from stdin, one a line or separated by ';'; stdin at its end quits.
+Commands are read from stdin, one a line or separated by ';'. The client retries until the server
+answers and reconnects when it goes away; at the end of stdin it goes on listening for interrupts.
+SIGINT or SIGTERM quits.
 """
 
+# How the client ends on each signal: SIGINT as the shell reports a process killed by it.
+EXIT_STATUS = {signal.SIGINT: 128 + signal.SIGINT, signal.SIGTERM: 0}
 
-def main(argv: list[str] | None = None) -> int:
+
+class _Stop(BaseException):
+    """Raised by the signal handlers, so that whatever the client waits on ends at once and the
+    `with` blocks on the way out close its fds."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.status = EXIT_STATUS[signum]
+
+
+def _stop(signum: int, _frame) -> None:
+    raise _Stop(signum)
+
+
+@contextlib.contextmanager
+def _stopped_by_signals():
+    """A signal that is ignored stays ignored: a script's background job must outlive its Ctrl-C."""
+    previous = {signum: signal.signal(signum, _stop) for signum in EXIT_STATUS
+                if signal.getsignal(signum) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+class _Stdin:
+    """Command lines from fd 0. Its end only stops the reading, so the client can run as a
+    background listener (`ivshmem-client </dev/null &`)."""
+
+    def __init__(self) -> None:
+        self.interactive = os.isatty(0)
+        self.open = True
+        self._pending = ""
+
+    def read(self) -> list[str]:
+        chunk = os.read(0, READ_SIZE).decode(errors="replace")
+        self.open = bool(chunk)
+        *commands, self._pending = re.split(r"[\n\r;]", self._pending + (chunk or "\n"))
+        return commands
+
+
+def main(argv: list[str] | None = None, *, retry_interval: float = RETRY_INTERVAL) -> int:
     try:
         args = _parse_args(argv)
     except SystemExit:
@@ -332,39 +399,49 @@ def main(argv: list[str] | None = None) -> int:
     if args.help:
         print(USAGE, end="", file=sys.stderr)
         return 0
-    interactive = os.isatty(0)
-    try:
-        client = IvshmemClient(args.socket_path, verbose=args.verbose).connect()
-    except (OSError, ProtocolError) as e:
-        print(f"cannot connect to server: {e}", file=sys.stderr)
-        return 1
-    with client:
-        if interactive:
-            print(HELP + "cmd> ", end="", flush=True)
-        return _serve(client, interactive)
+    stdin = _Stdin()
+    with _stopped_by_signals():
+        try:
+            if stdin.interactive:
+                print(HELP + "cmd> ", end="", flush=True)
+            while True:
+                with _connect(args.socket_path, args.verbose, retry_interval) as client:
+                    _serve(client, stdin)
+                print("disconnected from server", flush=True)
+        except _Stop as stop:
+            return stop.status
 
 
-def _serve(client: IvshmemClient, interactive: bool) -> int:
-    """Commands from stdin and interrupts from the server, whichever comes first."""
-    pending = ""
+def _connect(path: str, verbose: bool, retry_interval: float) -> IvshmemClient:
+    """Tries until the server answers: it may start after the client, or restart under it."""
+    seconds = f"{retry_interval:g} second{'' if retry_interval == 1 else 's'}"
     while True:
-        ready = _ready([0, *client.fds()], None)
+        try:
+            client = IvshmemClient(path, verbose=verbose).connect()
+        except (OSError, ProtocolError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+            print(f"cannot connect to server at {path}: {reason}; retry in {seconds}", file=sys.stderr, flush=True)
+            time.sleep(retry_interval)
+            continue
+        print(f"connected to server at {path}, our_id = {client.own_id}", flush=True)
+        return client
+
+
+def _serve(client: IvshmemClient, stdin: _Stdin) -> None:
+    """Commands from stdin and interrupts from the server, whichever comes first, until the
+    server hangs up."""
+    while True:
+        ready = _ready([0, *client.fds()] if stdin.open else client.fds(), None)
         try:
             while (vector := client.wait_interrupt(0)) is not None:
                 print(f"receive notification from peer_id={client.own_id} vector={vector}", flush=True)
             client.poll(0)
         except ConnectionError:
-            print("disconnected from server", flush=True)
-            return 1
+            return
         if 0 not in ready:
             continue
-        chunk = os.read(0, 4096).decode(errors="replace")
-        *commands, pending = re.split(r"[\n\r;]", pending + (chunk or "\n"))
-        print("".join(run_command(client, command) for command in commands), end="")
-        if not chunk:
-            sys.stdout.flush()
-            return 0
-        if interactive:
+        print("".join(run_command(client, command) for command in stdin.read()), end="")
+        if stdin.interactive and stdin.open:
             print("cmd> ", end="")
         sys.stdout.flush()
 

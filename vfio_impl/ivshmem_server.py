@@ -21,6 +21,7 @@ import resource
 import selectors
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -162,14 +163,19 @@ class IvshmemServer:
             temporary = self.socket_path
         elif os.path.lexists(temporary):
             os.unlink(temporary)
-        self._listener.bind(temporary)
         try:
-            self._listener.listen(socket.SOMAXCONN)
-            if temporary != self.socket_path:
-                os.link(temporary, self.socket_path)
-        finally:
-            if temporary != self.socket_path:
-                os.unlink(temporary)
+            self._listener.bind(temporary)
+            try:
+                self._listener.listen(socket.SOMAXCONN)
+                if temporary != self.socket_path:
+                    os.link(temporary, self.socket_path)
+            finally:
+                if temporary != self.socket_path:
+                    os.unlink(temporary)
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.EADDRINUSE):
+                raise
+            raise FileExistsError(errno.EEXIST, _why_taken(self.socket_path), self.socket_path) from None
         self._socket_inode = os.stat(self.socket_path).st_ino
 
     def stop(self) -> None:
@@ -403,6 +409,24 @@ def _inode(path: str) -> int | None:
         return None
 
 
+def _why_taken(path: str) -> str:
+    """Whose the socket path looks like, asked without disturbing a live server: a datagram
+    connect() to a stream socket fails (EPROTOTYPE) before it reaches the accept queue, and one
+    to a socket that nobody holds any more is refused."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return "the path exists and is not a socket; remove it or choose another socket path"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+            probe.connect(path)
+    except ConnectionRefusedError:
+        return "the path exists but nothing listens on it (a stale socket?); remove it and start again"
+    except OSError as e:
+        if e.errno != errno.EPROTOTYPE:
+            return "the path exists; is another ivshmem-server running? If not, remove it"
+    return ("the path exists and a process listens on it; is another ivshmem-server running? "
+            "Stop it or choose another socket path")
+
+
 # the console script
 
 _SIZE = re.compile(r"(\d+)(?:\.(\d+))?([bkmgtpe]?)", re.IGNORECASE)
@@ -515,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             server.start()
         except OSError as e:
-            print(f"cannot start server on {args.socket_path}: {e}", file=sys.stderr)
+            reason = e.strerror if e.filename == server.socket_path else e
+            print(f"cannot start server on {args.socket_path}: {reason}", file=sys.stderr)
             return 1
         if not args.foreground:
             _daemonize()
