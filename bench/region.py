@@ -54,7 +54,7 @@ def figure_3(scale: Scale) -> list[Figure]:
             writes = compare(loop("register.write(VALUE)", register=register, VALUE=VALUE), view_write,
                              scale.ops, scale.repeats)
             any_reads = compare(loop("read(ADDR, 4)", read=bar2.read, ADDR=ADDR), view_read, scale.ops, scale.repeats)
-            any_writes = compare(loop("write(ADDR, 4, VALUE)", write=bar2.write, ADDR=ADDR, VALUE=VALUE), view_write,
+            any_writes = compare(loop("write(ADDR, VALUE, 4)", write=bar2.write, ADDR=ADDR, VALUE=VALUE), view_write,
                                  scale.ops, scale.repeats)
             floor = compare(loop("read(ADDR, 4)", read=_Floor(words).read, ADDR=ADDR), view_read,
                             scale.ops, scale.repeats)
@@ -71,7 +71,7 @@ def figure_3(scale: Scale) -> list[Figure]:
                    Target("<=", 3)),
             Figure("3ar", "the same read by address", any_addr.format("read(addr, 4)"), baseline, any_reads,
                    note="no handle: area, alignment and switch looked up on each access"),
-            Figure("3aw", "the same write by address", any_addr.format("write(addr, 4, value)"), baseline, any_writes,
+            Figure("3aw", "the same write by address", any_addr.format("write(addr, value, 4)"), baseline, any_writes,
                    note="no handle: area, alignment and switch looked up on each access"),
             Figure("3f", "a bare Python method indexing the view", "read(addr, size) returning "
                    "words[size][addr // size], no check", baseline, floor, note="the floor under 3ar and 3aw")]
@@ -88,7 +88,7 @@ def figure_4(scale: Scale) -> list[Figure]:
 
         def trapped(region: Region, read_at: int, write_at: int, raw_read: Side, raw_write: Side):
             return (compare(loop("read(at, 4)", read=region.read, at=read_at), raw_read, scale.ops, scale.repeats),
-                    compare(loop("write(at, 4, VALUE)", write=region.write, at=write_at, VALUE=VALUE), raw_write,
+                    compare(loop("write(at, VALUE, 4)", write=region.write, at=write_at, VALUE=VALUE), raw_write,
                             scale.ops, scale.repeats))
 
         real = trapped(region, ADDR, ADDR, pread, pwrite)

@@ -146,11 +146,11 @@ def test_region_fast_path_switch(vfio, vfio_device):
     with AddressSpace(vfio.host) as space:
         dev = Device.attach(space, vfio_device.sysfs)
         cfg = dev.region(uapi.VFIO_PCI_CONFIG_REGION_INDEX)
-        cfg.write(4, 2, cfg.read(4, 2) | 0x2)
+        cfg.write(4, cfg.read(4, 2) | 0x2, 2)
         bar = dev.region(0)
         bar.mmap()
         assert bar.areas and bar.read(0, 4) == EDU_ID
-        bar.write(4, 4, 1)
+        bar.write(4, 1, 4)
         bar.mmap_enabled = False
         assert bar.read(4, 4) == 0xFFFFFFFE
         bar.mmap_enabled = True

@@ -13,7 +13,6 @@ import errno
 import functools
 import mmap as _mmap
 import os
-import re
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -22,6 +21,7 @@ from .container import AddressSpace
 from .device import Device
 from .errors import VFIOError
 from .machine import IRQLine, Machine, Timer
+from .pciaddr import PCI_DEVICES, parse_host
 from .pcicore import PCI_NUM_BARS, default_write_config, register_bar
 from .region import MmapArea, Region
 from .trace import error_report, trace, tracing, warn
@@ -40,8 +40,6 @@ ROM_INDEX, CONFIG_INDEX = uapi.VFIO_PCI_ROM_REGION_INDEX, uapi.VFIO_PCI_CONFIG_R
 _PAGE = _mmap.PAGESIZE
 # The access sizes a guest's BAR and config accesses come in, with their value masks.
 _ACCESS_MASKS = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF}
-_HOST_RE = re.compile(r"^(?:([0-9a-fA-F]{1,4}):)?([0-9a-fA-F]{1,2}):([0-9a-fA-F]{1,2})\.([0-7])$")
-
 VFIO_INT_NONE, VFIO_INT_INTX, VFIO_INT_MSI, VFIO_INT_MSIX = "none", "intx", "msi", "msix"
 
 
@@ -123,11 +121,10 @@ class VFIOMSIXInfo:
 
 
 def _parse_host(host: str) -> str:
-    m = _HOST_RE.match(host)
-    if not m:
-        raise VFIOError(f"Property 'vfio-pci.host' doesn't take value '{host}'", errno.EINVAL)
-    domain, bus, slot, fn = m.groups()
-    return f"{int(domain or '0', 16):04x}:{int(bus, 16):02x}:{int(slot, 16):02x}.{fn}"
+    try:
+        return parse_host(host)
+    except ValueError:
+        raise VFIOError(f"Property 'vfio-pci.host' doesn't take value '{host}'", errno.EINVAL) from None
 
 
 class VFIOPCIDevice:
@@ -173,7 +170,7 @@ class VFIOPCIDevice:
             name = os.path.basename(sysfsdev)
         elif host:
             name = _parse_host(host)
-            sysfsdev = f"/sys/bus/pci/devices/{name}"
+            sysfsdev = f"{PCI_DEVICES}/{name}"
         else:
             raise VFIOError("No provided host device", errno.EINVAL)
         self = cls(space, machine, name, romfile=romfile, rombar=rombar,
@@ -405,7 +402,7 @@ class VFIOPCIDevice:
                 if start <= addr < end:
                     write(addr - start, value, size)
                     return
-        if bar.region.write_mapped(addr, size, value):
+        if bar.region.write_mapped(addr, value, size):
             return
         try:
             bar.region.pwrite(addr, value.to_bytes(size, "little"))

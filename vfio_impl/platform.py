@@ -256,7 +256,7 @@ class VFIOPlatformDevice:
         if size not in _ACCESS_MASKS:
             raise VFIOError(f"vfio: unsupported write size, {size} bytes", errno.EINVAL)
         value &= _ACCESS_MASKS[size]
-        if region.write_mapped(addr, size, value):
+        if region.write_mapped(addr, value, size):
             return
         try:
             region.pwrite(addr, value.to_bytes(size, "little"))

@@ -154,8 +154,12 @@ class Region:
                 return value
         return int.from_bytes(self.pread(addr, size), "little")
 
-    def write(self, addr: int, size: int, value: int) -> None:
-        if not (self.areas and self.write_mapped(addr, size, value)):
+    def write(self, addr: int, value: int, size: int) -> None:
+        """In QEMU's order, vfio_region_write(addr, data, size), as bar_write and config_write. A
+        size check catches most calls still in the old (addr, size, value) order."""
+        if size not in _WORD_FORMATS:
+            raise VFIOError(f"{self.name}: no {size}-byte access (write takes addr, value, size)", errno.EINVAL)
+        if not (self.areas and self.write_mapped(addr, value, size)):
             self.pwrite(addr, value.to_bytes(size, "little"))
 
     def read_mapped(self, addr: int, size: int) -> int | None:
@@ -174,7 +178,7 @@ class Region:
                         return value & _NARROW_MASKS[size] if size < 4 else value
         return None
 
-    def write_mapped(self, addr: int, size: int, value: int) -> bool:
+    def write_mapped(self, addr: int, value: int, size: int) -> bool:
         if self._mmap_enabled:
             for area in self.areas:
                 rel = addr - area.offset
@@ -239,7 +243,7 @@ class Register:
     def write(self, value: int) -> None:
         words = self._words
         if words is None:
-            self.region.write(self.addr, self.size, value)
+            self.region.write(self.addr, value, self.size)
         else:
             words[self._index] = value
 
