@@ -6,7 +6,7 @@ import mmap
 
 import pytest
 
-from vfio_impl import AddressSpace, Device, Machine, uapi
+from vfio_impl import AddressSpace, Device, Machine, VFIOError, uapi
 
 from .raw import errno_of
 
@@ -35,6 +35,24 @@ def unmap_dma(vfio, c, iova, size, flags=0) -> int:
     buf = uapi.vfio_iommu_type1_dma_unmap.pack(flags=flags, iova=iova, size=size)
     vfio.host.ioctl(c, uapi.VFIO_IOMMU_UNMAP_DMA, buf)
     return uapi.vfio_iommu_type1_dma_unmap.unpack(buf).size
+
+
+def edu_dma(bar, src: int, dst: int, count: int, to_ram: bool) -> None:
+    """One transfer of edu's engine, waited for: QEMU runs it off a 100 ms timer."""
+    for reg, value in ((0x80, src), (0x88, dst), (0x90, count), (0x98, 0x1 | (0x2 if to_ram else 0))):
+        bar.write(reg, value, 4)
+    while bar.read(0x98, 4) & 1:
+        pass
+
+
+@pytest.fixture
+def edu(vfio, vfio_device):
+    """edu attached through vfio_impl, memory decode and bus master on: (address space, device, BAR0)."""
+    with AddressSpace(vfio.host) as space:
+        dev = Device.attach(space, vfio_device.sysfs)
+        cfg = dev.region(uapi.VFIO_PCI_CONFIG_REGION_INDEX)
+        cfg.write(4, cfg.read(4, 2) | 0x6, 2)
+        yield space, dev, dev.region(0)
 
 
 def iommu_info(vfio, c):
@@ -155,16 +173,10 @@ def test_edu_dma_from_guest_ram_via_the_listener(vfio, vfio_device):
         dev = Device.attach(space, vfio_device.sysfs)
         assert dev.group.container.mappings == {0x200000: 4 * PAGE}
         cfg, bar = dev.region(uapi.VFIO_PCI_CONFIG_REGION_INDEX), dev.region(0)
-        cfg.write(4, 2, cfg.read(4, 2) | 0x6)
+        cfg.write(4, cfg.read(4, 2) | 0x6, 2)
         ram.memory[0:8] = b"guestram"
-        for reg, value in ((0x80, 0x200000), (0x88, 0x40000), (0x90, 8), (0x98, 1)):
-            bar.write(reg, 4, value)
-        while bar.read(0x98, 4) & 1:
-            pass
-        for reg, value in ((0x80, 0x40000), (0x88, 0x201000), (0x90, 8), (0x98, 3)):
-            bar.write(reg, 4, value)
-        while bar.read(0x98, 4) & 1:
-            pass
+        edu_dma(bar, 0x200000, 0x40000, 8, to_ram=False)
+        edu_dma(bar, 0x40000, 0x201000, 8, to_ram=True)
         assert ram.memory[PAGE:PAGE + 8] == b"guestram"
         dev.close()
 
@@ -187,3 +199,57 @@ def test_dma_into_a_read_only_mapping_faults(vfio, fake_kernel, raw, memory):
         raw.bar_write(d, 0, reg, value)
     assert memory[0:4] == b"keep"
     assert fake_kernel.files[c].iommu.faults[-1].reason == "write to a read-only mapping"
+
+
+@pytest.mark.vfio(device="edu", destructive=True)
+def test_dma_buffer_round_trip(edu):
+    """space.dma_buffer is memory and its MAP_DMA in one call: edu reads it and writes it back."""
+    space, dev, bar = edu
+    with space.dma_buffer(2 * PAGE, iova=0x100000) as buf:
+        assert dev.group.container.mappings == {0x100000: 2 * PAGE}
+        pattern = bytes(range(256)) * 2
+        buf.view[:512] = pattern
+        edu_dma(bar, 0x100000, 0x40000, 512, to_ram=False)
+        edu_dma(bar, 0x40000, 0x100000 + PAGE, 512, to_ram=True)
+        assert buf.view[PAGE:PAGE + 512] == pattern
+    assert dev.group.container.mappings == {}
+
+
+@pytest.mark.vfio(device="edu", destructive=True)
+def test_read_only_dma_buffer_keeps_device_writes_out(edu):
+    space, _, bar = edu
+    with space.dma_buffer(PAGE, iova=0x100000) as source, \
+            space.dma_buffer(PAGE, iova=0x200000, readonly=True) as target:
+        source.view[:4] = b"edu!"
+        target.view[:4] = b"keep"
+        edu_dma(bar, 0x100000, 0x40000, 4, to_ram=False)
+        edu_dma(bar, 0x200000, 0x40004, 4, to_ram=False)
+        edu_dma(bar, 0x40000, 0x200000, 4, to_ram=True)
+        edu_dma(bar, 0x40004, 0x100000, 4, to_ram=True)
+        assert target.view[:4] == b"keep" and source.view[:4] == b"keep", "the device read it but wrote it"
+
+
+def test_closing_a_dma_buffer_unmaps_its_iova(edu):
+    space, _, _ = edu
+    buf = space.dma_buffer(PAGE, iova=0x100000)
+    with pytest.raises(VFIOError) as e:
+        space.dma_buffer(PAGE, iova=0x100000)
+    assert e.value.errno == errno.EEXIST and space.dma_buffers == [buf]
+    buf.close()
+    buf.close()
+    with space.dma_buffer(PAGE, iova=0x100000) as again:
+        assert again.vaddr != 0 and again.size == PAGE
+
+
+def test_the_last_device_out_takes_its_dma_buffers(vfio, vfio_device):
+    with AddressSpace(vfio.host) as space:
+        dev = Device.attach(space, vfio_device.sysfs)
+        buf = space.dma_buffer(100, iova=0x100000)
+        assert buf.size == PAGE, "MAP_DMA takes whole pages"
+        dev.close()
+        assert buf.closed and not space.dma_buffers
+        with pytest.raises(ValueError):
+            buf.view[0]
+        dev = Device.attach(space, vfio_device.sysfs)
+        with space.dma_buffer(PAGE, iova=0x100000):
+            assert dev.group.container.mappings == {0x100000: PAGE}

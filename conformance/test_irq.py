@@ -5,12 +5,13 @@ import os
 
 import pytest
 
-from vfio_impl import irq, uapi
+from vfio_impl import AddressSpace, Device, VFIOError, irq, uapi
 
 from .raw import errno_of, wait_for
 
 pytestmark = pytest.mark.vfio(device="edu")
-INTX, MSI, REQ = uapi.VFIO_PCI_INTX_IRQ_INDEX, uapi.VFIO_PCI_MSI_IRQ_INDEX, uapi.VFIO_PCI_REQ_IRQ_INDEX
+INTX, MSI, MSIX = uapi.VFIO_PCI_INTX_IRQ_INDEX, uapi.VFIO_PCI_MSI_IRQ_INDEX, uapi.VFIO_PCI_MSIX_IRQ_INDEX
+REQ = uapi.VFIO_PCI_REQ_IRQ_INDEX
 TRIGGER, MASK, UNMASK = uapi.VFIO_IRQ_SET_ACTION_TRIGGER, uapi.VFIO_IRQ_SET_ACTION_MASK, uapi.VFIO_IRQ_SET_ACTION_UNMASK
 RAISE, ACK = 0x60, 0x64
 
@@ -187,3 +188,37 @@ def test_eventfd_reference_outlives_the_users_fd(vfio, raw):
     set_irqs(vfio, d, irq.data_none(INTX, 0, 1, TRIGGER))
     assert fired(vfio, dup) == 1
     set_irqs(vfio, d, irq.data_none(INTX, 0, 0, TRIGGER))
+
+
+@pytest.fixture
+def device(vfio, vfio_device):
+    """The marker's device attached through vfio_impl."""
+    with AddressSpace(vfio.host) as space:
+        yield Device.attach(space, vfio_device.sysfs)
+
+
+@pytest.mark.vfio(device="e1000e")
+def test_enable_irq_wires_one_eventfd_per_vector(vfio, device):
+    """Device.enable_irq: every MSI-X vector in one SET_IRQS; each loopback reaches its own eventfd."""
+    count = device.get_irq_info(MSIX).count
+    fds = [device.new_eventfd() for _ in range(count)]
+    device.enable_irq(MSIX, fds)
+    for n in reversed(range(count)):
+        device.trigger_irq(MSIX, n)
+        assert [fired(vfio, fd) for fd in fds] == [int(i == n) for i in range(count)]
+    device.disable_irq(MSIX)
+    with pytest.raises(VFIOError) as e:
+        device.trigger_irq(MSIX)
+    assert e.value.errno == errno.EINVAL, "disable_irq left MSI-X enabled"
+
+
+def test_enable_irq_beyond_the_vectors(vfio, device):
+    """edu's MSI has one vector: a second is EINVAL, and nothing is left enabled."""
+    fds = [device.new_eventfd(), device.new_eventfd()]
+    with pytest.raises(VFIOError) as e:
+        device.enable_irq(MSI, fds)
+    assert e.value.errno == errno.EINVAL
+    device.enable_irq(MSI, fds[:1])
+    device.trigger_irq(MSI)
+    assert fired(vfio, fds[0]) == 1
+    device.disable_irq(MSI)

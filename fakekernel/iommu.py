@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import mmap
 from bisect import bisect_left, bisect_right
 from itertools import chain
@@ -18,6 +19,10 @@ PAGE_SIZE = mmap.PAGESIZE
 IOVA_PGSIZES = (1 << 12) | (1 << 21) | (1 << 30)
 DMA_ENTRY_LIMIT = 65535
 IOVA_MAX = (1 << 64) - 1
+
+# A refused DMA is silent on the device's side, so each one is a WARNING here, as Linux's DMAR
+# fault lines are in dmesg: pytest shows it among the test's captured log.
+log = logging.getLogger("fakekernel.iommu")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.msync.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
@@ -142,12 +147,14 @@ class IOMMUFault:
 
 
 class Type1IOMMU:
-    """The DMA mappings of one container, with permission checks and fault recording."""
+    """The DMA mappings of one container, with permission checks and fault recording. `fault_log`,
+    when given, collects the faults too and outlives the container (FakeKernel.iommu_faults)."""
 
-    def __init__(self, dma_entry_limit: int = DMA_ENTRY_LIMIT):
+    def __init__(self, dma_entry_limit: int = DMA_ENTRY_LIMIT, fault_log: list[IOMMUFault] | None = None):
         self._maps = SortedMappings()
         self.dma_entry_limit = dma_entry_limit
         self.faults: list[IOMMUFault] = []
+        self.fault_log = fault_log
 
     def __len__(self) -> int:
         return len(self._maps)
@@ -221,7 +228,12 @@ class Type1IOMMU:
         """The pieces behind a device access; None after recording the fault."""
         pieces, reason = self._walk(iova, size, not write, write)
         if reason:
-            self.faults.append(IOMMUFault(iova, size, write, reason))
+            fault = IOMMUFault(iova, size, write, reason)
+            self.faults.append(fault)
+            if self.fault_log is not None:
+                self.fault_log.append(fault)
+            log.warning("IOMMU fault: DMA %s of %d bytes at IOVA %#x refused: %s",
+                        "write" if write else "read", size, iova, reason)
             return None
         return pieces
 

@@ -22,7 +22,7 @@ from vfio_impl.host import EventfdMixin
 from . import devices as _devices
 from . import pci
 from .faults import Faults
-from .iommu import PAGE_SIZE, Type1IOMMU
+from .iommu import PAGE_SIZE, IOMMUFault, Type1IOMMU
 from .profile import Profile
 from .sysfs import Sysfs
 from .topology import PciDeviceSpec, Topology
@@ -127,7 +127,7 @@ class ContainerFile(File):
             raise _err(errno.ENODEV, f"no IOMMU driver for type {arg}")
         if arg not in (uapi.VFIO_TYPE1_IOMMU, uapi.VFIO_TYPE1v2_IOMMU):
             raise _err(errno.EINVAL, f"type1 cannot open type {arg}")
-        self.iommu = Type1IOMMU(self.kernel.profile.dma_entry_limit)
+        self.iommu = Type1IOMMU(self.kernel.profile.dma_entry_limit, self.kernel._iommu_faults)
         self.v2 = arg == uapi.VFIO_TYPE1v2_IOMMU
         return 0
 
@@ -596,6 +596,7 @@ class FakeKernel(EventfdMixin):
                                  for d in self.topology.platform}
         self.ccw_devices = {d.schid: VfioCcwDevice(self, d, _devices.CATALOG[d.model]()) for d in self.topology.ccw}
         self._mappings: list[weakref.ref] = []
+        self._iommu_faults: list[IOMMUFault] = []
         self._lock = threading.RLock()
         self._virqfd: _Virqfd | None = None
         self.faults = Faults(self)
@@ -806,6 +807,12 @@ class FakeKernel(EventfdMixin):
     def watched(self) -> int:
         """fds the kernel's worker watches (virqfds, device sockets and eventfds)."""
         return self._virqfd.watched() if self._virqfd else 0
+
+    def iommu_faults(self) -> list[IOMMUFault]:
+        """Every DMA a type1 IOMMU of this kernel refused, oldest first, kept after its container
+        is gone: what Linux's DMAR fault lines in dmesg tell. Each was also a WARNING on the
+        `fakekernel.iommu` logger."""
+        return list(self._iommu_faults)
 
     def open_files(self) -> dict[str, int]:
         counts: dict[str, int] = {}

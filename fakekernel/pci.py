@@ -7,6 +7,7 @@ does on top of it lives in vfio_pci.py.
 
 from __future__ import annotations
 
+import logging
 import struct
 from dataclasses import dataclass
 from typing import Callable
@@ -36,6 +37,7 @@ BAR_IO = 0x1
 BAR_PREFETCH = 0x8
 
 IMPL_ACCESS_SIZE = 4
+log = logging.getLogger("fakekernel.pci")
 
 
 @dataclass(slots=True)
@@ -347,11 +349,21 @@ class PciFunction:
             self.sinks.msi(vector)
 
     def dma_read(self, addr: int, size: int) -> bytes | None:
-        """No bus master, no DMA: the request never leaves the device."""
-        return self.sinks.dma_read(addr, size) if self.bus_master() else None
+        """No bus master, no DMA: the request never leaves the device, and only a WARNING says so."""
+        if self.bus_master():
+            return self.sinks.dma_read(addr, size)
+        self._dma_dropped("read", addr, size)
+        return None
 
     def dma_write(self, addr: int, data: bytes) -> bool:
-        return self.sinks.dma_write(addr, data) if self.bus_master() else False
+        if self.bus_master():
+            return self.sinks.dma_write(addr, data)
+        self._dma_dropped("write", addr, len(data))
+        return False
+
+    def _dma_dropped(self, direction: str, addr: int, size: int) -> None:
+        log.warning("%s: DMA %s of %d bytes at %#x dropped: bus master is off in COMMAND",
+                    self.model, direction, size, addr)
 
     def start(self, watch: Callable[[int, Callable[[], None] | None], None]) -> None:
         """A device that works in the background (a server socket, eventfds) begins here, on the

@@ -3,7 +3,9 @@ shared whenever SET_CONTAINER accepts it, and the last group out closes the cont
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import mmap
 import os
 import re
 import struct
@@ -139,6 +141,10 @@ class Container:
         self.groups.remove(group)
         if not self.groups:
             self.space.machine.unregister_listener(self)
+            for buf in [b for b in self.space.dma_buffers if self in b.containers]:
+                buf.containers.remove(self)      # the kernel drops the mapping with the container
+                if not buf.containers:
+                    buf.close()
             self.mappings.clear()
             self.space.containers.remove(self)
             self.host.close(self.fd)
@@ -284,6 +290,7 @@ class AddressSpace:
         self.machine = machine or Machine()
         self.groups: dict[int, Group] = {}
         self.containers: list[Container] = []
+        self.dma_buffers: list[DMABuffer] = []
 
     def group_of(self, sysfsdev: str) -> int:
         """The IOMMU group number behind a sysfs device path."""
@@ -300,7 +307,12 @@ class AddressSpace:
         except ValueError:
             raise VFIOError(f"vfio: failed to read {sysfsdev}/iommu_group", errno.EINVAL) from None
 
+    def dma_buffer(self, size: int, iova: int, readonly: bool = False) -> "DMABuffer":
+        """Memory the attached devices can DMA to and from at `iova` (see DMABuffer)."""
+        return DMABuffer(self, size, iova, readonly)
+
     def close(self) -> None:
+        """Devices first: the last one out of a container takes its DMA buffers with it."""
         for group in list(self.groups.values()):
             for device in list(group.devices):
                 device.close()
@@ -311,3 +323,69 @@ class AddressSpace:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class DMABuffer:
+    """Process memory mapped for device DMA at one IOVA in every container of an address space.
+
+    What QEMU's memory listener does for guest RAM, for a driver with no guest: anonymous memory
+    whose address (`vaddr`) MAP_DMA pins on Linux and the fake kernel's IOMMU reads and writes,
+    mapped into the containers the space has now (so made after the devices are attached).
+    `view` is the process's side of it. `readonly` lets the device read it only (MAP_DMA without
+    WRITE). close() unmaps and frees it; the last device out of a container does too.
+    """
+
+    def __init__(self, space: AddressSpace, size: int, iova: int, readonly: bool = False):
+        if not space.containers:
+            raise VFIOError("vfio: no container to map DMA memory into; attach a device first", errno.ENODEV)
+        if size <= 0:
+            raise VFIOError(f"vfio: DMA buffer of {size} bytes", errno.EINVAL)
+        self.space = space
+        self.iova = iova
+        self.size = (size + _PAGE - 1) & ~(_PAGE - 1)   # MAP_DMA takes whole pages
+        self.readonly = readonly
+        self.memory = mmap.mmap(-1, self.size)
+        self.vaddr = ctypes.addressof(ctypes.c_char.from_buffer(self.memory))
+        self.view = memoryview(self.memory)
+        self.containers: list[Container] = []
+        self.closed = False
+        try:
+            for container in space.containers:
+                container.map_dma(iova, self.size, self.vaddr, readonly)
+                self.containers.append(container)
+        except BaseException:
+            self.close()
+            raise
+        space.dma_buffers.append(self)
+
+    def close(self) -> None:
+        """Unmap from every container still open, then free the memory (even if an unmap fails)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self in self.space.dma_buffers:
+            self.space.dma_buffers.remove(self)
+        failed = []
+        for container in self.containers:
+            try:
+                container.unmap_dma(self.iova, self.size)
+            except VFIOError as e:
+                failed.append(e)
+        self.containers = []
+        try:
+            self.view.release()
+            self.memory.close()
+        except BufferError:
+            pass   # a view the caller still holds keeps the pages; they go with it
+        if failed:
+            raise failed[0]
+
+    def __enter__(self) -> "DMABuffer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<DMABuffer iova={self.iova:#x} size={self.size:#x}{' readonly' if self.readonly else ''}" \
+               f"{' closed' if self.closed else ''}>"

@@ -149,6 +149,16 @@ class Device:
                 f"vfio: failed to {'set' if fd >= 0 else 'tear down'} signaling of irq {index}.{subindex}", e) from e
         trace("vfio_set_irq_signaling", name=self.name, index=index, subindex=subindex, action=action, fd=fd)
 
+    def enable_irq(self, index: int, fds: list[int]) -> None:
+        """Wire fds[n] to vector n of the index in one SET_IRQS (rust-vmm's enable_irq): MSI and
+        MSI-X need it, since the first TRIGGER fixes how many vectors the kernel enables and a
+        later one beyond them is EINVAL. An fd of -1 leaves its vector unwired."""
+        try:
+            self.set_irqs(irq.eventfds(index, 0, fds))
+        except OSError as e:
+            raise VFIOError.from_oserror(f"vfio: failed to enable {len(fds)} vectors of irq {index}", e) from e
+        trace("vfio_enable_irq", name=self.name, index=index, fds=tuple(fds))
+
     def _irq_action(self, index: int, action: int, what: str, subindex: int = 0) -> None:
         try:
             self.set_irqs(irq.data_none(index, subindex, 1, action))
