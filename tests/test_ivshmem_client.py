@@ -147,8 +147,8 @@ def test_no_fd_left_behind(server):
         view[0] = 1
         view.release()
     deadline = time.monotonic() + 2
-    while server.peer_ids() and time.monotonic() < deadline:
-        time.sleep(0.001)
+    while (server.peer_ids() or open_fds() != baseline) and time.monotonic() < deadline:
+        time.sleep(0.001)   # the server thread closes its side of the peer after dropping it
     assert open_fds() == baseline
 
 
@@ -369,7 +369,9 @@ def test_cli_waits_for_the_server_and_reconnects_when_it_restarts(tmp_path):
     finally:
         cli.close()
     assert code == 130
-    assert set(err.splitlines()) <= {retry.strip()}, "Ctrl-C while retrying is quiet too"
+    # A connect racing the server's shutdown may be refused or reset rather than find no file.
+    retrying = re.compile(rf"cannot connect to server at {re.escape(path)}: [^;]+; retry in {RETRY} seconds")
+    assert all(retrying.fullmatch(line) for line in err.splitlines()), "Ctrl-C while retrying is quiet too"
 
 
 def test_main_closes_its_fds_when_a_signal_stops_it(server):
@@ -390,6 +392,6 @@ def test_main_closes_its_fds_when_a_signal_stops_it(server):
     helper.join()
     assert signal.getsignal(signal.SIGINT) is sigint
     deadline = time.monotonic() + 2
-    while server.peer_ids() and time.monotonic() < deadline:
-        time.sleep(0.001)
+    while (server.peer_ids() or open_fds() != baseline) and time.monotonic() < deadline:
+        time.sleep(0.001)   # the server thread closes its side of the peer after dropping it
     assert open_fds() == baseline
