@@ -40,6 +40,7 @@ class Backend:
     devices: list[DeviceInfo] = field(default_factory=list)
     destructive: bool = False
     used: list[str] = field(default_factory=list)
+    profile: object = None   # fakekernel.profile.Profile: where a test's expected answers differ by version
 
     def find(self, model: str) -> DeviceInfo | None:
         """The first device of a model; what a test finds is what it ran on, for the report."""
@@ -159,19 +160,28 @@ def check_named(kind: str, names: list[str]) -> list[DeviceInfo]:
             raise DeviceError(f"{e} (on the fake's {DEFAULT_TOPOLOGY!r} topology)") from None
 
 
-def kernel_label(kind: str) -> str:
+def kernel_profile(kind: str, name: str | None = None):
+    """The kernel profile a run holds its tests to: the fake's, by name (its default when None),
+    or the one that models the running kernel on real (None if no profile models it)."""
+    from fakekernel.profile import DEFAULT_PROFILE, PROFILES, Profile
+
+    if kind == "real":
+        release = os.uname().release
+        return next((p for p in PROFILES.values() if release.startswith(f"{p.name}.")), None)
+    return Profile.named(name or DEFAULT_PROFILE)
+
+
+def kernel_label(kind: str, profile: str | None = None) -> str:
     """The kernel a run tests, as reports and JUnit suite names show it."""
     if kind == "real":
         return os.uname().release
-    from fakekernel.profile import LINUX_6_1
-
-    return f"fake {LINUX_6_1.name}"
+    return f"fake {kernel_profile(kind, profile).name}"
 
 
 def real_backend(devices: list[str], destructive: bool) -> Backend:
     host = RealHost()
     found = [check_device(host, d) for d in devices] if devices else vfio_bound(host)
-    return Backend("real", host, os.uname().release, found, destructive)
+    return Backend("real", host, os.uname().release, found, destructive, profile=kernel_profile("real"))
 
 
 def real_available() -> bool:

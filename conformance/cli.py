@@ -17,7 +17,8 @@ from pathlib import Path
 
 from vfio_impl.info import package_version
 
-from .backends import REAL_MISSING, DeviceError, check_named, kernel_label, real_available, real_backend
+from .backends import (REAL_MISSING, DeviceError, check_named, kernel_label, kernel_profile, real_available,
+                       real_backend)
 
 SUITE = Path(__file__).resolve().parent
 OK, FAILED, USAGE, BAD_DEVICE, BAD_FILE, NOTHING_TESTED, INTERRUPTED = 0, 1, 2, 3, 4, 5, 130
@@ -50,6 +51,8 @@ def _pytest_args(args, json_path: str) -> list[str]:
     out = [str(SUITE), "-p", "conformance.plugin", "--rootdir", str(SUITE.parent),
            "-p", "no:cacheprovider", f"--vfio-backend={args.backend}", f"--vfio-json={json_path}"]
     out += [f"--vfio-device={device}" for device in args.device]
+    if args.kernel:
+        out.append(f"--vfio-kernel={args.kernel}")
     if args.destructive:
         out.append("--vfio-destructive")
     out += [f"--vfio-fault={rule}" for rule in args.fault]
@@ -57,7 +60,7 @@ def _pytest_args(args, json_path: str) -> list[str]:
         out += ["-p", "xdist.plugin", "-n", str(args.n)]
     if args.junit:
         out += [f"--junitxml={args.junit}", "-o", f"junit_suite_name=vfio-conformance[{args.backend} "
-                                                  f"{kernel_label(args.backend).removeprefix('fake ')}]"]
+                                                  f"{kernel_label(args.backend, args.kernel).removeprefix('fake ')}]"]
     if args.k:
         out += ["-k", args.k]
     out.append("-v" if args.verbose else "-q")
@@ -106,6 +109,14 @@ def cmd_run(args) -> int:
     if args.fault and args.backend == "real":
         raise CommandError("--fault injects faults into the fake kernel; it needs --backend fake", USAGE)
     _parse_faults(args.fault)
+    if args.kernel:
+        if args.backend == "real":
+            raise CommandError("--kernel picks the fake kernel's profile; the real backend tests the running kernel",
+                               USAGE)
+        try:
+            kernel_profile("fake", args.kernel)
+        except ValueError as e:
+            raise CommandError(f"--kernel: {e}", USAGE) from None
     for path, flag in ((args.json, "--json"), (args.junit, "--junit")):
         if path:
             writable(path, flag)
@@ -221,6 +232,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--device", action="append", default=[], metavar="BDF|SYSFS",
                      help="test only this device (repeatable; 0000:03:00.0, 03:00.0 or a sysfs path); it must "
                           "be bound to vfio-pci in a viable group, and at least one test must pass on it")
+    run.add_argument("--kernel", metavar="NAME",
+                     help="the fake kernel's version profile (default: 6.1, Debian bookworm's Linux as the CI VM runs it)")
     run.add_argument("--destructive", action="store_true",
                      help="allow tests that reset devices or make them DMA (real backend; always on for the fake)")
     run.add_argument("-n", type=_count, default=0, metavar="N", help="run on N pytest-xdist workers (default: 0, in process)")

@@ -29,6 +29,8 @@ def pytest_addoption(parser) -> None:
                     help="run on the embedded fake kernel (default) or on this machine's VFIO")
     group.addoption("--vfio-device", action="append", default=[], metavar="BDF|SYSFS",
                     help="a device bound to vfio-pci to test on the real backend (repeatable)")
+    group.addoption("--vfio-kernel", metavar="NAME", default=None,
+                    help="the fake kernel's version profile (default: 6.1); the real backend tests the running kernel")
     group.addoption("--vfio-destructive", action="store_true", default=False,
                     help="allow reset and DMA on real devices")
     group.addoption("--vfio-json", metavar="FILE", default=None, help="write the conformance JSON report")
@@ -46,6 +48,7 @@ def pytest_configure(config) -> None:
     _fault_rules(config.getoption("--vfio-fault", []))
     if config.getoption("--vfio-fault", []) and config.getoption("--vfio-backend", "fake") == "real":
         raise pytest.UsageError("--vfio-fault injects faults into the fake kernel; it needs --vfio-backend fake")
+    _kernel_profile(config)
     named = config.getoption("--vfio-device", [])
     if named and not hasattr(config, "workerinput"):
         from .backends import DeviceError, check_named
@@ -56,6 +59,21 @@ def pytest_configure(config) -> None:
             raise pytest.UsageError(str(e)) from None
     if not hasattr(config, "workerinput"):
         config.pluginmanager.register(RunReport(config), "vfio-run-report")
+
+
+def _kernel_profile(config):
+    """--vfio-kernel, checked once: a profile the fake has, and only for the fake."""
+    from .backends import kernel_profile
+
+    name = config.getoption("--vfio-kernel", None)
+    kind = config.getoption("--vfio-backend", "fake")
+    if name and kind == "real":
+        raise pytest.UsageError("--vfio-kernel picks the fake kernel's profile; the real backend tests the "
+                                "running kernel")
+    try:
+        return kernel_profile(kind, name)
+    except ValueError as e:
+        raise pytest.UsageError(f"--vfio-kernel: {e}") from None
 
 
 def _fault_rules(specs) -> list:
@@ -166,8 +184,8 @@ def vfio(request):
         return
     before = process_fds()
     default = "platform" if need.get("platform") else "ccw" if need.get("ccw") else DEFAULT_TOPOLOGY
-    kernel = FakeKernel(Topology.named(need.get("topology") or default))
-    backend = Backend("fake", kernel, f"fake {kernel.profile.name}", destructive=True)
+    kernel = FakeKernel(Topology.named(need.get("topology") or default), request.config.getoption("--vfio-kernel"))
+    backend = Backend("fake", kernel, f"fake {kernel.profile.name}", destructive=True, profile=kernel.profile)
     named = request.config.getoption("--vfio-device")
     if named and not need.get("topology"):
         backend.devices = [describe(kernel, name) for name in named if kernel.exists(sysfs_path(name))]
@@ -376,7 +394,7 @@ class RunReport:
         tests = sorted(self.tests.values(), key=lambda t: t["id"])
         summary = {k: sum(1 for t in tests if t["outcome"] == k) for k in ("passed", "failed", "skipped")}
         devices = sorted({bdf for t in tests for bdf in t["devices"]})
-        report = {"backend": kind, "kernel": kernel_label(kind), "host": socket.gethostname(),
+        report = {"backend": kind, "kernel": kernel_label(kind, cfg.getoption("--vfio-kernel")), "host": socket.gethostname(),
                   "host_kernel": os.uname().release, "devices": devices, "summary": summary,
                   "exitstatus": int(session.exitstatus), "tests": tests}
         if session.exitstatus == pytest.ExitCode.INTERRUPTED:

@@ -46,3 +46,4 @@ LINUX_6_1 = Profile(
 )
 
 PROFILES = {"6.1": LINUX_6_1}
+DEFAULT_PROFILE = LINUX_6_1.name

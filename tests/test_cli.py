@@ -80,6 +80,8 @@ def test_devices_lists_the_topology(capsys):
     (["run", "--junit", "/"], 4, "--junit /: is a directory"),
     (["run", "--fault", "open,errno=EMFILE", "--backend", "real"], 2,
      "--fault injects faults into the fake kernel; it needs --backend fake"),
+    (["run", "--kernel", "9.9"], 2, "vfio-conformance run: --kernel: unknown kernel profile '9.9'; known: 6.1"),
+    (["run", "--kernel", "6.1", "--backend", "real"], 2, "--kernel picks the fake kernel's profile"),
 ])
 def test_user_errors_are_one_line_with_their_own_status_before_any_test(capsys, argv, status, why):
     assert cli.main(argv) == status
@@ -123,9 +125,10 @@ def test_versions_and_help(capsys):
 
 def test_run_writes_json_junit_and_a_table(tmp_path, capsys):
     out, junit = tmp_path / "r.json", tmp_path / "r.xml"
-    assert cli.main(["run", "--json", str(out), "--junit", str(junit), "-k", SUITE_PICK]) == 0
+    assert cli.main(["run", "--kernel", "6.1", "--json", str(out), "--junit", str(junit), "-k", SUITE_PICK]) == 0
     report = json.loads(out.read_text())
-    assert report["backend"] == "fake" and report["summary"]["passed"] == 2 and report["exitstatus"] == 0
+    assert report["backend"] == "fake" and report["kernel"] == "fake 6.1"
+    assert report["summary"]["passed"] == 2 and report["exitstatus"] == 0
     assert report["devices"] == ["0000:00:03.0"] and report["host"] and report["host_kernel"] == os.uname().release
     assert {t["area"] for t in report["tests"]} == {"api", "region"}
     assert all(t["duration"] > 0 and t["devices"] == ["0000:00:03.0"] for t in report["tests"])
@@ -220,3 +223,19 @@ def check_junit(root) -> None:
             if case.tag == "testcase":
                 assert set(case.attrib) <= {"name", "time", "classname", "group"}, case.attrib
                 assert {child.tag for child in case} <= results, [child.tag for child in case]
+
+
+def test_the_pytest_option_picks_the_fake_kernels_profile(pytester_like_run):
+    assert pytester_like_run("--vfio-kernel", "6.1") == 0
+    assert pytester_like_run("--vfio-kernel", "9.9") == pytest.ExitCode.USAGE_ERROR
+
+
+@pytest.fixture
+def pytester_like_run(tmp_path):
+    """An in-process pytest run of one test that reads the backend's profile."""
+    (tmp_path / "test_profile.py").write_text(
+        "import pytest\n"
+        "@pytest.mark.vfio(device='edu')\n"
+        "def test_profile(vfio):\n"
+        "    assert vfio.profile.name == vfio.host.profile.name == '6.1'\n")
+    return lambda *args: pytest.main([str(tmp_path), "-q", "-p", "conformance.plugin", "-p", "no:cacheprovider", *args])
