@@ -270,10 +270,10 @@ def ivshmem_peer(vfio):
 
 
 @pytest.fixture
-def fake_kernel(vfio):
+def fake_kernel(request, vfio):
     """The FakeKernel itself, for tests that inspect fake state; skipped on real backends."""
     if vfio.kind != "fake":
-        pytest.skip("real backend: needs the fake kernel's internal state")
+        _skip(request, "runner", "real backend: needs the fake kernel's internal state")
     return vfio.host
 
 
