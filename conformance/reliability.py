@@ -421,13 +421,6 @@ def map_bars(rig: Rig) -> None:
         device.region(index).mmap()
 
 
-def _realize_with_ram(bdf: str) -> Callable[[Rig], object]:
-    def prepare(rig: Rig) -> None:
-        add_guest_ram(rig)
-        rig.objects["bdf"] = bdf
-    return prepare
-
-
 def enable_msi(rig: Rig) -> None:
     """The guest programs four MSI vectors and sets ENABLE."""
     dev = rig.objects["pci"]

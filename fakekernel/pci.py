@@ -1,7 +1,8 @@
 """Emulated PCI hardware: what sits behind vfio-pci in the fake kernel.
 
 This is the device side only (raw config space with write masks, BARs, the INTx line, MSI and
-MSI-X delivery, DMA through the IOMMU), built the way QEMU's hw/pci builds it. What vfio-pci
+MSI-X delivery, DMA through the IOMMU), built the way QEMU's hw/pci builds it; the masked config
+write and MSI-X are vfio_impl.pcicore's, the one PCI core every model here shares. What vfio-pci
 does on top of it lives in vfio_pci.py.
 """
 
@@ -12,6 +13,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable
 
+from vfio_impl.pcicore import MSIXDevice, default_write_config
 from vfio_impl.uapi.pci_regs import *  # noqa: F403
 
 # Words QEMU and the kernel use that <linux/pci_regs.h> does not export.
@@ -89,7 +91,7 @@ def adjusted_write(write_reg: Callable[[int, int], None], offset: int, size: int
         write_reg(offset + i, (value >> (8 * i)) & _mask(IMPL_ACCESS_SIZE))
 
 
-class PciFunction:
+class PciFunction(MSIXDevice):
     """A PCI function's hardware: config registers with write masks, BARs, interrupts, DMA."""
 
     vendor_id = 0
@@ -114,8 +116,6 @@ class PciFunction:
         self.rom: bytes | None = None
         self.caps: list[Capability] = []
         self.ext_caps: list[Capability] = []
-        self.msix_table = bytearray()
-        self.msix_pba = bytearray()
         self.sinks = Sinks()
         self.intx_level = False
         self._build_header()
@@ -214,14 +214,12 @@ class PciFunction:
         struct.pack_into("<Q", self.config, offset + 4, serial)
 
     def add_msix(self, offset: int, vectors: int, bar: int, table: int, pba: int) -> None:
-        """QEMU's msix_init with table and PBA in one BAR: every vector starts masked."""
+        """QEMU's msix_init with table and PBA in one BAR: every vector starts masked. The models
+        here send on any vector their registers name, so all are in use."""
         self.add_capability(PCI_CAP_ID_MSIX, offset, PCI_CAP_MSIX_SIZEOF)
-        struct.pack_into("<HII", self.config, offset + PCI_MSIX_FLAGS, vectors - 1, table | bar, pba | bar)
-        struct.pack_into("<H", self.wmask, offset + PCI_MSIX_FLAGS, PCI_MSIX_FLAGS_ENABLE | PCI_MSIX_FLAGS_MASKALL)
-        self.msix_table = bytearray(vectors * PCI_MSIX_ENTRY_SIZE)
-        for v in range(vectors):
-            self.msix_table[v * PCI_MSIX_ENTRY_SIZE + PCI_MSIX_ENTRY_VECTOR_CTRL] = PCI_MSIX_ENTRY_CTRL_MASKBIT
-        self.msix_pba = bytearray((vectors + 63) // 64 * 8)
+        self.msix_init(offset, vectors, bar, table, bar, pba)
+        for vector in range(vectors):
+            self.msix_vector_use(vector)
 
     def bar_address(self, index: int) -> int:
         """Where firmware placed the BAR: its register without the type bits."""
@@ -257,73 +255,45 @@ class PciFunction:
         cap = self.find_cap(PCI_CAP_ID_MSIX)
         return self.config_read(cap.offset + PCI_MSIX_FLAGS, 2) if cap else 0
 
-    def msix_enabled(self) -> bool:
-        return bool(self.msix_flags() & PCI_MSIX_FLAGS_ENABLE)
-
-    def msix_masked(self, vector: int) -> bool:
-        ctrl = self.msix_table[vector * PCI_MSIX_ENTRY_SIZE + PCI_MSIX_ENTRY_VECTOR_CTRL]
-        flags = self.msix_flags()
-        return (not flags & PCI_MSIX_FLAGS_ENABLE or bool(flags & PCI_MSIX_FLAGS_MASKALL)
-                or bool(ctrl & PCI_MSIX_ENTRY_CTRL_MASKBIT))
-
-    def msix_pending(self, vector: int) -> bool:
-        return bool(self.msix_pba[vector // 8] & (1 << (vector % 8)))
-
-    def _set_pending(self, vector: int, on: bool) -> None:
-        bit = 1 << (vector % 8)
-        self.msix_pba[vector // 8] = (self.msix_pba[vector // 8] | bit) if on else (self.msix_pba[vector // 8] & ~bit)
-
     def msix_notify(self, vector: int) -> None:
-        """A masked vector only sets its pending bit; unmasking sends it later."""
-        if not self.msix_enabled():
-            return
-        if self.msix_masked(vector):
-            self._set_pending(vector, True)
-            return
-        self.msi_notify(vector)
+        """The models send only with MSI-X on (QEMU 7.2's ivshmem asks msix_enabled first), so with
+        it off nothing waits in the PBA."""
+        if self.msix_enabled():
+            super().msix_notify(vector)
 
-    def _msix_unmasked(self, vector: int, was_masked: bool) -> None:
-        """msix_handle_mask_update: a pending vector that is unmasked fires now."""
-        if was_masked and not self.msix_masked(vector) and self.msix_pending(vector):
-            self._set_pending(vector, False)
-            self.msi_notify(vector)
+    def msix_trigger(self, vector: int) -> None:
+        self.msi_notify(vector)
 
     def msix_enable(self, on: bool) -> None:
         """Linux enables MSI-X with the function unmasked and every vector still masked."""
         cap = self.find_cap(PCI_CAP_ID_MSIX)
-        masked = [self.msix_masked(v) for v in range(len(self.msix_table) // PCI_MSIX_ENTRY_SIZE)]
         flags = self.msix_flags() & ~(PCI_MSIX_FLAGS_ENABLE | PCI_MSIX_FLAGS_MASKALL)
         struct.pack_into("<H", self.config, cap.offset + PCI_MSIX_FLAGS, flags | (PCI_MSIX_FLAGS_ENABLE if on else 0))
-        for vector, was_masked in enumerate(masked):
-            self._msix_unmasked(vector, was_masked)
+        self.msix_write_config(cap.offset + PCI_MSIX_FLAGS, 2)
 
     def msix_bar_read(self, offset: int, size: int) -> int:
         """The table and PBA take 4- and 8-byte accesses; anything else in the BAR reads 0."""
         _, table, pba = self.msix_layout()
-        for base, data in ((table, self.msix_table), (pba, self.msix_pba)):
-            if base <= offset < base + len(data) and size in (4, 8):
-                return int.from_bytes(data[offset - base:offset - base + size], "little")
+        if size in (4, 8):
+            if table <= offset < table + len(self.msix_table):
+                return self.msix_table_mmio_read(offset - table, size)
+            if pba <= offset < pba + len(self.msix_pba):
+                return self.msix_pba_mmio_read(offset - pba, size)
         return 0
 
     def msix_bar_write(self, offset: int, size: int, value: int) -> None:
         """Table writes take effect per entry; the PBA is read-only."""
         _, table, _ = self.msix_layout()
-        if not (table <= offset < table + len(self.msix_table) and size in (4, 8)):
-            return
-        pos = offset - table
-        vector = pos // PCI_MSIX_ENTRY_SIZE
-        was_masked = self.msix_masked(vector)
-        self.msix_table[pos:pos + size] = value.to_bytes(size, "little")
-        self._msix_unmasked(vector, was_masked)
+        if table <= offset < table + len(self.msix_table) and size in (4, 8):
+            self.msix_table_mmio_write(offset - table, value, size)
 
     def config_read(self, offset: int, size: int) -> int:
         return int.from_bytes(self.config[offset:offset + size], "little")
 
     def config_write(self, offset: int, size: int, value: int) -> None:
-        for i in range(size):
-            m = self.wmask[offset + i]
-            b = (value >> (8 * i)) & 0xFF
-            self.config[offset + i] = (self.config[offset + i] & ~m) | (b & m)
+        """pci_default_write_config: the write mask, then what MSI-X makes of the control byte."""
+        default_write_config(self.config, self.wmask, offset, value, size)
+        self.msix_write_config(offset, size)
 
     def command(self) -> int:
         return self.config_read(PCI_COMMAND, 2)

@@ -26,17 +26,14 @@ import _posixshmem
 
 from .errors import VFIOError
 from .machine import Machine
-from .pcicore import default_write_config, register_bar
-from .trace import error_report, trace
+from .pcicore import MSIXDevice, default_write_config, msix_layout_valid, register_bar
+from .trace import error_report, trace, tracing
 from .uapi import ivshmem as protocol
 from .uapi.pci_regs import (PCI_BASE_ADDRESS_MEM_PREFETCH, PCI_BASE_ADDRESS_MEM_TYPE_64, PCI_CACHE_LINE_SIZE, PCI_CAPABILITY_LIST,
                              PCI_CAP_ID_MSIX, PCI_CAP_MSIX_SIZEOF, PCI_CFG_SPACE_SIZE, PCI_CLASS_PROG,
                              PCI_COMMAND, PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_IO, PCI_COMMAND_MASTER,
-                             PCI_COMMAND_MEMORY, PCI_INTERRUPT_LINE, PCI_INTERRUPT_PIN,
-                             PCI_MSIX_ENTRY_CTRL_MASKBIT, PCI_MSIX_ENTRY_SIZE, PCI_MSIX_ENTRY_VECTOR_CTRL,
-                             PCI_MSIX_FLAGS, PCI_MSIX_FLAGS_ENABLE, PCI_MSIX_FLAGS_MASKALL,
-                             PCI_MSIX_FLAGS_QSIZE, PCI_STATUS, PCI_STATUS_CAP_LIST, PCI_SUBSYSTEM_VENDOR_ID,
-                             PCI_VENDOR_ID)
+                             PCI_COMMAND_MEMORY, PCI_INTERRUPT_LINE, PCI_INTERRUPT_PIN, PCI_STATUS, PCI_STATUS_CAP_LIST,
+                             PCI_SUBSYSTEM_VENDOR_ID, PCI_VENDOR_ID)
 
 PCI_VENDOR_ID_IVSHMEM = 0x1AF4  # PCI_VENDOR_ID_REDHAT_QUMRANET
 PCI_DEVICE_ID_IVSHMEM = 0x1110
@@ -53,8 +50,6 @@ MIGRATION_BLOCKER = "Migration is disabled when using feature 'peer mode' in dev
 # msix_init_exclusive_bar: a 4 KiB BAR1 with the table in its lower half and the PBA above it.
 MSIX_EXCLUSIVE_BAR_SIZE = 4096
 MSIX_EXCLUSIVE_BAR_PBA_OFFSET = MSIX_EXCLUSIVE_BAR_SIZE // 2
-MSIX_MAX_ENTRIES = PCI_MSIX_FLAGS_QSIZE + 1
-MSIX_CONTROL_OFFSET = PCI_MSIX_FLAGS + 1
 
 U32, U64 = (1 << 32) - 1, (1 << 64) - 1
 _ACCESS_MASKS = {1: 0xFF, 2: 0xFFFF, 4: U32}
@@ -87,7 +82,7 @@ def ivshmem_get_size(sizearg: str) -> int:
     return value
 
 
-class IVShmemState:
+class IVShmemState(MSIXDevice):
     """A realized ivshmem device: its config space, three BARs, registers and server state."""
 
     def __init__(self, machine: Machine, name: str, *, chardev: str | None, vectors: int, ioeventfd: bool,
@@ -120,12 +115,6 @@ class IVShmemState:
         # memory_region_add_eventfd on DOORBELL: the 4-byte value written -> the eventfd it signals.
         self.ioeventfds: dict[int, int] = {}
         self.migration_blocker: str | None = None
-        self.msix_cap = 0
-        self.msix_entries = 0
-        self.msix_table = bytearray()
-        self.msix_pending = 0  # the PBA, one bit per vector
-        self.msix_entry_used: list[int] = []
-        self.msix_function_masked = True
 
     # -- realize / exit -----------------------------------------------------------------------
     @classmethod
@@ -359,8 +348,7 @@ class IVShmemState:
         """pci_default_write_config: writable bits only, then INTx disable and the MSI-X control."""
         default_write_config(self.config, self.wmask, addr, value, size)
         self._update_irq()
-        if self.msix_cap and addr <= self.msix_cap + MSIX_CONTROL_OFFSET < addr + size:
-            self._msix_write_config()
+        self.msix_write_config(addr, size)
 
     @property
     def bus_master(self) -> bool:
@@ -370,68 +358,31 @@ class IVShmemState:
     def _setup_msi(self) -> int:
         """msix_init_exclusive_bar, then every vector used; -EINVAL when the table does not fit."""
         n = self.vectors
-        if not 1 <= n <= MSIX_MAX_ENTRIES or n * PCI_MSIX_ENTRY_SIZE > MSIX_EXCLUSIVE_BAR_PBA_OFFSET:
+        if not msix_layout_valid(n, 0, MSIX_EXCLUSIVE_BAR_SIZE, MSIX_EXCLUSIVE_BAR_PBA_OFFSET, MSIX_EXCLUSIVE_BAR_SIZE,
+                                 same_bar=True):
             return -errno.EINVAL
         pos = PCI_CONFIG_HEADER_SIZE
         self.config[PCI_CAPABILITY_LIST] = pos
         self.config[PCI_STATUS] |= PCI_STATUS_CAP_LIST
         self.config[pos:pos + 2] = bytes((PCI_CAP_ID_MSIX, 0))
-        struct.pack_into("<HII", self.config, pos + PCI_MSIX_FLAGS, n - 1, 1, MSIX_EXCLUSIVE_BAR_PBA_OFFSET | 1)
         self.wmask[pos:pos + PCI_CAP_MSIX_SIZEOF] = bytes(PCI_CAP_MSIX_SIZEOF)
-        self.wmask[pos + MSIX_CONTROL_OFFSET] = (PCI_MSIX_FLAGS_ENABLE | PCI_MSIX_FLAGS_MASKALL) >> 8
-        self.msix_cap, self.msix_entries = pos, n
-        self.msix_entry_used = [0] * n
-        self._msix_reset()
+        self.msix_init(pos, n, table_bar=1, table_offset=0, pba_bar=1, pba_offset=MSIX_EXCLUSIVE_BAR_PBA_OFFSET)
         self._register_bar(1, MSIX_EXCLUSIVE_BAR_SIZE, 0)
         self._use_msix()
         return 0
 
     def _use_msix(self) -> None:
         """ivshmem maps events to vectors statically, so every vector is in use from the start."""
-        for vector in range(self.msix_entries):
-            self.msix_entry_used[vector] += 1
+        for vector in range(self.msix_entries_nr):
+            self.msix_vector_use(vector)
 
-    def msix_enabled(self) -> bool:
-        return bool(self.msix_cap) and bool(self.config[self.msix_cap + MSIX_CONTROL_OFFSET] << 8
-                                            & PCI_MSIX_FLAGS_ENABLE)
-
-    def _msix_update_function_masked(self) -> None:
-        control = self.config[self.msix_cap + MSIX_CONTROL_OFFSET] << 8
-        self.msix_function_masked = not control & PCI_MSIX_FLAGS_ENABLE or bool(control & PCI_MSIX_FLAGS_MASKALL)
-
-    def msix_is_masked(self, vector: int) -> bool:
-        ctrl = self.msix_table[vector * PCI_MSIX_ENTRY_SIZE + PCI_MSIX_ENTRY_VECTOR_CTRL]
-        return self.msix_function_masked or bool(ctrl & PCI_MSIX_ENTRY_CTRL_MASKBIT)
-
-    def msix_is_pending(self, vector: int) -> bool:
-        return bool(self.msix_pending >> vector & 1)
-
-    def msix_notify(self, vector: int) -> None:
-        """An unused vector is dropped, a masked one waits in the PBA; a sent message is a DMA
-        write, which needs bus master."""
-        if vector >= self.msix_entries or not self.msix_entry_used[vector]:
-            return
-        if self.msix_is_masked(vector):
-            self.msix_pending |= 1 << vector
-            return
-        address, data = struct.unpack_from("<QI", self.msix_table, vector * PCI_MSIX_ENTRY_SIZE)
-        trace("msix_notify", name=self.name, vector=vector, address=address, data=data)
+    def msix_trigger(self, vector: int) -> None:
+        """A sent message is a DMA write, which needs bus master."""
+        address, data = self.msix_get_message(vector)
+        if tracing():
+            trace("msix_notify", name=self.name, vector=vector, address=address, data=data)
         if self.bus_master:
             self.machine.msi_notify(address, data)
-
-    def _msix_handle_mask_update(self, vector: int, was_masked: bool) -> None:
-        if not self.msix_is_masked(vector) and was_masked and self.msix_is_pending(vector):
-            self.msix_pending &= ~(1 << vector)
-            self.msix_notify(vector)
-
-    def _msix_write_config(self) -> None:
-        was_masked = self.msix_function_masked
-        self._msix_update_function_masked()
-        if not self.msix_enabled() or self.msix_function_masked == was_masked:
-            return
-        for vector in range(self.msix_entries):
-            entry_masked = self.msix_table[vector * PCI_MSIX_ENTRY_SIZE + PCI_MSIX_ENTRY_VECTOR_CTRL] & 1
-            self._msix_handle_mask_update(vector, was_masked or bool(entry_masked))
 
     def _msix_mmio_read(self, addr: int, size: int) -> int:
         """The table and PBA take aligned dwords; anything else is unassigned and reads 0."""
@@ -439,28 +390,24 @@ class IVShmemState:
             return 0
         pba = addr - MSIX_EXCLUSIVE_BAR_PBA_OFFSET
         if addr < len(self.msix_table):
-            return struct.unpack_from("<I", self.msix_table, addr)[0]
-        if 0 <= pba < (self.msix_entries + 63) // 64 * 8:
-            return self.msix_pending >> (8 * pba) & U32
+            return self.msix_table_mmio_read(addr, size)
+        if 0 <= pba < len(self.msix_pba):
+            return self.msix_pba_mmio_read(pba, size)
         return 0
 
     def _msix_mmio_write(self, addr: int, value: int, size: int) -> None:
         """A table write may unmask its vector and send what was pending; the PBA is read-only."""
-        if size != 4 or addr % 4 or addr >= len(self.msix_table):
-            return
-        vector = addr // PCI_MSIX_ENTRY_SIZE
-        was_masked = self.msix_is_masked(vector)
-        struct.pack_into("<I", self.msix_table, addr, value)
-        self._msix_handle_mask_update(vector, was_masked)
+        if size == 4 and not addr % 4 and addr < len(self.msix_table):
+            self.msix_table_mmio_write(addr, value, size)
 
-    def _msix_reset(self) -> None:
-        """Enable and function mask off, a zeroed table with every vector masked, nothing pending."""
-        self.config[self.msix_cap + MSIX_CONTROL_OFFSET] &= ~self.wmask[self.msix_cap + MSIX_CONTROL_OFFSET]
-        self.msix_table = bytearray(self.msix_entries * PCI_MSIX_ENTRY_SIZE)
-        for vector in range(self.msix_entries):
-            self.msix_table[vector * PCI_MSIX_ENTRY_SIZE + PCI_MSIX_ENTRY_VECTOR_CTRL] = PCI_MSIX_ENTRY_CTRL_MASKBIT
-        self.msix_pending = 0
-        self._msix_update_function_masked()
+    @property
+    def msix_pending(self) -> int:
+        """The PBA as one number, as the seed kept it."""
+        return int.from_bytes(self.msix_pba, "little")
+
+    @msix_pending.setter
+    def msix_pending(self, value: int) -> None:
+        self.msix_pba[:] = value.to_bytes(len(self.msix_pba), "little")
 
     # -- the server's messages ------------------------------------------------------------------
     def _server_read(self) -> None:
@@ -546,16 +493,14 @@ class IVShmemState:
     # -- reset and migration ------------------------------------------------------------------
     def reset(self) -> None:
         """The PCI core's MSI-X reset, then ivshmem_reset: INTRSTATUS cleared, vectors used again."""
-        if self.msix_cap:
-            self._msix_reset()
+        self.msix_reset()
         self._intrstatus_write(0)
         self._use_msix()
 
     def save(self) -> bytes:
         """ivshmem_save: config space, then the MSI-X table and PBA with msi, else INTRSTATUS and INTRMASK."""
         if self.msi:
-            return (bytes(self.config) + bytes(self.msix_table)
-                    + self.msix_pending.to_bytes((self.msix_entries + 7) // 8, "little"))
+            return bytes(self.config) + self.msix_save()
         return bytes(self.config) + VMSTATE_CONFIG.pack(self.intrstatus, self.intrmask)
 
     def load(self, data: bytes, version_id: int = 0) -> int:
@@ -572,13 +517,7 @@ class IVShmemState:
         self.config[:] = config
         self._update_irq()
         if self.msi:
-            table = len(self.msix_table)
-            self.msix_table[:] = rest[:table]
-            self.msix_pending = int.from_bytes(rest[table:], "little")
-            if self.msix_cap:
-                self._msix_update_function_masked()
-                for vector in range(self.msix_entries):
-                    self._msix_handle_mask_update(vector, True)
+            self.msix_load(rest)
             self._use_msix()
         else:
             self.intrstatus, self.intrmask = VMSTATE_CONFIG.unpack(rest[:VMSTATE_CONFIG.size])

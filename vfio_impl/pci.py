@@ -22,7 +22,8 @@ from .device import Device
 from .errors import VFIOError
 from .machine import IRQLine, Machine, Timer
 from .pciaddr import PCI_DEVICES, parse_host
-from .pcicore import PCI_NUM_BARS, default_write_config, register_bar
+from .pcicore import (MSIX_CAP_LENGTH, PCI_NUM_BARS, MSIXDevice, default_write_config, msix_layout_valid,
+                      msix_pba_size, register_bar)
 from .region import MmapArea, Region
 from .trace import error_report, trace, tracing, warn
 from .uapi.pci_regs import *  # noqa: F403
@@ -31,9 +32,6 @@ from .uapi.pci_regs import *  # noqa: F403
 PCI_HEADER_TYPE_MULTI_FUNCTION = 0x80
 PCI_CONFIG_HEADER_SIZE = 0x40
 PCI_CONFIG_SPACE_SIZE = 0x100
-MSIX_CAP_LENGTH = 12
-# The byte of the MSI-X control word holding ENABLE and MASKALL.
-MSIX_CONTROL_OFFSET = PCI_MSIX_FLAGS + 1
 
 INTX, MSI, MSIX = uapi.VFIO_PCI_INTX_IRQ_INDEX, uapi.VFIO_PCI_MSI_IRQ_INDEX, uapi.VFIO_PCI_MSIX_IRQ_INDEX
 ROM_INDEX, CONFIG_INDEX = uapi.VFIO_PCI_ROM_REGION_INDEX, uapi.VFIO_PCI_CONFIG_REGION_INDEX
@@ -97,7 +95,8 @@ class VFIOMSIVector:
 
 @dataclass(slots=True)
 class VFIOMSIXInfo:
-    """MSI-X layout read before the BARs are mapped, plus the table and PBA QEMU emulates."""
+    """MSI-X layout read before the BARs are mapped, and where the capability went; the table and
+    PBA are the PCI core's (MSIXDevice)."""
 
     table_bar: int
     table_offset: int
@@ -105,19 +104,10 @@ class VFIOMSIXInfo:
     pba_offset: int
     entries: int
     cap: int = 0
-    table: bytearray = field(default_factory=bytearray)
-    pba: bytearray = field(default_factory=bytearray)
-    used: list = field(default_factory=list)
-    function_masked: bool = True
-    notifiers: bool = False
 
     @property
     def table_size(self) -> int:
         return self.entries * PCI_MSIX_ENTRY_SIZE
-
-    @property
-    def pba_size(self) -> int:
-        return (self.entries + 63) // 64 * 8
 
 
 def _parse_host(host: str) -> str:
@@ -127,7 +117,7 @@ def _parse_host(host: str) -> str:
         raise VFIOError(f"Property 'vfio-pci.host' doesn't take value '{host}'", errno.EINVAL) from None
 
 
-class VFIOPCIDevice:
+class VFIOPCIDevice(MSIXDevice):
     """A realized vfio-pci device: the guest's config space, BARs and interrupts."""
 
     def __init__(self, space: AddressSpace, machine: Machine, name: str, *, romfile: str | None, rombar: int,
@@ -421,8 +411,7 @@ class VFIOPCIDevice:
 
     def _emulated(self, addr: int, size: int) -> bool:
         return (_ranges_overlap(addr, size, PCI_ROM_ADDRESS, 4)
-                or (self.msix is not None and self.msix.cap
-                    and _ranges_overlap(addr, size, self.msix.cap, MSIX_CAP_LENGTH))
+                or (self.msix_cap and _ranges_overlap(addr, size, self.msix_cap, MSIX_CAP_LENGTH))
                 or (self.msi_cap and _ranges_overlap(addr, size, self.msi_cap, self.msi_cap_size)))
 
     def config_read(self, addr: int, size: int) -> int:
@@ -464,8 +453,8 @@ class VFIOPCIDevice:
             return
         if self.msi_cap and _ranges_overlap(addr, size, self.msi_cap, self.msi_cap_size):
             self._write_cap(addr, value, size, self._msi_enabled, self._enable_msi, self._disable_msi)
-        if self.msix and self.msix.cap and _ranges_overlap(addr, size, self.msix.cap, MSIX_CAP_LENGTH):
-            self._write_cap(addr, value, size, self._msix_enabled, self._enable_msix, self._disable_msix)
+        if self.msix_cap and _ranges_overlap(addr, size, self.msix_cap, MSIX_CAP_LENGTH):
+            self._write_cap(addr, value, size, self.msix_enabled, self._enable_msix, self._disable_msix)
 
     def _write_cap(self, addr: int, value: int, size: int, enabled, enable, disable) -> None:
         """The emulated capability takes the write; an enable transition switches the interrupt mode."""
@@ -481,7 +470,7 @@ class VFIOPCIDevice:
         """pci_default_write_config: writable bits only, then the MSI and MSI-X hooks."""
         default_write_config(self.config, self.wmask, addr, value, size)
         self._msi_write_config(addr, size)
-        self._msix_write_config(addr, size)
+        self.msix_write_config(addr, size)
 
     # -- capabilities -------------------------------------------------------------------------
     def _add_capabilities(self) -> None:
@@ -553,37 +542,24 @@ class VFIOPCIDevice:
         """msix_init: the table and PBA must fit their BARs without overlapping."""
         msix = self.msix
         table_bar, pba_bar = self.bars[msix.table_bar], self.bars[msix.pba_bar]
-        if (not 1 <= msix.entries <= PCI_MSIX_FLAGS_QSIZE + 1
-                or (msix.table_bar == msix.pba_bar
-                    and _ranges_overlap(msix.table_offset, msix.table_size, msix.pba_offset, msix.pba_size))
-                or msix.table_offset + msix.table_size > table_bar.size
-                or msix.pba_offset + msix.pba_size > pba_bar.size):
+        if not msix_layout_valid(msix.entries, msix.table_offset, table_bar.size, msix.pba_offset, pba_bar.size,
+                                 same_bar=msix.table_bar == msix.pba_bar):
             error_report("vfio: msix_init failed")
             raise VFIOError("vfio: msix_init failed", errno.EINVAL)
         self._add_capability(PCI_CAP_ID_MSIX, pos, MSIX_CAP_LENGTH)
-        self._set(pos + PCI_MSIX_FLAGS, 2, msix.entries - 1, self.config)
-        self._set(pos + PCI_MSIX_TABLE, 4, msix.table_offset | msix.table_bar, self.config)
-        self._set(pos + PCI_MSIX_PBA, 4, msix.pba_offset | msix.pba_bar, self.config)
-        self.wmask[pos + MSIX_CONTROL_OFFSET] = (PCI_MSIX_FLAGS_ENABLE | PCI_MSIX_FLAGS_MASKALL) >> 8
-        msix.table = bytearray(msix.table_size)
-        for nr in range(msix.entries):
-            msix.table[nr * PCI_MSIX_ENTRY_SIZE + PCI_MSIX_ENTRY_VECTOR_CTRL] = PCI_MSIX_ENTRY_CTRL_MASKBIT
-        msix.pba = bytearray(msix.pba_size)
-        msix.used = [0] * msix.entries
-        msix.function_masked = True
+        self.msix_init(pos, msix.entries, msix.table_bar, msix.table_offset, msix.pba_bar, msix.pba_offset)
         msix.cap = pos
         table_bar.traps.append((msix.table_offset, msix.table_offset + msix.table_size,
-                                self._msix_table_read, self._msix_table_write))
-        pba_bar.traps.append((msix.pba_offset, msix.pba_offset + msix.pba_size, self._msix_pba_read,
-                              lambda addr, value, size: None))
+                                self.msix_table_mmio_read, self.msix_table_mmio_write))
+        pba_end = msix.pba_offset + msix_pba_size(msix.entries)
+        pba_bar.traps.append((msix.pba_offset, pba_end, self.msix_pba_mmio_read, lambda addr, value, size: None))
 
     def _teardown_msi(self) -> None:
         """msi_uninit and msix_uninit: the capabilities go, and the table stops trapping."""
         self.msi_cap = self.msi_cap_size = 0
         for bar in self.bars:
             bar.traps.clear()
-        if self.msix:
-            self.msix.cap = 0
+        self.msix_uninit()
 
     # -- INTx ---------------------------------------------------------------------------------
     def _intx_mmap_enable(self) -> None:
@@ -765,7 +741,7 @@ class VFIOPCIDevice:
         if tracing():
             trace("vfio_msi_interrupt", name=self.name, vector=vector.nr)
         if self.interrupt == VFIO_INT_MSIX:
-            self._msix_notify(vector.nr)
+            self.msix_notify(vector.nr)
         elif self.interrupt == VFIO_INT_MSI:
             self._msi_notify(vector.nr)
         else:
@@ -794,7 +770,7 @@ class VFIOPCIDevice:
         vector = self.vectors[nr]
         vector.use = True
         vector.msg = msg
-        self.msix.used[nr] += 1
+        self.msix_vector_use(nr)
         try:
             self._new_vector_fd(vector, handler)
         except VFIOError:
@@ -813,10 +789,14 @@ class VFIOPCIDevice:
         except VFIOError as e:
             error_report(f"vfio: failed to modify vector, {-e.errno}")
 
+    def _msix_vector_use(self, nr: int, msg: tuple[int, int]) -> None:
+        """The use notifier: an unmasked vector gets an eventfd whose interrupts the loop takes."""
+        self._msix_vector_do_use(nr, msg, True)
+
     def _msix_vector_release(self, nr: int) -> None:
         trace("vfio_msix_vector_release", name=self.name, vector=nr)
         vector = self.vectors[nr]
-        self.msix.used[nr] -= 1
+        self.msix_vector_unuse(nr)
         try:
             self.vbasedev.set_irq_signaling(MSIX, nr, uapi.VFIO_IRQ_SET_ACTION_TRIGGER, -1)
         except VFIOError as e:
@@ -832,7 +812,7 @@ class VFIOPCIDevice:
         # once puts the device in MSI-X mode with no vectors, which is what the guest sees.
         self._msix_vector_do_use(0, None, False)
         self._msix_vector_release(0)
-        self._msix_set_vector_notifiers()
+        self.msix_set_vector_notifiers(self._msix_vector_use, self._msix_vector_release)
         trace("vfio_msix_enable", name=self.name)
 
     def _enable_msi(self) -> None:
@@ -875,12 +855,12 @@ class VFIOPCIDevice:
         self._enable_intx_or_report()
 
     def _disable_msix(self) -> None:
-        self._msix_unset_vector_notifiers()
+        self.msix_unset_vector_notifiers(lambda nr: self.vectors[nr].use)
         if self.nr_vectors:
             self._disable_irqindex(MSIX)
         for vector in self.vectors:
             if vector.use:
-                self.msix.used[vector.nr] -= 1
+                self.msix_vector_unuse(vector.nr)
                 self._free_vector_fd(vector)
         self._disable_msi_common()
         trace("vfio_msix_disable", name=self.name)
@@ -950,89 +930,12 @@ class VFIOPCIDevice:
                 self._set(off + 4, 4, pending, self.config)
                 self._msi_notify(nr)
 
-    # -- MSI-X: the guest's side (QEMU's msix.c) ----------------------------------------------
-    def _msix_control(self) -> int:
-        return self.config[self.msix.cap + MSIX_CONTROL_OFFSET] << 8
-
-    def _msix_enabled(self) -> bool:
-        return bool(self.msix and self.msix.cap) and bool(self._msix_control() & PCI_MSIX_FLAGS_ENABLE)
-
-    def _msix_is_masked(self, nr: int) -> bool:
-        ctrl = self.msix.table[nr * PCI_MSIX_ENTRY_SIZE + PCI_MSIX_ENTRY_VECTOR_CTRL]
-        return self.msix.function_masked or bool(ctrl & PCI_MSIX_ENTRY_CTRL_MASKBIT)
-
-    def msix_get_message(self, nr: int) -> tuple[int, int]:
-        """The (address, data) the guest programmed into table entry nr."""
-        off = nr * PCI_MSIX_ENTRY_SIZE
-        return (self._get(off, 8, self.msix.table),
-                self._get(off + PCI_MSIX_ENTRY_DATA, 4, self.msix.table))
-
-    def _msix_notify(self, nr: int) -> None:
-        msix = self.msix
-        if nr >= msix.entries or not msix.used[nr]:
-            return
-        if self._msix_is_masked(nr):
-            msix.pba[nr // 8] |= 1 << (nr % 8)
-            return
+    # -- MSI-X: the guest's side is the PCI core's (MSIXDevice) ----------------------------------
+    def msix_trigger(self, nr: int) -> None:
         address, data = self.msix_get_message(nr)
-        trace("msix_notify", name=self.name, vector=nr, address=address, data=data)
+        if tracing():
+            trace("msix_notify", name=self.name, vector=nr, address=address, data=data)
         self.machine.msi_notify(address, data)
-
-    def _msix_handle_mask_update(self, nr: int, was_masked: bool) -> None:
-        """A vector that changes mask state is used or released, and a pending one delivered."""
-        masked = self._msix_is_masked(nr)
-        if masked == was_masked:
-            return
-        if self.msix.notifiers:
-            if masked:
-                self._msix_vector_release(nr)
-            else:
-                self._msix_vector_do_use(nr, self.msix_get_message(nr), True)
-        bit = 1 << (nr % 8)
-        if not masked and self.msix.pba[nr // 8] & bit:
-            self.msix.pba[nr // 8] &= ~bit
-            self._msix_notify(nr)
-
-    def _msix_write_config(self, addr: int, size: int) -> None:
-        msix = self.msix
-        if not msix or not msix.cap or not _ranges_overlap(addr, size, msix.cap + MSIX_CONTROL_OFFSET, 1):
-            return
-        was_function_masked = msix.function_masked
-        control = self._msix_control()
-        msix.function_masked = not control & PCI_MSIX_FLAGS_ENABLE or bool(control & PCI_MSIX_FLAGS_MASKALL)
-        if not control & PCI_MSIX_FLAGS_ENABLE or msix.function_masked == was_function_masked:
-            return
-        for nr in range(msix.entries):
-            vector_masked = bool(msix.table[nr * PCI_MSIX_ENTRY_SIZE + PCI_MSIX_ENTRY_VECTOR_CTRL]
-                                 & PCI_MSIX_ENTRY_CTRL_MASKBIT)
-            self._msix_handle_mask_update(nr, was_function_masked or vector_masked)
-
-    def _msix_table_read(self, addr: int, size: int) -> int:
-        return self._get(addr, size, self.msix.table)
-
-    def _msix_table_write(self, addr: int, value: int, size: int) -> None:
-        nr = addr // PCI_MSIX_ENTRY_SIZE
-        was_masked = self._msix_is_masked(nr)
-        self._set(addr, size, value, self.msix.table)
-        self._msix_handle_mask_update(nr, was_masked)
-
-    def _msix_pba_read(self, addr: int, size: int) -> int:
-        return self._get(addr, size, self.msix.pba)
-
-    def _msix_set_vector_notifiers(self) -> None:
-        """From now on mask changes use and release vectors; the unmasked ones are used at once."""
-        self.msix.notifiers = True
-        if self._msix_enabled() and not self.msix.function_masked:
-            for nr in range(self.msix.entries):
-                if not self._msix_is_masked(nr):
-                    self._msix_vector_do_use(nr, self.msix_get_message(nr), True)
-
-    def _msix_unset_vector_notifiers(self) -> None:
-        if self._msix_enabled() and not self.msix.function_masked:
-            for nr in range(self.msix.entries):
-                if not self._msix_is_masked(nr) and self.vectors[nr].use:
-                    self._msix_vector_release(nr)
-        self.msix.notifiers = False
 
     # -- reset --------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -1074,8 +977,3 @@ class VFIOPCIDevice:
             d = dep.unpack(buf, head.size + i * dep.size)
             devices.append((d.group_id, d.segment, d.bus, d.devfn))
         return devices
-
-    # -- what tests look at -------------------------------------------------------------------
-    @property
-    def emulated_config(self) -> bytes:
-        return bytes(self.config)
