@@ -15,10 +15,11 @@ import re
 from contextlib import ExitStack
 
 from . import uapi
-from .container import AddressSpace, Group, iommu_group_from_link
+from .container import AddressSpace
 from .css import CSS_DEVICES, ChannelSubsystem, CssDevId, IOInstEnding, SubchDev, sch_gen_unit_exception
 from .device import Device
 from .errors import VFIOError
+from .iommu import iommu_group
 from .machine import Machine
 from .region import Region
 from .trace import error_report, trace, warn
@@ -318,28 +319,30 @@ class VFIOCCWDevice:
         self.io_region = self.async_cmd_region = self.schib_region = self.crw_region = None
 
     # -- device and group ---------------------------------------------------------------------------
-    def _get_device(self, group: Group) -> None:
+    @property
+    def _mdev_path(self) -> str:
+        """The mdev under its subchannel, where ccw.c looks for the IOMMU group."""
+        return f"{CSS_DEVICES}/{self.hostid}/{self.mdevid}"
+
+    def _get_device(self, groupid: int) -> None:
         """The device by its mdev UUID, named after its subchannel; one attach per subchannel."""
         name = str(self.hostid)
-        if any(d.name == name for d in group.devices):
-            raise VFIOError(f"vfio: subchannel {name} has already been attached", errno.EBUSY)
+        self.vbasedev = Device.attach(self.space, self._mdev_path, name, groupid=groupid, devname=self.mdevid,
+                                      already_attached=f"vfio: subchannel {name} has already been attached")
         # Pages pinned for channel programs are in the guest's working set, never balloon pages.
         self.balloon_allowed = True
-        self.vbasedev = Device.get(group, self.mdevid)
-        self.vbasedev.name = name
         self.name = name
 
     def _put_device(self) -> None:
         self.vbasedev.close()
         self.vbasedev = None
 
-    def _get_group(self) -> Group:
-        path = f"{CSS_DEVICES}/{self.hostid}/{self.mdevid}/iommu_group"
+    def _get_group(self) -> int:
+        """The mdev's IOMMU group number; ccw.c's words for a failure start with "vfio: "."""
         try:
-            groupid = iommu_group_from_link(self.host, path)
+            return iommu_group(self.host, self._mdev_path)
         except VFIOError as e:
             raise VFIOError(f"vfio: {e.message}", e.errno) from e
-        return Group.get(self.space, groupid)
 
     # -- the subchannel (s390-ccw's realize) ----------------------------------------------------------
     def _get_dev_info(self) -> None:
@@ -385,9 +388,8 @@ class VFIOCCWDevice:
         with ExitStack() as unwind:
             self._s390_ccw_realize()
             unwind.callback(self._s390_ccw_unrealize)
-            group = self._get_group()
-            unwind.callback(group.put)
-            self._get_device(group)
+            groupid = self._get_group()
+            self._get_device(groupid)
             unwind.callback(self._put_device)
             self._get_region()
             unwind.callback(self._put_region)

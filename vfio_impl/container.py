@@ -1,5 +1,6 @@
 """Containers and groups, as QEMU's common code keeps them: a group is reused, a container is
-shared whenever SET_CONTAINER accepts it, and the last group out closes the container."""
+shared whenever SET_CONTAINER accepts it, and the last group out closes the container. Together
+they are the type1 IOMMU backend (iommu.IOMMUBackend), the one an AddressSpace uses unless told."""
 
 from __future__ import annotations
 
@@ -7,50 +8,21 @@ import ctypes
 import errno
 import mmap
 import os
-import re
 import struct
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import uapi
 from .errors import VFIOError
 from .host import Host
-from .machine import Machine, RAMArea
+from .iommu import PAGE_SIZE, IOMMUBackend, IOMMUGroupError, IOMMUInfo
+from .machine import Machine
 from .trace import trace
 
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-# readlink into a PATH_MAX buffer: a link that fills it is too long to trust.
-PATH_MAX = 4096
-# What sscanf("%d") takes from the front of a string.
-_SCANF_INT = re.compile(r"\s*[+-]?\d+")
+if TYPE_CHECKING:
+    from .device import Device
 
 
-def iommu_group_from_link(host: Host, path: str) -> int:
-    """The group number of an iommu_group link as platform.c and ccw.c read it: readlink into a
-    PATH_MAX buffer, then sscanf("%d") of the last component."""
-    try:
-        link = host.readlink(path)
-    except OSError as e:
-        raise VFIOError.from_oserror("no iommu_group found", e) from e
-    if len(link.encode()) >= PATH_MAX:
-        raise VFIOError("no iommu_group found", errno.ENAMETOOLONG)
-    number = _SCANF_INT.match(os.path.basename(link))
-    if not number:
-        # sscanf leaves errno alone, so QEMU reports whatever errno held; EINVAL says why.
-        raise VFIOError(f"failed to read {link}", errno.EINVAL)
-    return int(number.group())
-
-
-@dataclass(slots=True, frozen=True)
-class IOMMUInfo:
-    flags: int
-    iova_pgsizes: int
-    caps: tuple
-
-    def cap(self, cls):
-        return next((c for c in self.caps if isinstance(c, cls)), None)
-
-
-class Container:
+class Container(IOMMUBackend):
     """A /dev/vfio/vfio fd with its type1 IOMMU and the memory listener that fills it."""
 
     def __init__(self, space: "AddressSpace", fd: int):
@@ -133,6 +105,27 @@ class Container:
             trace("vfio_check_extension_failed", extension=extension, errno=e.errno)
             return True
 
+    @classmethod
+    def attach_device(cls, space: "AddressSpace", device: Device, devname: str, groupid: int) -> None:
+        """vfio_legacy_attach_device: the group (opened and put in a container if new), then the
+        device fd from it; a failure puts the group back."""
+        group = Group.get(space, groupid)
+        try:
+            device.fd = group.get_device_fd(devname)
+        except VFIOError:
+            group.put()
+            raise
+        device.group, device.container = group, group.container
+        group.devices.append(device)
+
+    def detach_device(self, device: Device) -> None:
+        """The device fd, then the device's hold on its group: the last one out puts the group,
+        and the last group out closes the container."""
+        self.host.close(device.fd)
+        device.fd = -1
+        device.group.devices.remove(device)
+        device.group.put()
+
     def disconnect(self, group: "Group") -> None:
         try:
             self.host.ioctl(group.fd, uapi.VFIO_GROUP_UNSET_CONTAINER, 0)
@@ -200,24 +193,6 @@ class Container:
         trace("vfio_dma_unmap", iova=iova, size=size, unmapped=unmapped)
         return unmapped
 
-    # -- memory listener ----------------------------------------------------------------------
-    def region_add(self, area: RAMArea) -> None:
-        """Map guest RAM for DMA, page aligned; a misaligned section is an error, not a crash."""
-        if area.gpa % _PAGE != area.vaddr % _PAGE:
-            trace("error", message="vfio_listener_region_add received unaligned region")
-            raise VFIOError("vfio_listener_region_add received unaligned region", errno.EINVAL)
-        iova = (area.gpa + _PAGE - 1) & ~(_PAGE - 1)
-        end = (area.gpa + area.size) & ~(_PAGE - 1)
-        if iova >= end:
-            return
-        self.map_dma(iova, end - iova, area.vaddr + (iova - area.gpa), area.readonly)
-
-    def region_del(self, area: RAMArea) -> None:
-        iova = (area.gpa + _PAGE - 1) & ~(_PAGE - 1)
-        end = (area.gpa + area.size) & ~(_PAGE - 1)
-        if iova < end and self.fd >= 0:
-            self.unmap_dma(iova, end - iova)
-
 
 class Group:
     """An open /dev/vfio/N, shared by every device of that IOMMU group."""
@@ -231,6 +206,8 @@ class Group:
 
     @classmethod
     def get(cls, space: "AddressSpace", groupid: int) -> "Group":
+        """vfio_get_group: the open group, or a new one in a container; it fails with an
+        IOMMUGroupError."""
         if groupid in space.groups:
             return space.groups[groupid]
         host = space.host
@@ -238,22 +215,22 @@ class Group:
         try:
             fd = host.open(path, os.O_RDWR)
         except OSError as e:
-            raise VFIOError.from_oserror(f"vfio: error opening {path}", e) from e
+            raise IOMMUGroupError.from_oserror(f"vfio: error opening {path}", e) from e
         group = cls(space, groupid, fd)
         try:
             status = uapi.vfio_group_status.pack()
             try:
                 host.ioctl(fd, uapi.VFIO_GROUP_GET_STATUS, status)
             except OSError as e:
-                raise VFIOError.from_oserror("vfio: error getting group status", e) from e
+                raise IOMMUGroupError.from_oserror("vfio: error getting group status", e) from e
             if not uapi.vfio_group_status.unpack(status).flags & uapi.VFIO_GROUP_FLAGS_VIABLE:
-                raise VFIOError(f"vfio: error, group {groupid} is not viable, please ensure all devices "
-                                "within the iommu_group are bound to their vfio bus driver.", errno.EPERM)
+                raise IOMMUGroupError(f"vfio: error, group {groupid} is not viable, please ensure all devices "
+                                      "within the iommu_group are bound to their vfio bus driver.", errno.EPERM)
             try:
                 group.container = Container.connect(group)
             except VFIOError as e:
-                raise VFIOError(f"vfio: failed to setup container for group {groupid}: {e.message}",
-                                e.errno) from e
+                raise IOMMUGroupError(f"vfio: failed to setup container for group {groupid}: {e.message}",
+                                      e.errno) from e
         except BaseException:
             host.close(fd)
             raise
@@ -283,29 +260,17 @@ class Group:
 
 
 class AddressSpace:
-    """QEMU's VFIOAddressSpace: the groups and containers serving one guest's memory."""
+    """QEMU's VFIOAddressSpace: the devices, groups and containers serving one guest's memory.
+    `iommu` is the backend class devices attach with (QEMU picks it per device, here per space)."""
 
-    def __init__(self, host: Host, machine: Machine | None = None):
+    def __init__(self, host: Host, machine: Machine | None = None, iommu: type[IOMMUBackend] = Container):
         self.host = host
         self.machine = machine or Machine()
+        self.iommu = iommu
+        self.devices: list[Device] = []
         self.groups: dict[int, Group] = {}
-        self.containers: list[Container] = []
+        self.containers: list[IOMMUBackend] = []
         self.dma_buffers: list[DMABuffer] = []
-
-    def group_of(self, sysfsdev: str) -> int:
-        """The IOMMU group number behind a sysfs device path."""
-        host = self.host
-        if not host.exists(sysfsdev):
-            raise VFIOError(f"vfio: error: no such host device: {sysfsdev}", errno.ENOENT)
-        try:
-            link = host.readlink(f"{sysfsdev}/iommu_group")
-        except OSError as e:
-            raise VFIOError.from_oserror("vfio: error no iommu_group for device", e) from e
-        name = link.rsplit("/", 1)[-1]
-        try:
-            return int(name)
-        except ValueError:
-            raise VFIOError(f"vfio: failed to read {sysfsdev}/iommu_group", errno.EINVAL) from None
 
     def dma_buffer(self, size: int, iova: int, readonly: bool = False) -> "DMABuffer":
         """Memory the attached devices can DMA to and from at `iova` (see DMABuffer)."""
@@ -313,9 +278,8 @@ class AddressSpace:
 
     def close(self) -> None:
         """Devices first: the last one out of a container takes its DMA buffers with it."""
-        for group in list(self.groups.values()):
-            for device in list(group.devices):
-                device.close()
+        for device in list(self.devices):
+            device.close()
         self.machine.close()
 
     def __enter__(self) -> "AddressSpace":
@@ -342,12 +306,12 @@ class DMABuffer:
             raise VFIOError(f"vfio: DMA buffer of {size} bytes", errno.EINVAL)
         self.space = space
         self.iova = iova
-        self.size = (size + _PAGE - 1) & ~(_PAGE - 1)   # MAP_DMA takes whole pages
+        self.size = (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)   # MAP_DMA takes whole pages
         self.readonly = readonly
         self.memory = mmap.mmap(-1, self.size)
         self.vaddr = ctypes.addressof(ctypes.c_char.from_buffer(self.memory))
         self.view = memoryview(self.memory)
-        self.containers: list[Container] = []
+        self.containers: list[IOMMUBackend] = []
         self.closed = False
         try:
             for container in space.containers:

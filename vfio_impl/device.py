@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from . import irq, uapi
 from .container import AddressSpace, Group
 from .errors import VFIOError
+from .iommu import IOMMUBackend, IOMMUGroupError, iommu_group
 from .region import Region, RegionInfo
 from .trace import trace
 
@@ -25,14 +26,17 @@ class IRQInfo:
 
 
 class Device:
-    """Opened through its group; closing it releases regions, interrupts and the group reference."""
+    """Got through the address space's IOMMU backend; closing it releases regions, interrupts and
+    what the backend holds for it (for type1, the group reference)."""
 
-    def __init__(self, space: AddressSpace, group: Group, name: str, fd: int):
+    def __init__(self, space: AddressSpace, name: str, sysfsdev: str):
         self.space = space
         self.host = space.host
-        self.group = group
         self.name = name
-        self.fd = fd
+        self.sysfsdev = sysfsdev
+        self.fd = -1
+        self.container: IOMMUBackend | None = None
+        self.group: Group | None = None     # type1's; a device of another backend has none
         self.flags = 0
         self.num_regions = 0
         self.num_irqs = 0
@@ -40,30 +44,40 @@ class Device:
         self.eventfds: set[int] = set()
 
     @classmethod
-    def attach(cls, space: AddressSpace, sysfsdev: str, name: str | None = None) -> "Device":
-        """Group from sysfs, refuse a second attach, then get the device from its group."""
+    def attach(cls, space: AddressSpace, sysfsdev: str, name: str | None = None, *, groupid: int | None = None,
+               devname: str | None = None, already_attached: str | None = None) -> "Device":
+        """vfio_device_attach, the one way a flavour gets a device. A flavour that found the IOMMU
+        group itself passes `groupid`, and its words for a second attach; without them the group
+        is found, and its failures worded, as vfio-pci's seed does. `devname` is the kernel's name
+        for the device when the flavour calls it something else (a ccw mdev, by its subchannel)."""
         name = name or os.path.basename(sysfsdev.rstrip("/"))
-        groupid = space.group_of(sysfsdev)
+        devname = devname or name
+        already_attached = already_attached or f"vfio: error: device {name} is already attached"
+        if groupid is not None:
+            return cls._attach(space, sysfsdev, name, devname, groupid, already_attached)
+        if not space.host.exists(sysfsdev):
+            raise VFIOError(f"vfio: error: no such host device: {sysfsdev}", errno.ENOENT)
         try:
-            group = Group.get(space, groupid)
+            groupid = iommu_group(space.host, sysfsdev)
+        except IOMMUGroupError as e:
+            raise VFIOError("vfio: error no iommu_group for device", e.errno) from e
         except VFIOError as e:
-            raise VFIOError(f"vfio: failed to get group {groupid}: {e.message}", e.errno) from e
-        if any(d.name == name for d in group.devices):
-            group.put()
-            raise VFIOError(f"vfio: error: device {name} is already attached", errno.EBUSY)
+            raise VFIOError(f"vfio: failed to read {sysfsdev}/iommu_group", e.errno) from e
         try:
-            return cls.get(group, name)
-        except VFIOError:
-            group.put()
-            raise
+            return cls._attach(space, sysfsdev, name, devname, groupid, already_attached)
+        except IOMMUGroupError as e:
+            raise VFIOError(f"vfio: failed to get group {groupid}: {e.message}", e.errno) from e
 
     @classmethod
-    def get(cls, group: Group, name: str) -> "Device":
-        """vfio_get_device: the device fd from a group the caller already holds, and its info; on
-        failure the caller puts the group back, as in QEMU."""
-        fd = group.get_device_fd(name)
-        device = cls(group.space, group, name, fd)
-        group.devices.append(device)
+    def _attach(cls, space: AddressSpace, sysfsdev: str, name: str, devname: str, groupid: int,
+                already_attached: str) -> "Device":
+        """Refuse a second attach, have the space's backend give the device its fd, read its info;
+        a failure closes what was got."""
+        if any(d.name == name for d in space.devices):
+            raise VFIOError(already_attached, errno.EBUSY)
+        device = cls(space, name, sysfsdev)
+        space.iommu.attach_device(space, device, devname, groupid)
+        space.devices.append(device)
         try:
             device._get_info()
         except BaseException:
@@ -204,7 +218,7 @@ class Device:
         trace("vfio_device_reset", name=self.name)
 
     def close(self) -> None:
-        """Reverse of attach: regions, eventfds, the device fd, then the group reference."""
+        """Reverse of attach: regions, eventfds, then the backend lets go of the device fd."""
         if self.fd < 0:
             return
         for region in self.regions.values():
@@ -212,11 +226,8 @@ class Device:
         self.regions.clear()
         for fd in list(self.eventfds):
             self.free_eventfd(fd)
-        self.host.close(self.fd)
-        self.fd = -1
-        if self in self.group.devices:
-            self.group.devices.remove(self)
-        self.group.put()
+        self.space.devices.remove(self)
+        self.container.detach_device(self)
         trace("vfio_put_device", name=self.name)
 
     def __enter__(self) -> "Device":

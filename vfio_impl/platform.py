@@ -20,9 +20,10 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 
 from . import uapi
-from .container import AddressSpace, Group, iommu_group_from_link
+from .container import AddressSpace
 from .device import Device, IRQInfo
 from .errors import VFIOError
+from .iommu import iommu_group
 from .machine import IRQLine, Machine
 from .region import Region
 from .trace import error_report, trace, warn
@@ -326,7 +327,7 @@ class VFIOPlatformDevice:
             unwind.pop_all()
 
     def _base_device_init(self, host: str | None, sysfsdev: str | None) -> None:
-        """Name and sysfs path, the IOMMU group, then the device; every failure puts the group back."""
+        """Name and sysfs path, the IOMMU group, then the device; a failure to populate it closes it."""
         if sysfsdev:
             self.sysfsdev = sysfsdev
             self.name = os.path.basename(sysfsdev.rstrip("/"))
@@ -337,17 +338,10 @@ class VFIOPlatformDevice:
             self.sysfsdev = f"{PLATFORM_DEVICES}/{host}"
         if not self.host.exists(self.sysfsdev):
             raise VFIOError("failed to get the sysfs host device file status", errno.ENOENT)
-        groupid = iommu_group_from_link(self.host, f"{self.sysfsdev}/iommu_group")
+        groupid = iommu_group(self.host, self.sysfsdev)
         trace("vfio_platform_base_device_init", name=self.name, group=groupid)
-        group = Group.get(self.space, groupid)
-        if any(d.name == self.name for d in group.devices):
-            group.put()
-            raise VFIOError("device is already attached", errno.EBUSY)
-        try:
-            self.vbasedev = Device.get(group, self.name)
-        except VFIOError:
-            group.put()
-            raise
+        self.vbasedev = Device.attach(self.space, self.sysfsdev, self.name, groupid=groupid,
+                                      already_attached="device is already attached")
         try:
             self._populate_device()
         except BaseException:
