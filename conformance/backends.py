@@ -7,7 +7,9 @@ import os
 from dataclasses import dataclass, field
 
 from vfio_impl import uapi
+from vfio_impl.errors import VFIOError
 from vfio_impl.host import Host, RealHost
+from vfio_impl.iommu import iommu_group
 from vfio_impl.pciaddr import PCI_DEVICES, sysfs_path
 
 # vendor:device -> the catalog name tests ask for.
@@ -56,8 +58,8 @@ def describe(host: Host, bdf_or_path: str) -> DeviceInfo:
     vendor = int(host.read_text(f"{sysfs}/vendor"), 16)
     device = int(host.read_text(f"{sysfs}/device"), 16)
     try:
-        group = int(host.readlink(f"{sysfs}/iommu_group").rsplit("/", 1)[-1])
-    except (OSError, ValueError):
+        group = iommu_group(host, sysfs)
+    except VFIOError:
         group = None
     driver = driver_of(host, sysfs)
     model = MODELS.get((vendor, device), "unknown")
@@ -152,8 +154,9 @@ def check_named(kind: str, names: list[str]) -> list[DeviceInfo]:
         return [check_device(host, name) for name in names]
     from fakekernel import FakeKernel, Topology
     from fakekernel.topology import DEFAULT_TOPOLOGY
+    from vfio_impl.ivshmem_server import doorbell_servers
 
-    with FakeKernel(Topology.named(DEFAULT_TOPOLOGY)) as kernel:
+    with doorbell_servers(Topology.named(DEFAULT_TOPOLOGY)) as topology, FakeKernel(topology) as kernel:
         try:
             return [check_device(kernel, name) for name in names]
         except DeviceError as e:

@@ -9,6 +9,7 @@ ran on a named device; report: a run passed nothing); 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -152,13 +153,17 @@ def _parse_faults(rules: list[str]) -> None:
             raise CommandError(f"--fault {rule}: {e}", USAGE) from None
 
 
+@contextlib.contextmanager
 def _fake_kernel(topology: str):
     from fakekernel import FakeKernel, Topology
+    from vfio_impl.ivshmem_server import doorbell_servers
 
     try:
-        return FakeKernel(Topology.named(topology))
+        named = Topology.named(topology)
     except ValueError as e:
         raise CommandError(f"--topology: {e}", USAGE) from None
+    with doorbell_servers(named) as served, FakeKernel(served) as kernel:
+        yield kernel
 
 
 def cmd_devices(args) -> int:

@@ -1,7 +1,8 @@
 """A second peer at the ivshmem-doorbell's server, for tests.
 
-On the fake the server is the one the FakeKernel started for its doorbell (as the CI VM's host
-starts one before QEMU), and the peer is an IvshmemClient there. On the real backend the peer is
+On the fake the server is the one the `vfio` fixture started for its doorbell with
+doorbell_servers (as the CI VM's host starts one before QEMU), and the peer is an IvshmemClient
+there. On the real backend the peer is
 a host-side responder that the guest reaches through a mailbox directory
 (conformance.ivshmem_mailbox).
 """

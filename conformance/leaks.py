@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 
-from fakekernel.kernel import ContainerFile, GroupFile
+from fakekernel.container import ContainerFile
+from fakekernel.group import GroupFile
 from fakekernel.vfio_pci import MSI, VfioPciDevice
 from fakekernel.vfio_platform import VfioPlatformDevice
 from vfio_impl import uapi

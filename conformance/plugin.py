@@ -10,6 +10,7 @@ import json
 import os
 import socket
 from collections import Counter
+from contextlib import ExitStack
 
 import pytest
 
@@ -152,6 +153,7 @@ def vfio(request):
     """
     from fakekernel import FakeKernel, Topology
     from fakekernel.topology import DEFAULT_TOPOLOGY
+    from vfio_impl.ivshmem_server import doorbell_servers
     from vfio_impl.pciaddr import sysfs_path
 
     from .backends import REAL_MISSING, Backend, describe, real_available, real_backend
@@ -184,7 +186,9 @@ def vfio(request):
         return
     before = process_fds()
     default = "platform" if need.get("platform") else "ccw" if need.get("ccw") else DEFAULT_TOPOLOGY
-    kernel = FakeKernel(Topology.named(need.get("topology") or default), request.config.getoption("--vfio-kernel"))
+    servers = ExitStack()   # the doorbells' ivshmem servers, as the CI VM's host runs them before QEMU
+    topology = servers.enter_context(doorbell_servers(Topology.named(need.get("topology") or default)))
+    kernel = FakeKernel(topology, request.config.getoption("--vfio-kernel"))
     backend = Backend("fake", kernel, f"fake {kernel.profile.name}", destructive=True, profile=kernel.profile)
     named = request.config.getoption("--vfio-device")
     if named and not need.get("topology"):
@@ -199,6 +203,7 @@ def vfio(request):
         left = kernel_leftovers(kernel)
     finally:
         kernel.close_all()
+        servers.close()
     left += fds_opened_since(before)
     if left:
         pytest.fail(report(left), pytrace=False)

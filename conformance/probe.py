@@ -683,8 +683,9 @@ def record(host, bdfs: list[str], settle: float = 0.5) -> dict:
 def replay_on_fake(bdfs: list[str] | None = None) -> dict:
     """The same script on FakeKernel('vm'), the fake's mirror of the CI VM."""
     from fakekernel import FakeKernel, Topology
+    from vfio_impl.ivshmem_server import doorbell_servers
 
-    with FakeKernel(Topology.named("vm")) as kernel:
+    with doorbell_servers(Topology.named("vm")) as topology, FakeKernel(topology) as kernel:
         names = bdfs or [spec.bdf for spec in kernel.topology.devices]
         return record(kernel, names, settle=0.0)
 

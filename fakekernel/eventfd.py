@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import os
 
+from .err import error
+
 
 def is_eventfd(fd: int) -> bool:
     try:
@@ -20,13 +22,13 @@ class EventfdCtx:
 
     def __init__(self, user_fd: int):
         if user_fd < 0:
-            raise OSError(errno.EBADF, "bad file descriptor")
+            raise error(errno.EBADF, f"eventfd {user_fd}")
         try:
             os.fstat(user_fd)
         except OSError:
-            raise OSError(errno.EBADF, "bad file descriptor") from None
+            raise error(errno.EBADF, f"fd {user_fd} is not open") from None
         if not is_eventfd(user_fd):
-            raise OSError(errno.EINVAL, "not an eventfd")
+            raise error(errno.EINVAL, f"fd {user_fd} is not an eventfd")
         self.fd = os.dup(user_fd)
 
     def signal(self) -> None:

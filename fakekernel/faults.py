@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from vfio_impl import uapi
 
+from .err import error
+
 if TYPE_CHECKING:
     from .kernel import FakeKernel
 
@@ -340,7 +342,7 @@ class Faults(Injector):
             return False
         if call.kind == "close":
             method(*args)
-        raise OSError(rule.errno, f"{os.strerror(rule.errno)} (injected at {call.name})")
+        raise error(rule.errno, f"injected at {call.name}")
 
     def _describe(self, kind: str, args: tuple) -> Call:
         call = Call(self._next_seq(), kind)
@@ -356,7 +358,7 @@ class Faults(Injector):
             call.request = args[1]
             call.detail = _ioctl_detail(call.target, args[1], args[2] if len(args) > 2 else 0)
         elif kind in ("pread", "pwrite", "mmap") and call.target == "device" and len(args) > 2:
-            shift = f.OFFSET_SHIFT
+            shift = f.device.offset_shift
             offset = args[2]
             call.region, call.offset = offset >> shift, offset & ((1 << shift) - 1)
             call.length = len(args[1]) if kind == "pwrite" else args[1]

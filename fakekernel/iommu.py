@@ -14,11 +14,10 @@ from bisect import bisect_left, bisect_right
 from itertools import chain
 from dataclasses import dataclass
 
+from .err import error
+
 PAGE_SIZE = mmap.PAGESIZE
-# intel-iommu on x86 advertises 4K, 2M and 1G pages through type1.
-IOVA_PGSIZES = (1 << 12) | (1 << 21) | (1 << 30)
 DMA_ENTRY_LIMIT = 65535
-IOVA_MAX = (1 << 64) - 1
 
 # A refused DMA is silent on the device's side, so each one is a WARNING here, as Linux's DMAR
 # fault lines are in dmesg: pytest shows it among the test's captured log.
@@ -178,11 +177,11 @@ class Type1IOMMU:
     def map(self, iova: int, size: int, vaddr: int, readable: bool, writable: bool) -> None:
         """Checks come in type1's order: overlap, then the entry limit, then pinning."""
         if self.overlaps(iova, size):
-            raise OSError(errno.EEXIST, "DMA mapping overlaps an existing one")
+            raise error(errno.EEXIST, "DMA mapping overlaps an existing one")
         if not self.dma_avail:
-            raise OSError(errno.ENOSPC, "dma_entry_limit reached")
+            raise error(errno.ENOSPC, "dma_entry_limit reached")
         if not user_range_mapped(vaddr, size) or (writable and not user_range_writable(vaddr, size)):
-            raise OSError(errno.EFAULT, "vaddr is not mapped in the process, or not writable for a WRITE mapping")
+            raise error(errno.EFAULT, "vaddr is not mapped in the process, or not writable for a WRITE mapping")
         self._maps.insert(DMAMapping(iova, size, vaddr, readable, writable))
 
     def first_partial(self, iova: int, size: int) -> bool:

@@ -1,4 +1,5 @@
-"""What every vfio bus driver shares for interrupts: SET_IRQS validation, trigger contexts, virqfds.
+"""What every vfio bus driver shares for interrupts: SET_IRQS validation and trigger contexts
+(virqfds are virqfd.py's).
 
 vfio_set_irqs_validate_and_prepare is one function in vfio_main.c that vfio-pci and
 vfio-platform call with different limits; so it is one function here.
@@ -8,23 +9,16 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import TYPE_CHECKING, Callable
 
 from vfio_impl import uapi
 
+from .err import error
 from .eventfd import EventfdCtx
-
-if TYPE_CHECKING:
-    from .kernel import FakeKernel
 
 SET_IRQS_MINSZ = uapi.vfio_irq_set.offsetof("count") + 4
 DATA_MASK = uapi.VFIO_IRQ_SET_DATA_TYPE_MASK
 ACTION_MASK = uapi.VFIO_IRQ_SET_ACTION_TYPE_MASK
 DATA_SIZES = {uapi.VFIO_IRQ_SET_DATA_NONE: 0, uapi.VFIO_IRQ_SET_DATA_BOOL: 1, uapi.VFIO_IRQ_SET_DATA_EVENTFD: 4}
-
-
-def _einval(what: str) -> OSError:
-    return OSError(errno.EINVAL, what)
 
 
 def validate_and_prepare(hdr, buf: bytearray, num_irqs: int, max_irq_type: int) -> tuple[int, list[int] | None]:
@@ -34,19 +28,19 @@ def validate_and_prepare(hdr, buf: bytearray, num_irqs: int, max_irq_type: int) 
     vector count, vfio-platform its number of IRQs for both."""
     if (hdr.argsz < SET_IRQS_MINSZ or hdr.index >= max_irq_type or hdr.count >= 0xFFFFFFFF - hdr.start
             or hdr.flags & ~(DATA_MASK | ACTION_MASK)):
-        raise _einval("bad vfio_irq_set header")
+        raise error(errno.EINVAL, "bad vfio_irq_set header")
     if hdr.start >= num_irqs or hdr.start + hdr.count > num_irqs:
-        raise _einval("start/count beyond the index's vectors")
+        raise error(errno.EINVAL, "start/count beyond the index's vectors")
     data_type = hdr.flags & DATA_MASK
     size = DATA_SIZES.get(data_type)
     if size is None:
-        raise _einval("more than one data type")
+        raise error(errno.EINVAL, "more than one data type")
     if size and hdr.argsz - SET_IRQS_MINSZ < hdr.count * size:
-        raise _einval("argsz too small for the data")
+        raise error(errno.EINVAL, "argsz too small for the data")
     base = uapi.vfio_irq_set.size
     raw = bytes(buf[base:base + hdr.count * size])
     if len(raw) < hdr.count * size:
-        raise OSError(errno.EFAULT, "data beyond the buffer")
+        raise error(errno.EFAULT, "data beyond the buffer")
     data = (list(struct.unpack(f"<{hdr.count}i", raw)) if size == 4 else list(raw)) if size else None
     return data_type, data
 
@@ -73,20 +67,3 @@ class IRQContext:
     def signal(self) -> None:
         if self.trigger:
             self.trigger.signal()
-
-
-def virqfd_enable(kernel: "FakeKernel", current: EventfdCtx | None, fd: int,
-                  handler: Callable[[], None]) -> EventfdCtx:
-    """vfio_virqfd_enable: EBADF or EINVAL for a bad fd, EBUSY while one is already wired."""
-    ctx = EventfdCtx(fd)
-    if current is not None:
-        ctx.put()
-        raise OSError(errno.EBUSY, "a virqfd is already wired there")
-    kernel.virqfd_add(ctx, handler)
-    return ctx
-
-
-def virqfd_disable(kernel: "FakeKernel", ctx: EventfdCtx | None) -> None:
-    if ctx is not None:
-        kernel.virqfd_remove(ctx)
-        ctx.put()

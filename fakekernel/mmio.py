@@ -9,6 +9,8 @@ from __future__ import annotations
 import errno
 from typing import Callable
 
+from .err import error
+
 _SIZES = (8, 4, 2, 1)
 
 
@@ -48,7 +50,7 @@ class MMIOMapping:
         if not 0 <= start <= stop <= self._len:
             raise IndexError("mmap index out of range")
         if not self._enabled():
-            raise OSError(errno.EFAULT, "SIGBUS: MMIO access with memory decode disabled in COMMAND")
+            raise error(errno.EFAULT, "SIGBUS: MMIO access with memory decode disabled in COMMAND")
 
     def _span(self, key) -> tuple[int, int]:
         if isinstance(key, slice):

@@ -8,9 +8,7 @@ from .pci import BAR_IO, BAR_MEM64, PciFunction
 from .topology import CcwDeviceSpec, PciDeviceSpec, PlatformDeviceSpec, Topology, VIABLE_DRIVERS, VFIO_DRIVERS
 
 PCI_DEVICES = "/sys/bus/pci/devices"
-PCI_DRIVERS = "/sys/bus/pci/drivers"
 PLATFORM_DEVICES = "/sys/bus/platform/devices"
-PLATFORM_DRIVERS = "/sys/bus/platform/drivers"
 IOMMU_GROUPS = "/sys/kernel/iommu_groups"
 DEVICETREE = "/sys/firmware/devicetree/base"
 CSS_DEVICES = "/sys/bus/css/devices"

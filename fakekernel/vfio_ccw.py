@@ -25,21 +25,21 @@ from vfio_impl.uapi.css import CRW, IRB, ORB, SCSW
 
 from .devices.ccw_block import CC_NOT_OPERATIONAL, CC_OK, CCW_SIZE, MAX_CCWS, CcwBlock, Subchannel, \
     does_data_transfer, fetch_ccw
+from .err import MAX_ERRNO, error
 from .irq import IRQContext, validate_and_prepare
 from .sysfs import path_mask
+from .vfio_main import VfioDevice
 
 if TYPE_CHECKING:
     from .kernel import FakeKernel
     from .topology import CcwDeviceSpec
 
-OFFSET_SHIFT = 10
-OFFSET_MASK = (1 << OFFSET_SHIFT) - 1
+VFIO_CCW_OFFSET_SHIFT = 10
+VFIO_CCW_OFFSET_MASK = (1 << VFIO_CCW_OFFSET_SHIFT) - 1
 # The interruption subclass vfio_ccw enables its subchannels with.
 VFIO_CCW_ISC = 6
 RW = uapi.VFIO_REGION_INFO_FLAG_READ | uapi.VFIO_REGION_INFO_FLAG_WRITE
 RET_CODE = struct.Struct("=i")
-# include/linux/err.h: a syscall's answer in -4095..-1 is an errno, any other is a result.
-MAX_ERRNO = 4095
 IO_RET_CODE = uapi.ccw_io_region.offsetof("ret_code")
 CMD_RET_CODE = uapi.ccw_cmd_region.offsetof("ret_code")
 
@@ -84,11 +84,7 @@ class CcwRegion:
     write: Callable[["CcwRegion", int, bytes], int]
 
 
-def _einval(what: str) -> OSError:
-    return OSError(errno.EINVAL, what)
-
-
-class VfioCcwDevice:
+class VfioCcwDevice(VfioDevice):
     """The vfio_ccw driver state of one subchannel and its mdev: regions, FSM, triggers, CRWs.
 
     Failure injection: `plan(access, ...)` queues the answer to the next access of one kind, and
@@ -104,9 +100,12 @@ class VfioCcwDevice:
     So plan("io-write", errno=EAGAIN) is "EAGAIN once, then the real thing".
     """
 
+    driver = "vfio_ccw_mdev"
+    offset_shift = VFIO_CCW_OFFSET_SHIFT
+    echoes_cap_offset = True
+
     def __init__(self, kernel: "FakeKernel", spec: "CcwDeviceSpec", model: CcwBlock):
-        self.kernel = kernel
-        self.spec = spec
+        super().__init__(kernel, spec, spec.uuid)
         self.model = model
         pim = path_mask(spec.chpids or ())
         self.subchannel = Subchannel(spec.devno, tuple(spec.chpids or ()), model, pim)
@@ -119,8 +118,6 @@ class VfioCcwDevice:
         self.irqs = [IRQContext() for _ in range(uapi.VFIO_CCW_NUM_IRQS)]
         self.crws: collections.deque[CRW] = collections.deque()
         self.planned: dict[str, collections.deque[Planned]] = collections.defaultdict(collections.deque)
-        self.open_count = 0
-        self.resets = 0
         self.set_irqs_log: list[tuple[int, int, int, int]] = []
         self.requests: list[ORB] = []
         self._in_fsm = False
@@ -157,12 +154,12 @@ class VfioCcwDevice:
             self.open_count += 1
             return
         if self.state is State.NOT_OPER:
-            raise _einval("the subchannel is not operational")
+            raise error(errno.EINVAL, "the subchannel is not operational")
         self._register_regions()
         self._fsm_open()
         if self.state is State.NOT_OPER:
             self.regions = []
-            raise _einval("the subchannel could not be enabled")
+            raise error(errno.EINVAL, "the subchannel could not be enabled")
         self.open_count += 1
 
     def close_device(self) -> None:
@@ -184,7 +181,7 @@ class VfioCcwDevice:
         self._fsm_open()
         self.resets += 1
         if self.state is State.NOT_OPER:
-            raise _einval("the subchannel is not operational")
+            raise error(errno.EINVAL, "the subchannel is not operational")
 
     def _fsm_open(self) -> None:
         """fsm_open enables the subchannel from STANDBY; OPEN in any other state, or an enable
@@ -234,14 +231,14 @@ class VfioCcwDevice:
         if index == uapi.VFIO_CCW_CONFIG_REGION_INDEX:
             return self.io
         if index >= uapi.VFIO_CCW_NUM_REGIONS + len(self.regions):
-            raise _einval("region index out of range")
+            raise error(errno.EINVAL, "region index out of range")
         return self.regions[index - uapi.VFIO_CCW_NUM_REGIONS]
 
     def rw(self, offset: int, data: bytes | None, count: int):
         """vfio_ccw_mdev_read/write: a region's own handler, after the bounds every one checks."""
-        region, pos = self._region(offset >> OFFSET_SHIFT), offset & OFFSET_MASK
+        region, pos = self._region(offset >> VFIO_CCW_OFFSET_SHIFT), offset & VFIO_CCW_OFFSET_MASK
         if pos + count > region.size:
-            raise _einval("beyond the region")
+            raise error(errno.EINVAL, "beyond the region")
         planned = self.planned[f"{region.name}-{'read' if data is None else 'write'}"]
         if planned:
             return self._planned(region, pos, data, count, planned.popleft())
@@ -251,7 +248,7 @@ class VfioCcwDevice:
 
     def _planned(self, region: CcwRegion, pos: int, data: bytes | None, count: int, plan: Planned):
         if plan.errno:
-            raise OSError(plan.errno, f"planned {region.name} access failure")
+            raise error(plan.errno, f"planned {region.name} access failure")
         if plan.ret_code is not None and data is not None:
             at = IO_RET_CODE if region.name == "io" else CMD_RET_CODE
             RET_CODE.pack_into(region.data, at, plan.ret_code)
@@ -266,7 +263,7 @@ class VfioCcwDevice:
         return bytes(region.data[pos:pos + count])
 
     def _refuse_write(self, region: CcwRegion, pos: int, data: bytes) -> int:
-        raise _einval(f"the {region.name} region is read-only")
+        raise error(errno.EINVAL, f"the {region.name} region is read-only")
 
     def _io_write(self, region: CcwRegion, pos: int, data: bytes) -> int:
         """vfio_ccw_mdev_write_io_region: the IO_REQ event, then ret_code or the count."""
@@ -298,7 +295,7 @@ class VfioCcwDevice:
         """A store subchannel to the hardware each time; ENODEV when the subchannel is gone."""
         cc, schib = self.subchannel.stsch()
         if cc != CC_OK:
-            raise OSError(errno.ENODEV, "cio_update_schib failed")
+            raise error(errno.ENODEV, "cio_update_schib failed")
         region.data[:css.SCHIB.SIZE] = schib.pack()
         return bytes(region.data[pos:pos + count])
 
@@ -314,7 +311,7 @@ class VfioCcwDevice:
         return data
 
     def mmap(self, offset: int, length: int, prot: int):
-        raise _einval("vfio-ccw regions cannot be mmapped")
+        raise error(errno.EINVAL, "vfio-ccw regions cannot be mmapped")
 
     # -- the state machine -----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -362,7 +359,7 @@ class VfioCcwDevice:
     def _cp_prefetch(self, orb: ORB) -> int:
         """cp_init and cp_prefetch: every CCW readable through the IOMMU, every data area
         pinned read-write. An unmapped address is EINVAL, a missing permission EPERM."""
-        iommu = self._iommu()
+        iommu = self.iommu()
         if iommu is None:
             return -errno.EINVAL
         format1 = bool(orb.ctrl0 & css.ORB_CTRL0_MASK_FMT)
@@ -392,7 +389,7 @@ class VfioCcwDevice:
         mask, and leaves EACCES while other paths remain, ENODEV otherwise."""
         if not orb.lpm:
             orb = ORB(orb.intparm, orb.ctrl0, self.lpm, orb.ctrl1, orb.cpa)
-        cc = self.subchannel.ssch(orb, self._iommu())
+        cc = self.subchannel.ssch(orb, self.iommu())
         if cc == CC_OK:
             self.state = State.CP_PENDING
             return 0
@@ -420,11 +417,6 @@ class VfioCcwDevice:
         at = uapi.ccw_io_region.offsetof("irb_area")
         self.io_region[at:at + css.IRB.SIZE] = irb.pack()
         self.irqs[uapi.VFIO_CCW_IO_IRQ_INDEX].signal()
-
-    def _iommu(self):
-        group = self.kernel.groups.get(self.spec.group)
-        container = group.container if group else None
-        return container.iommu if container is not None else None
 
     # -- channel paths and CRWs --------------------------------------------------------------------
     def chp_event(self, chpid: int, event: ChpEvent) -> int:
@@ -458,7 +450,7 @@ class VfioCcwDevice:
     # -- interrupts ---------------------------------------------------------------------------------
     def irq_info(self, index: int) -> tuple[int, int]:
         if index >= uapi.VFIO_CCW_NUM_IRQS:
-            raise _einval("irq index out of range")
+            raise error(errno.EINVAL, "irq index out of range")
         return uapi.VFIO_IRQ_INFO_EVENTFD, self.spec.irq_count
 
     def set_irqs(self, buf: bytearray) -> int:
@@ -467,13 +459,13 @@ class VfioCcwDevice:
         self.set_irqs_log.append((hdr.index, hdr.flags, hdr.start, hdr.count))
         data_type, data = validate_and_prepare(hdr, buf, 1, uapi.VFIO_CCW_NUM_IRQS)
         if not hdr.flags & uapi.VFIO_IRQ_SET_ACTION_TRIGGER:
-            raise _einval("vfio-ccw takes the TRIGGER action only")
+            raise error(errno.EINVAL, "vfio-ccw takes the TRIGGER action only")
         ctx = self.irqs[hdr.index]
         if data_type == uapi.VFIO_IRQ_SET_DATA_EVENTFD:
             if not data:
-                raise OSError(errno.EFAULT, "no eventfd after the header")
+                raise error(errno.EFAULT, "no eventfd after the header")
             if data[0] < -1:
-                raise _einval("an eventfd below -1")
+                raise error(errno.EINVAL, "an eventfd below -1")
             ctx.set_trigger(data[0])
         elif data_type == uapi.VFIO_IRQ_SET_DATA_NONE or (data and data[0]):
             ctx.signal()
@@ -485,5 +477,5 @@ def _write_result(ret_code: int, count: int) -> int:
     in -MAX_ERRNO..-1 is an error; past that, like a positive one left by the user in a request
     the state machine ignored, the syscall returns it as it is."""
     if -MAX_ERRNO <= ret_code < 0:
-        raise OSError(-ret_code, f"vfio-ccw ret_code {ret_code}")
+        raise error(-ret_code, f"vfio-ccw ret_code {ret_code}")
     return ret_code or count

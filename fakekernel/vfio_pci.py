@@ -16,16 +16,19 @@ from typing import TYPE_CHECKING
 
 from vfio_impl import uapi
 
+from .err import error
 from .eventfd import EventfdCtx
-from .irq import IRQContext, validate_and_prepare, virqfd_disable, wants
+from .irq import ACTION_MASK, IRQContext, validate_and_prepare, wants
 from .mmio import MMIOMapping, split_access
 from . import pci
+from .uaccess import buf_arg, copy_from_user
+from .vfio_main import VFIO_PCI_OFFSET_MASK, VFIO_PCI_OFFSET_SHIFT, VfioDevice
+from .virqfd import virqfd_add, virqfd_disable
 
 if TYPE_CHECKING:
     from .kernel import FakeKernel
+    from .topology import PciDeviceSpec
 
-OFFSET_SHIFT = 40
-OFFSET_MASK = (1 << OFFSET_SHIFT) - 1
 # Sizes vfio_pci_bar_rw passes to the device as one access (ioread32/16/8) when aligned.
 _ONE_ACCESS = frozenset({4, 2, 1})
 NUM_REGIONS = uapi.VFIO_PCI_NUM_REGIONS
@@ -38,7 +41,6 @@ CONFIG = uapi.VFIO_PCI_CONFIG_REGION_INDEX
 ROM = uapi.VFIO_PCI_ROM_REGION_INDEX
 VGA = uapi.VFIO_PCI_VGA_REGION_INDEX
 PAGE_SIZE = mmap.PAGESIZE
-ACTION_MASK = uapi.VFIO_IRQ_SET_ACTION_TYPE_MASK
 
 UNASSIGNED = 0xFF
 BASIC = 0
@@ -61,18 +63,15 @@ AER_COR_WRITABLE = 0x0000F1C1
 MSIX_REMAPPED_MSG = 0xFEE00018  # a remappable-format address, as Linux writes under intremap
 
 
-def _einval(what: str) -> OSError:
-    return OSError(errno.EINVAL, what)
-
-
-class VfioPciDevice:
+class VfioPciDevice(VfioDevice):
     """The vfio-pci driver bound to one function; opened state lives here between device fds."""
 
-    def __init__(self, kernel: "FakeKernel", function: pci.PciFunction, bdf: str):
-        self.kernel = kernel
+    driver = "vfio-pci"
+
+    def __init__(self, kernel: "FakeKernel", function: pci.PciFunction, spec: "PciDeviceSpec"):
+        super().__init__(kernel, spec, spec.bdf)
         self.function = function
-        self.bdf = bdf
-        self.open_count = 0
+        self.bdf = spec.bdf
         self.reset_works = function.reset_works
         n = len(function.config)
         self.vconfig = bytearray(n)
@@ -92,7 +91,6 @@ class VfioPciDevice:
         self.msi_ctx: list[IRQContext] = []
         self.err_trigger: EventfdCtx | None = None
         self.req_trigger: EventfdCtx | None = None
-        self.resets = 0
         self.msix_table = self._msix_table()
         self.regions: dict[int, tuple[int, int, list]] = {}
         function.sinks.intx = self._intx_line
@@ -492,23 +490,23 @@ class VfioPciDevice:
                 return 0, 0, []
             return uapi.VFIO_REGION_INFO_FLAG_READ, len(f.rom), []
         if index == VGA:
-            raise _einval("not a VGA device")
-        raise _einval("region index out of range")
+            raise error(errno.EINVAL, "not a VGA device")
+        raise error(errno.EINVAL, "region index out of range")
 
     def rw(self, offset: int, data: bytes | None, count: int) -> bytes | int:
         """pread (data None) or pwrite at a region offset, as vfio_pci_rw dispatches it."""
-        index = offset >> OFFSET_SHIFT
+        index = offset >> VFIO_PCI_OFFSET_SHIFT
         if index < ROM:
-            return self._bar_rw(index, offset & OFFSET_MASK, data, count)
-        pos = offset & OFFSET_MASK
+            return self._bar_rw(index, offset & VFIO_PCI_OFFSET_MASK, data, count)
+        pos = offset & VFIO_PCI_OFFSET_MASK
         if index >= self.num_regions:
-            raise _einval("region index out of range")
+            raise error(errno.EINVAL, "region index out of range")
         if index == CONFIG:
             return self._config_rw(pos, data, count)
         if index == ROM and data is not None:
-            raise _einval("the ROM is read-only")
+            raise error(errno.EINVAL, "the ROM is read-only")
         if index == VGA:
-            raise _einval("not a VGA device")
+            raise error(errno.EINVAL, "not a VGA device")
         return self._bar_rw(index, pos, data, count)
 
     def _config_chunk(self, pos: int, count: int) -> int:
@@ -527,7 +525,7 @@ class VfioPciDevice:
 
     def _config_rw(self, pos: int, data: bytes | None, count: int):
         if pos + count > len(self.vconfig):
-            raise OSError(errno.EFAULT, "config access beyond the config space")
+            raise error(errno.EFAULT, "config access beyond the config space")
         out = bytearray()
         done = 0
         while done < count:
@@ -543,15 +541,15 @@ class VfioPciDevice:
         f = self.function
         if index == ROM:
             if not f.rom or pos >= len(f.rom):
-                raise _einval("beyond the ROM")
+                raise error(errno.EINVAL, "beyond the ROM")
             return bytes(f.rom[pos:pos + count])
         bar = f.bars[index]
         if bar is None or pos >= bar.size:
-            raise _einval("beyond the BAR")
+            raise error(errno.EINVAL, "beyond the BAR")
         if count > bar.size - pos:
             count = bar.size - pos
         if bar.kind != pci.BAR_IO and not self.memory_enabled():
-            raise OSError(errno.EIO, "memory decode disabled")
+            raise error(errno.EIO, "memory decode disabled")
         if bar.ram:
             if data is None:
                 return os.pread(self.ram[index], count, pos)
@@ -585,16 +583,16 @@ class VfioPciDevice:
         return bytes(out) if data is None else count
 
     def mmap(self, offset: int, length: int, prot: int):
-        index = offset >> OFFSET_SHIFT
-        pos = offset & OFFSET_MASK
+        index = offset >> VFIO_PCI_OFFSET_SHIFT
+        pos = offset & VFIO_PCI_OFFSET_MASK
         if index >= self.num_regions or index >= ROM:
-            raise _einval("region cannot be mmapped")
+            raise error(errno.EINVAL, "region cannot be mmapped")
         flags, size, _ = self.region_info(index)
         if not flags & uapi.VFIO_REGION_INFO_FLAG_MMAP:
-            raise _einval("region cannot be mmapped")
+            raise error(errno.EINVAL, "region cannot be mmapped")
         phys_len = (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
         if pos % PAGE_SIZE or length <= 0 or pos + length > phys_len:
-            raise _einval("mmap outside the BAR")
+            raise error(errno.EINVAL, "mmap outside the BAR")
         bar = self.function.bars[index]
         if bar.ram:
             return mmap.mmap(self.ram[index], length, mmap.MAP_SHARED, prot, offset=pos)
@@ -620,7 +618,7 @@ class VfioPciDevice:
 
     def irq_info(self, index: int) -> tuple[int, int]:
         if index >= NUM_IRQS or (index == ERR and not self.function.pcie):
-            raise _einval("irq index out of range")
+            raise error(errno.EINVAL, "irq index out of range")
         flags = uapi.VFIO_IRQ_INFO_EVENTFD
         if index == INTX:
             flags |= uapi.VFIO_IRQ_INFO_MASKABLE | uapi.VFIO_IRQ_INFO_AUTOMASKED
@@ -635,7 +633,7 @@ class VfioPciDevice:
         action = hdr.flags & ACTION_MASK
         handler = self._irq_handler(hdr.index, action)
         if handler is None:
-            raise OSError(errno.ENOTTY, "no handler for that index and action")
+            raise error(errno.ENOTTY, "no handler for that index and action")
         return handler(hdr.index, hdr.start, hdr.count, data_type, data) or 0
 
     def _irq_handler(self, index: int, action: int):
@@ -684,15 +682,15 @@ class VfioPciDevice:
 
     def _set_intx_mask(self, index, start, count, data_type, data):
         if self.irq_type != INTX or start != 0 or count != 1:
-            raise _einval("INTx is not enabled")
+            raise error(errno.EINVAL, "INTx is not enabled")
         if data_type == uapi.VFIO_IRQ_SET_DATA_EVENTFD:
-            raise OSError(errno.ENOTTY, "masking by eventfd is not implemented")
+            raise error(errno.ENOTTY, "masking by eventfd is not implemented")
         if wants(data_type, data):
             self.intx_mask()
 
     def _set_intx_unmask(self, index, start, count, data_type, data):
         if self.irq_type != INTX:
-            raise _einval("INTx is not enabled")
+            raise error(errno.EINVAL, "INTx is not enabled")
         if data_type == uapi.VFIO_IRQ_SET_DATA_EVENTFD:
             self._set_unmask_eventfd(data[0] if count else -1)
         elif wants(data_type, data):
@@ -704,21 +702,21 @@ class VfioPciDevice:
         if fd >= 0:
             ctx = EventfdCtx(fd)
             self.intx_unmask = ctx
-            self.kernel.virqfd_add(ctx, self.intx_unmask_handler)
+            virqfd_add(self.kernel, ctx, self.intx_unmask_handler)
 
     def _set_intx_trigger(self, index, start, count, data_type, data):
         if self.irq_type == INTX and not count and data_type == uapi.VFIO_IRQ_SET_DATA_NONE:
             self._intx_disable()
             return
         if self.irq_type not in (INTX, IRQ_NONE) or start != 0 or count != 1:
-            raise _einval("INTx trigger needs start 0, count 1 and no other mode")
+            raise error(errno.EINVAL, "INTx trigger needs start 0, count 1 and no other mode")
         if data_type == uapi.VFIO_IRQ_SET_DATA_EVENTFD:
             self.intx.set_trigger(data[0])
             if self.irq_type != INTX:
                 self._intx_enable()
             return
         if self.irq_type != INTX:
-            raise _einval("INTx is not enabled")
+            raise error(errno.EINVAL, "INTx is not enabled")
         if wants(data_type, data):
             self._send_intx()
 
@@ -748,7 +746,7 @@ class VfioPciDevice:
             self._msi_disable()
             return
         if self.irq_type not in (index, IRQ_NONE):
-            raise _einval("another interrupt mode is enabled")
+            raise error(errno.EINVAL, "another interrupt mode is enabled")
         if data_type == uapi.VFIO_IRQ_SET_DATA_EVENTFD:
             if self.irq_type == index:
                 return self._msi_set_block(start, count, data)
@@ -760,7 +758,7 @@ class VfioPciDevice:
                 raise
             return
         if self.irq_type != index or start + count > len(self.msi_ctx):
-            raise _einval("vectors not enabled")
+            raise error(errno.EINVAL, "vectors not enabled")
         for i in range(start, start + count):
             if data_type == uapi.VFIO_IRQ_SET_DATA_NONE or data[i - start]:
                 self.msi_ctx[i].signal()
@@ -778,7 +776,7 @@ class VfioPciDevice:
 
     def _msi_set_block(self, start: int, count: int, fds: list[int]) -> None:
         if start >= len(self.msi_ctx) or start + count > len(self.msi_ctx):
-            raise _einval("vectors beyond those enabled")
+            raise error(errno.EINVAL, "vectors beyond those enabled")
         for j in range(count):
             try:
                 self._set_vector(start + j, fds[j])
@@ -828,7 +826,7 @@ class VfioPciDevice:
     def _set_err_req_trigger(self, index, start, count, data_type, data):
         attr = "err_trigger" if index == ERR else "req_trigger"
         if start != 0 or count > 1:
-            raise _einval("ERR/REQ take start 0 and at most one vector")
+            raise error(errno.EINVAL, "ERR/REQ take start 0 and at most one vector")
         ctx = getattr(self, attr)
         if data_type == uapi.VFIO_IRQ_SET_DATA_NONE:
             if ctx:
@@ -838,9 +836,9 @@ class VfioPciDevice:
                     ctx.put()
                     setattr(self, attr, None)
                 return
-            raise _einval("no eventfd set")
+            raise error(errno.EINVAL, "no eventfd set")
         if not count:
-            raise _einval("count 0 with data")
+            raise error(errno.EINVAL, "count 0 with data")
         if data_type == uapi.VFIO_IRQ_SET_DATA_BOOL:
             if data[0] and ctx:
                 ctx.signal()
@@ -857,17 +855,12 @@ class VfioPciDevice:
             setattr(self, attr, new)
 
     # DMA ----------------------------------------------------------------------------------------
-    def _iommu(self):
-        group = self.kernel.group_of(self.bdf)
-        container = group.container if group else None
-        return container.iommu if container is not None else None
-
     def _dma_read(self, addr: int, size: int):
-        iommu = self._iommu()
+        iommu = self.iommu()
         return iommu.dma_read(addr, size) if iommu is not None else None
 
     def _dma_write(self, addr: int, data: bytes) -> bool:
-        iommu = self._iommu()
+        iommu = self.iommu()
         return iommu.dma_write(addr, data) if iommu is not None else False
 
     # reset ----------------------------------------------------------------------------------------
@@ -899,9 +892,58 @@ class VfioPciDevice:
 
     def reset(self) -> None:
         if not self.reset_works:
-            raise _einval("device has no reset method")
+            raise error(errno.EINVAL, "device has no reset method")
         self._try_reset()
         self.resets += 1
+
+    # -- the device fd's name and vfio-pci's own ioctls -------------------------------------------
+    def match(self, name: str) -> bool:
+        """vfio_pci_core_match: the BDF, then options (a VF token), which the fake knows none of."""
+        bdf, _, options = name.partition(" ")
+        if bdf != self.bdf:
+            return False
+        if options.strip():
+            raise error(errno.EINVAL, f"unknown device options {options.strip()!r}")
+        return True
+
+    def ioctl(self, request: int, arg) -> int:
+        if request == uapi.VFIO_DEVICE_GET_PCI_HOT_RESET_INFO:
+            return self.hot_reset_info(buf_arg(arg))
+        return super().ioctl(request, arg)
+
+    def hot_reset_set(self) -> list[PciDeviceSpec] | None:
+        """Functions a bus reset would hit; None on the root bus, as on q35's bus 0."""
+        bus = self.bdf[:7]
+        if bus.endswith(":00"):
+            return None
+        return [d for d in self.kernel.topology.devices if d.bdf[:7] == bus and d.group is not None]
+
+    def hot_reset_info(self, buf: bytearray) -> int:
+        layout = uapi.vfio_pci_hot_reset_info
+        info = copy_from_user(layout, buf, layout.size)
+        if info.argsz < layout.size:
+            raise error(errno.EINVAL, "argsz below vfio_pci_hot_reset_info")
+        affected = self.hot_reset_set()
+        if affected is None:
+            raise error(errno.ENODEV, "no slot or bus reset for this device")
+        entry = uapi.vfio_pci_dependent_device
+        if info.argsz < layout.size + entry.size * len(affected):
+            layout.pack_into(buf, 0, argsz=info.argsz, flags=0, count=len(affected))
+            raise error(errno.ENOSPC, f"{len(affected)} devices need more argsz")
+        if len(buf) < layout.size + entry.size * len(affected):
+            layout.pack_into(buf, 0, argsz=info.argsz, flags=0, count=len(affected))
+            raise error(errno.EFAULT, "argsz claims room for the devices the buffer does not have")
+        for i, spec in enumerate(affected):
+            dom, bus, devfn = _split_bdf(spec.bdf)
+            entry.pack_into(buf, layout.size + i * entry.size, group_id=spec.group, segment=dom, bus=bus, devfn=devfn)
+        layout.pack_into(buf, 0, argsz=info.argsz, flags=0, count=len(affected))
+        return 0
+
+
+def _split_bdf(bdf: str) -> tuple[int, int, int]:
+    dom, bus, rest = bdf.split(":")
+    slot, fn = rest.split(".")
+    return int(dom, 16), int(bus, 16), (int(slot, 16) << 3) | int(fn, 16)
 
 
 CAP_PERMS = {pci.PCI_CAP_ID_PM: VfioPciDevice._pm_perms, pci.PCI_CAP_ID_MSI: VfioPciDevice._msi_perms,

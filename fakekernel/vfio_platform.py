@@ -17,22 +17,19 @@ from typing import TYPE_CHECKING
 from vfio_impl import uapi
 
 from .devices.platform_test import PlatformDevice
+from .err import error
 from .eventfd import EventfdCtx
-from .irq import IRQContext, validate_and_prepare, virqfd_disable, virqfd_enable, wants
+from .irq import ACTION_MASK, IRQContext, validate_and_prepare, wants
 from .mmio import MMIOMapping, split_access
+from .vfio_main import VFIO_PCI_OFFSET_MASK, VFIO_PCI_OFFSET_SHIFT, VfioDevice
+from .virqfd import virqfd_disable, virqfd_enable
 
 if TYPE_CHECKING:
     from .kernel import FakeKernel
+    from .topology import PlatformDeviceSpec
 
-OFFSET_SHIFT = 40
-OFFSET_MASK = (1 << OFFSET_SHIFT) - 1
 PAGE_SIZE = mmap.PAGESIZE
-ACTION_MASK = uapi.VFIO_IRQ_SET_ACTION_TYPE_MASK
 LEVEL_FLAGS = uapi.VFIO_IRQ_INFO_MASKABLE | uapi.VFIO_IRQ_INFO_AUTOMASKED
-
-
-def _einval(what: str) -> OSError:
-    return OSError(errno.EINVAL, what)
 
 
 def irq_flags(level: bool) -> int:
@@ -61,18 +58,18 @@ class PlatformIRQ(IRQContext):
         return self.trigger is not None and not self.masked
 
 
-class VfioPlatformDevice:
+class VfioPlatformDevice(VfioDevice):
     """The vfio-platform driver bound to one device; IRQ state lives from first open to last close."""
 
-    def __init__(self, kernel: "FakeKernel", model: PlatformDevice, name: str):
-        self.kernel = kernel
+    driver = "vfio-platform"
+    echoes_cap_offset = True
+
+    def __init__(self, kernel: "FakeKernel", model: PlatformDevice, spec: "PlatformDeviceSpec"):
+        super().__init__(kernel, spec, spec.name)
         self.model = model
-        self.name = name
-        self.open_count = 0
         self.irqs: list[PlatformIRQ] = []
         self.ram: dict[int, int] = {}
         self.set_irqs_log: list[tuple[int, int, int, int]] = []
-        self.resets = 0
         model.irq_sink = self._line_changed
 
     # -- what tests look at ---------------------------------------------------------------------
@@ -132,27 +129,28 @@ class VfioPlatformDevice:
         self.resets += 1
 
     # -- regions --------------------------------------------------------------------------------
-    def region_info(self, index: int) -> tuple[int, int]:
+    def region_info(self, index: int) -> tuple[int, int, tuple]:
+        """No capabilities: vfio-platform has none to report."""
         if index >= self.num_regions:
-            raise _einval("region index out of range")
+            raise error(errno.EINVAL, "region index out of range")
         res = self.model.resources[index]
         flags = uapi.VFIO_REGION_INFO_FLAG_READ
         if not res.readonly:
             flags |= uapi.VFIO_REGION_INFO_FLAG_WRITE
         if not res.size % PAGE_SIZE:
             flags |= uapi.VFIO_REGION_INFO_FLAG_MMAP
-        return flags, res.size
+        return flags, res.size, ()
 
     def rw(self, offset: int, data: bytes | None, count: int):
         """vfio_platform_read/write: past the end is EINVAL, a tail is cut short."""
-        index, pos = offset >> OFFSET_SHIFT, offset & OFFSET_MASK
+        index, pos = offset >> VFIO_PCI_OFFSET_SHIFT, offset & VFIO_PCI_OFFSET_MASK
         if index >= self.num_regions:
-            raise _einval("region index out of range")
-        flags, size = self.region_info(index)
+            raise error(errno.EINVAL, "region index out of range")
+        flags, size, _ = self.region_info(index)
         if not flags & (uapi.VFIO_REGION_INFO_FLAG_READ if data is None else uapi.VFIO_REGION_INFO_FLAG_WRITE):
-            raise _einval("region does not allow that access")
+            raise error(errno.EINVAL, "region does not allow that access")
         if pos >= size:
-            raise _einval("beyond the region")
+            raise error(errno.EINVAL, "beyond the region")
         count = min(count, size - pos)
         if index in self.ram:
             if data is None:
@@ -167,16 +165,16 @@ class VfioPlatformDevice:
         return bytes(out) if data is None else count
 
     def mmap(self, offset: int, length: int, prot: int):
-        index, pos = offset >> OFFSET_SHIFT, offset & OFFSET_MASK
+        index, pos = offset >> VFIO_PCI_OFFSET_SHIFT, offset & VFIO_PCI_OFFSET_MASK
         if index >= self.num_regions:
-            raise _einval("region index out of range")
-        flags, size = self.region_info(index)
+            raise error(errno.EINVAL, "region index out of range")
+        flags, size, _ = self.region_info(index)
         if not flags & uapi.VFIO_REGION_INFO_FLAG_MMAP:
-            raise _einval("region cannot be mmapped")
+            raise error(errno.EINVAL, "region cannot be mmapped")
         if prot & mmap.PROT_WRITE and not flags & uapi.VFIO_REGION_INFO_FLAG_WRITE:
-            raise _einval("writable mapping of a read-only region")
+            raise error(errno.EINVAL, "writable mapping of a read-only region")
         if size < PAGE_SIZE or length <= 0 or pos + length > size:
-            raise _einval("mmap outside the region")
+            raise error(errno.EINVAL, "mmap outside the region")
         if index in self.ram:
             return mmap.mmap(self.ram[index], length, mmap.MAP_SHARED, prot, offset=pos)
         return MMIOMapping(lambda off, n: self.kernel.locked(self.model.mmio_read, index, pos + off, n),
@@ -186,7 +184,7 @@ class VfioPlatformDevice:
     # -- interrupts -----------------------------------------------------------------------------
     def irq_info(self, index: int) -> tuple[int, int]:
         if index >= self.num_irqs:
-            raise _einval("irq index out of range")
+            raise error(errno.EINVAL, "irq index out of range")
         return irq_flags(self.model.irq_levels[index]), 1
 
     def _line_changed(self, index: int, asserted: bool) -> None:
@@ -227,7 +225,7 @@ class VfioPlatformDevice:
                    uapi.VFIO_IRQ_SET_ACTION_UNMASK: self._set_unmask,
                    uapi.VFIO_IRQ_SET_ACTION_TRIGGER: self._set_trigger}.get(hdr.flags & ACTION_MASK)
         if handler is None:
-            raise OSError(errno.ENOTTY, "no single action in the flags")
+            raise error(errno.ENOTTY, "no single action in the flags")
         handler(hdr.index, hdr.start, hdr.count, data_type, data)
         return 0
 
@@ -239,10 +237,10 @@ class VfioPlatformDevice:
 
     def _set_mask_or_unmask(self, index, start, count, data_type, data, attr, action) -> None:
         if start != 0 or count != 1:
-            raise _einval("mask/unmask take start 0 and count 1")
+            raise error(errno.EINVAL, "mask/unmask take start 0 and count 1")
         irq = self.irqs[index]
         if not irq.flags & uapi.VFIO_IRQ_INFO_MASKABLE:
-            raise _einval("an edge IRQ is not maskable")
+            raise error(errno.EINVAL, "an edge IRQ is not maskable")
         if data_type == uapi.VFIO_IRQ_SET_DATA_EVENTFD:
             if data[0] >= 0:
                 setattr(irq, attr, virqfd_enable(self.kernel, getattr(irq, attr), data[0], lambda: action(index)))
@@ -258,7 +256,7 @@ class VfioPlatformDevice:
             irq.set_trigger(-1)
             return
         if start != 0 or count != 1:
-            raise _einval("trigger takes start 0 and count 1")
+            raise error(errno.EINVAL, "trigger takes start 0 and count 1")
         if data_type == uapi.VFIO_IRQ_SET_DATA_EVENTFD:
             irq.set_trigger(-1)
             if data[0] >= 0:

@@ -14,6 +14,7 @@ from fakekernel import pci
 from fakekernel.devices import e1000e as e
 from fakekernel.topology import PciDeviceSpec
 from vfio_impl import uapi
+from vfio_impl.ivshmem_server import doorbell_servers
 
 EDU, IVSHMEM, E1000E, DOORBELL = "0000:00:03.0", "0000:00:04.0", "0000:01:00.0", "0000:00:06.0"
 CFG = uapi.VFIO_PCI_CONFIG_REGION_INDEX
@@ -39,7 +40,7 @@ E1000E_ECAPS = bytes.fromhex("010002140000000000000000302046000000000000e00000a0
 
 @pytest.fixture
 def kernel():
-    with FakeKernel(Topology.named("vm")) as k:
+    with doorbell_servers(Topology.named("vm")) as topology, FakeKernel(topology) as k:
         yield k
 
 

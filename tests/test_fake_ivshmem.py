@@ -14,7 +14,7 @@ from fakekernel.devices.ivshmem import IvshmemDoorbell
 from fakekernel.topology import PciDeviceSpec
 from vfio_impl import irq, uapi
 from vfio_impl.ivshmem_client import IvshmemClient
-from vfio_impl.ivshmem_server import IvshmemServer
+from vfio_impl.ivshmem_server import IvshmemServer, doorbell_servers
 
 BDF = "0000:00:06.0"
 MSIX = uapi.VFIO_PCI_MSIX_IRQ_INDEX
@@ -49,18 +49,32 @@ def device(kernel):
     s.close()
 
 
-def test_a_doorbell_naming_no_server_gets_the_kernels_own():
+def test_doorbell_servers_gives_each_doorbell_naming_none_a_server():
     """As the CI VM's host starts a server before QEMU: 1 MiB, the device's vectors, and nothing
-    left once the kernel closes. The device model itself still insists on a chardev."""
+    left on exit. The topology it was given still names no server."""
     before = open_fds()
-    with FakeKernel(topology(vectors=2)) as k:
+    given = topology(vectors=2)
+    with doorbell_servers(given) as served, FakeKernel(served) as k:
         doorbell = k.functions[BDF]
-        assert os.path.exists(doorbell.chardev)
+        assert os.path.exists(doorbell.chardev) and "chardev" not in given.devices[0].options
         with IvshmemClient(doorbell.chardev, vectors=2).connect() as peer:
             assert len(peer.shm) == 1 << 20 and peer.peers == {doorbell.vm_id: 2}
     assert not os.path.exists(doorbell.chardev) and open_fds() == before
+
+
+def test_doorbell_servers_leaves_a_named_server_alone(server):
+    with doorbell_servers(topology(chardev=server.socket_path, vectors=2)) as served:
+        assert served.devices[0].options == {"chardev": server.socket_path, "vectors": 2}
+
+
+def test_a_doorbell_naming_no_server_is_refused_by_the_kernel():
+    """The fake kernel starts no server of its own: whoever builds it brings one."""
+    before = open_fds()
+    with pytest.raises(ValueError, match="'chardev'.*doorbell_servers"):
+        FakeKernel(topology(vectors=2))
     with pytest.raises(ValueError, match="'chardev'"):
         IvshmemDoorbell()
+    assert open_fds() == before
 
 
 def test_no_server_no_kernel(tmp_path):

@@ -9,6 +9,7 @@ from fakekernel import FakeKernel, Profile, Topology
 from fakekernel.eventfd import EventfdCtx
 from fakekernel.mmio import MMIOMapping, split_access
 from vfio_impl import AddressSpace, Device, uapi
+from vfio_impl.ivshmem_server import doorbell_servers
 
 
 def test_split_access_is_naturally_aligned():
@@ -62,6 +63,27 @@ def test_unbind_and_bind_follow_the_group_node():
             k.write_text("/sys/bus/pci/devices/0000:01:00.0/vendor", "0x1")
         assert exc.value.errno == errno.EACCES
         assert k.listdir("/sys/kernel/iommu_groups/5/devices") == ["0000:01:00.0", "0000:01:01.0"]
+
+
+def test_get_device_fd_asks_the_groups_bound_devices_by_their_drivers_rule():
+    """A device unbound from its VFIO driver is not found; vfio-pci takes options after the BDF
+    and refuses those it does not know; binding again brings the device back."""
+    with FakeKernel("shared-group") as k:
+        k.write_text("/sys/bus/pci/drivers/vfio-pci/unbind", "0000:01:01.0")
+        group, container = k.open("/dev/vfio/5"), k.open("/dev/vfio/vfio")
+        k.ioctl(group, uapi.VFIO_GROUP_SET_CONTAINER, container.to_bytes(4, "little"))
+        k.ioctl(container, uapi.VFIO_SET_IOMMU, uapi.VFIO_TYPE1v2_IOMMU)
+        for name, code in (("0000:01:01.0", errno.ENODEV), ("0000:01:00.0 vf_token=0", errno.EINVAL),
+                           ("0000:01:00.", errno.ENODEV)):
+            with pytest.raises(OSError) as exc:
+                k.ioctl(group, uapi.VFIO_GROUP_GET_DEVICE_FD, name.encode() + b"\0")
+            assert exc.value.errno == code, name
+        k.close(k.ioctl(group, uapi.VFIO_GROUP_GET_DEVICE_FD, b"0000:01:00.0\0"))
+        k.write_text("/sys/bus/pci/drivers/vfio-pci/bind", "0000:01:01.0")
+        k.close(k.ioctl(group, uapi.VFIO_GROUP_GET_DEVICE_FD, b"0000:01:01.0\0"))
+        k.close(group)
+        k.close(container)
+        assert k.open_files() == {}
 
 
 def test_unknown_names_are_clear_errors():
@@ -145,7 +167,7 @@ def test_sysfs_resource_lists_bars_as_linux_prints_them():
     register BAR, no BAR1, and a 64-bit prefetchable BAR2; tools tell ivshmem-doorbell by BAR1."""
     from conformance.backends import describe
 
-    with FakeKernel(Topology.named("vm")) as kernel:
+    with doorbell_servers(Topology.named("vm")) as topology, FakeKernel(topology) as kernel:
         sysfs = "/sys/bus/pci/devices/0000:00:04.0"
         lines = kernel.read_text(f"{sysfs}/resource").splitlines()
         assert len(lines) == 13

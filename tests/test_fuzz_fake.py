@@ -27,8 +27,11 @@ from hypothesis import strategies as st
 
 from conformance.reliability import pci_topology, process_fds
 from fakekernel import FakeKernel, Topology
+from fakekernel.container import ContainerFile
 from fakekernel.faults import census
-from fakekernel.kernel import CcwDeviceFile, ContainerFile, DeviceFile, GroupFile
+from fakekernel.group import GroupFile
+from fakekernel.vfio_ccw import VfioCcwDevice
+from fakekernel.vfio_main import DeviceFile
 from vfio_impl import uapi
 
 settings.register_profile("vfio-fuzz-ci", max_examples=30, deadline=None, derandomize=True, database=None,
@@ -322,7 +325,7 @@ def _region_offset(session: Session, fd: int, size_hint: int = 0) -> tuple[int, 
     """(offset, region size, region flags): mostly near the start or end of a region the device
     has; else any index and any offset inside or past it, or a negative offset."""
     f = session.kernel.files.get(fd)
-    shift = f.OFFSET_SHIFT if isinstance(f, DeviceFile) else 40
+    shift = f.device.offset_shift if isinstance(f, DeviceFile) else 40
     regions = _regions(session, fd) or [(0, 0, 0)]
     index, size, flags = session.pick(regions)
     if not session.draw(mostly(st.just(True), st.just(False))):
@@ -351,7 +354,8 @@ def op_write(session: Session) -> None:
     if written is not None:
         # vfio_ccw_mdev_write_io_region answers the region's ret_code when it is not 0, and a
         # request the state machine ignores leaves there whatever the user wrote: Linux's answer.
-        if isinstance(session.kernel.files.get(fd), CcwDeviceFile):
+        f = session.kernel.files.get(fd)
+        if isinstance(f, DeviceFile) and isinstance(f.device, VfioCcwDevice):
             assert -(1 << 31) <= written < 1 << 31, f"pwrite returned {written}, not an int ret_code"
         else:
             assert 0 <= written <= len(data), f"pwrite of {len(data)} returned {written}"
@@ -360,7 +364,7 @@ def op_write(session: Session) -> None:
 def op_mmap(session: Session) -> None:
     fd = device_fd(session)
     f = session.kernel.files.get(fd)
-    shift = f.OFFSET_SHIFT if isinstance(f, DeviceFile) else 40
+    shift = f.device.offset_shift if isinstance(f, DeviceFile) else 40
     index, size, _ = session.pick(_regions(session, fd) or [(0, PAGE, 0)])
     whole = (size + PAGE - 1) & ~(PAGE - 1)
     offset = session.draw(mostly(st.just(index << shift) | st.just((index << shift) + PAGE),
@@ -373,8 +377,8 @@ def op_mmap(session: Session) -> None:
         return
     session.maps.append(mapping)
     f = session.kernel.files[fd]
-    info = region_info(session, fd, offset >> f.OFFSET_SHIFT)
-    within = offset & ((1 << f.OFFSET_SHIFT) - 1)
+    info = region_info(session, fd, offset >> f.device.offset_shift)
+    within = offset & ((1 << f.device.offset_shift) - 1)
     assert info is not None and info.flags & uapi.VFIO_REGION_INFO_FLAG_MMAP, "mmap of a region that cannot be"
     # vfio_pci_core_mmap measures the region in whole pages: a 256-byte BAR maps as one page.
     pages = (info.size + PAGE - 1) & ~(PAGE - 1)

@@ -13,6 +13,7 @@ from fakekernel import FakeKernel, Topology, devices
 from fakekernel import pci as fpci
 from fakekernel.topology import PciDeviceSpec
 from vfio_impl import AddressSpace, Machine, VFIOError, VirtualClock, uapi
+from vfio_impl.ivshmem_server import doorbell_servers
 from vfio_impl.pci import VFIOPCIDevice
 from vfio_impl.trace import TraceRecorder
 
@@ -899,7 +900,8 @@ def test_acceptance_e1000e_msix_vector_raised_by_the_device_reaches_the_machine(
     """MSI-X enabled through config, vector 0 programmed and unmasked in the emulated table, then
     the NIC raises RXQ0 through ICS with IVAR routing it to vector 0."""
     ivar, ims, ics, rxq0 = 0xE4, 0xD0, 0xC8, 0x00100000
-    with FakeKernel(Topology.named("vm")) as k, AddressSpace(k, Machine(clock)) as space:
+    with (doorbell_servers(Topology.named("vm")) as topology, FakeKernel(topology) as k,
+          AddressSpace(k, Machine(clock)) as space):
         with VFIOPCIDevice.realize(space, space.machine, host="0000:01:00.0") as dev:
             dev.config_write(fpci.PCI_COMMAND, fpci.PCI_COMMAND_MEMORY | fpci.PCI_COMMAND_MASTER, 2)
             dev.config_write(dev.msix.cap + 2, 0x8000, 2)

@@ -95,7 +95,7 @@ def describe(host: Host, device: str) -> str:
             except OSError:
                 driver = "(no driver)"
             lines.append(f"    {member} driver {driver}")
-        info = dev.group.container.get_info()
+        info = dev.container.get_info()
         lines.append(f"  iommu: pgsizes {info.iova_pgsizes:#x}")
         lines += [f"    cap {cap}" for cap in info.caps]
         dev.close()
@@ -121,12 +121,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.backend == "fake":
             from fakekernel import FakeKernel, Topology
 
+            from .ivshmem_server import doorbell_servers
+
             try:
                 topology = Topology.named(args.topology)
             except ValueError as e:
                 parser.error(f"--topology: {e}")
             print(f"backend: fake, topology {args.topology}")
-            with FakeKernel(topology) as kernel:
+            with doorbell_servers(topology) as topology, FakeKernel(topology) as kernel:
                 print(describe(kernel, args.device))
         else:
             print("backend: real")

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import _posixshmem
 
@@ -38,6 +38,7 @@ DEFAULT_SHM_NAME = "ivshmem"
 DEFAULT_PID_FILE = "/var/run/ivshmem-server.pid"
 DEFAULT_SIZE = 4 << 20
 SEND_TIMEOUT = 10.0
+DOORBELL_SHM_SIZE = 1 << 20  # what ci/real-vm.sh gives the server of its ivshmem-doorbell (-l 1M)
 MAX_HUGEPAGE_SIZE = 1 << 30
 ACCEPTS_PER_POLL = 64
 _SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
@@ -401,6 +402,21 @@ class IvshmemServer:
             else:
                 os.close(fd)
 
+
+@contextlib.contextmanager
+def doorbell_servers(topology):
+    """A fake kernel's topology with a server for each ivshmem-doorbell that names none, as the CI
+    VM's host starts one before QEMU: 1 MiB, the device's vectors, a socket in a temporary
+    directory, all stopped on exit. The topology given is left as it was; a copy names the sockets."""
+    with contextlib.ExitStack() as servers:
+        devices = []
+        for spec in topology.devices:
+            if spec.model == "ivshmem-doorbell" and "chardev" not in spec.options:
+                path = os.path.join(servers.enter_context(tempfile.TemporaryDirectory(prefix="ivshmem-")), "socket")
+                servers.enter_context(IvshmemServer(path, size=DOORBELL_SHM_SIZE, vectors=spec.options.get("vectors", 1)))
+                spec = replace(spec, options={**spec.options, "chardev": path})
+            devices.append(spec)
+        yield replace(topology, devices=devices)
 
 def _inode(path: str) -> int | None:
     try:

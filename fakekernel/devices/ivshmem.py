@@ -88,7 +88,10 @@ class IvshmemDoorbell(Ivshmem):
 
     def __init__(self, chardev: str | None = None, vectors: int = 1) -> None:
         if not chardev:
-            raise ValueError("ivshmem-doorbell needs the 'chardev' option: the ivshmem server's socket path")
+            raise ValueError("ivshmem-doorbell needs the 'chardev' option, the socket of an ivshmem server, as QEMU's "
+                             "-device ivshmem-doorbell,chardev=... does: name a running IvshmemServer's socket, or "
+                             "build the kernel in `with vfio_impl.ivshmem_server.doorbell_servers(topology) as "
+                             "topology:`, which starts one for each doorbell")
         self.chardev = os.fspath(chardev)
         self.vectors = vectors
         self.peer = protocol.PeerProtocol(vectors)
