@@ -48,7 +48,7 @@ def test_the_report_carries_the_walks_figures(run):
 
 def test_a_marker_arms_faults_for_one_test(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
-    (tmp_path / "test_mine.py").write_text(textwrap.dedent("""
+    (tmp_path / "test_marker_arms_faults.py").write_text(textwrap.dedent("""
         import errno, pytest
         from vfio_impl import AddressSpace, Device, VFIOError
 

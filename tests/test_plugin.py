@@ -26,8 +26,8 @@ def run_in_a_fresh_process(pytester):
     return pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
 
 
-def test_an_unknown_marker_argument_is_a_collection_error_naming_it(pytester, run):
-    pytester.makepyfile(test_mine="""
+MISTAKES = {
+    "unknown": ("""
         import pytest
 
         @pytest.mark.vfio(devcie="edu")
@@ -36,16 +36,9 @@ def test_an_unknown_marker_argument_is_a_collection_error_naming_it(pytester, ru
 
         def test_unmarked():
             pass
-    """)
-    result = run()
-    assert result.ret == pytest.ExitCode.INTERRUPTED
-    result.assert_outcomes(errors=1)
-    assert result.stdout.lines.count(
-        f"test_mine.py::test_attach: @pytest.mark.vfio got an unknown argument 'devcie'; it takes only {TAKES}") == 1
-
-
-def test_a_positional_argument_in_a_module_marker_is_reported_once_for_all_its_tests(pytester, run):
-    pytester.makepyfile(test_mine="""
+    """, "test_mine.py::test_attach: @pytest.mark.vfio got an unknown argument 'devcie'"),
+    # A module's marker is reported once, not once per test it covers.
+    "positional": ("""
         import pytest
 
         pytestmark = pytest.mark.vfio("edu")
@@ -53,12 +46,17 @@ def test_a_positional_argument_in_a_module_marker_is_reported_once_for_all_its_t
         @pytest.mark.parametrize("n", [1, 2, 3])
         def test_attach(vfio, n):
             pass
-    """)
+    """, "test_mine.py: @pytest.mark.vfio got a positional argument 'edu'"),
+}
+
+
+@pytest.mark.parametrize("source, says", MISTAKES.values(), ids=MISTAKES)
+def test_a_marker_mistake_is_one_collection_error_naming_it(pytester, run, source, says):
+    pytester.makepyfile(test_mine=source)
     result = run()
     assert result.ret == pytest.ExitCode.INTERRUPTED
     result.assert_outcomes(errors=1)
-    assert result.stdout.lines.count(
-        f"test_mine.py: @pytest.mark.vfio got a positional argument 'edu'; it takes only {TAKES}") == 1
+    assert result.stdout.lines.count(f"{says}; it takes only {TAKES}") == 1
 
 
 def test_every_argument_the_marker_takes_is_accepted(pytester, run):
