@@ -9,7 +9,7 @@ import os
 from fakekernel import FakeKernel, Topology
 from fakekernel.topology import PciDeviceSpec
 from vfio_impl import AddressSpace, Device, uapi
-from vfio_impl.machine import Machine
+from vfio_impl.vmm.machine import Machine
 
 EDU = "0000:00:03.0"
 IVSHMEM = "0000:00:04.0"

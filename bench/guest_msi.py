@@ -30,8 +30,8 @@ import struct
 import time
 
 from vfio_impl import AddressSpace, RealHost, uapi
-from vfio_impl.machine import Machine
-from vfio_impl.pci import VFIOPCIDevice
+from vfio_impl.flavours.pci import VFIOPCIDevice
+from vfio_impl.vmm.machine import Machine
 
 RAISE, ACK, EDU_IRQ = 0x60, 0x64, 0x1
 PCI_COMMAND, MEMORY_MASTER = 0x04, 0x6

@@ -17,7 +17,7 @@ import time
 from itertools import cycle
 
 from fakekernel.iommu import Type1IOMMU
-from vfio_impl.machine import Machine
+from vfio_impl.vmm.machine import Machine
 
 from .fake import EDU, attached, bus_master
 from .harness import Figure, Target, compare, loop

@@ -20,8 +20,8 @@ import struct
 import tempfile
 import time
 
-from vfio_impl.ivshmem_client import IvshmemClient
-from vfio_impl.ivshmem_server import IvshmemServer
+from vfio_impl.ivshmem.client import IvshmemClient
+from vfio_impl.ivshmem.server import IvshmemServer
 
 from .harness import Figure, Target, compare, one_cpu
 from .irq import Responder

@@ -17,8 +17,8 @@ import os
 from types import SimpleNamespace
 
 from vfio_impl import uapi
-from vfio_impl.host import RealHost
-from vfio_impl.region import Region, RegionInfo
+from vfio_impl.core.host import RealHost
+from vfio_impl.core.region import Region, RegionInfo
 
 from .fake import EDU, IVSHMEM, attached, memfd
 from .harness import Figure, Side, Target, compare, loop

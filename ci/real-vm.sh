@@ -227,7 +227,7 @@ trap 'exit 143' TERM
 # results share (conformance/ivshmem_mailbox.py). The shm size becomes BAR2's:
 # a power of two.
 start_ivshmem() {
-    "${pybin:+$pybin/}python3" -m vfio_impl.ivshmem_server -F -v -S "$ivsock" -M "$ivshm" -l 1M -n 2 \
+    "${pybin:+$pybin/}python3" -m vfio_impl.ivshmem.server -F -v -S "$ivsock" -M "$ivshm" -l 1M -n 2 \
         > "$results/ivshmem-server.log" 2>&1 &
     ivpids+=($!)
     local i

@@ -7,10 +7,10 @@ import os
 from dataclasses import dataclass, field
 
 from vfio_impl import uapi
-from vfio_impl.errors import VFIOError
-from vfio_impl.host import Host, RealHost
-from vfio_impl.iommu import iommu_group
-from vfio_impl.pciaddr import PCI_DEVICES, sysfs_path
+from vfio_impl.core.errors import VFIOError
+from vfio_impl.core.host import Host, RealHost
+from vfio_impl.core.iommu import iommu_group
+from vfio_impl.core.pciaddr import PCI_DEVICES, sysfs_path
 
 # vendor:device -> the catalog name tests ask for.
 MODELS = {(0x1234, 0x11E8): "edu", (0x1AF4, 0x1110): "ivshmem", (0x8086, 0x10D3): "e1000e"}
@@ -154,7 +154,7 @@ def check_named(kind: str, names: list[str]) -> list[DeviceInfo]:
         return [check_device(host, name) for name in names]
     from fakekernel import FakeKernel, Topology
     from fakekernel.topology import DEFAULT_TOPOLOGY
-    from vfio_impl.ivshmem_server import doorbell_servers
+    from vfio_impl.ivshmem.server import doorbell_servers
 
     with doorbell_servers(Topology.named(DEFAULT_TOPOLOGY)) as topology, FakeKernel(topology) as kernel:
         try:

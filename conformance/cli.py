@@ -18,8 +18,7 @@ from pathlib import Path
 
 from vfio_impl.info import package_version
 
-from .backends import (REAL_MISSING, DeviceError, check_named, kernel_label, kernel_profile, real_available,
-                       real_backend)
+from .backends import REAL_MISSING, DeviceError, check_named, kernel_label, kernel_profile, real_available, real_backend
 
 SUITE = Path(__file__).resolve().parent
 OK, FAILED, USAGE, BAD_DEVICE, BAD_FILE, NOTHING_TESTED, INTERRUPTED = 0, 1, 2, 3, 4, 5, 130
@@ -156,7 +155,7 @@ def _parse_faults(rules: list[str]) -> None:
 @contextlib.contextmanager
 def _fake_kernel(topology: str):
     from fakekernel import FakeKernel, Topology
-    from vfio_impl.ivshmem_server import doorbell_servers
+    from vfio_impl.ivshmem.server import doorbell_servers
 
     try:
         named = Topology.named(topology)

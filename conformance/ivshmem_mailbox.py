@@ -185,7 +185,7 @@ class MailboxPeer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vfio_impl.ivshmem_client import IvshmemClient
+    from vfio_impl.ivshmem.client import IvshmemClient
 
     ap = argparse.ArgumentParser(prog="python3 -m conformance.ivshmem_mailbox", description=__doc__.split("\n\n")[0])
     ap.add_argument("-S", dest="socket", required=True, help="the ivshmem server's socket")

@@ -26,7 +26,7 @@ class ClientPeer:
     """The fake backend's peer: an IvshmemClient at the server of the fake's doorbell `device`."""
 
     def __init__(self, device, socket_path: str, vectors: int):
-        from vfio_impl.ivshmem_client import IvshmemClient
+        from vfio_impl.ivshmem.client import IvshmemClient
 
         from .raw import wait_for
 

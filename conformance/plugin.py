@@ -153,8 +153,8 @@ def vfio(request):
     """
     from fakekernel import FakeKernel, Topology
     from fakekernel.topology import DEFAULT_TOPOLOGY
-    from vfio_impl.ivshmem_server import doorbell_servers
-    from vfio_impl.pciaddr import sysfs_path
+    from vfio_impl.core.pciaddr import sysfs_path
+    from vfio_impl.ivshmem.server import doorbell_servers
 
     from .backends import REAL_MISSING, Backend, describe, real_available, real_backend
     from .leaks import fds_opened_since, kernel_leftovers, report
@@ -237,9 +237,9 @@ def vfio_pci(request, vfio):
     """Realizes the marker's device through vfio_impl's PCI flavour, as a VMM would: a Machine on
     a virtual clock, its address space, then `VFIOPCIDevice.realize(**options)`. A factory, so a
     test picks the realize options; everything it realized is torn down after the test."""
-    from vfio_impl.container import AddressSpace
-    from vfio_impl.machine import Machine, VirtualClock
-    from vfio_impl.pci import VFIOPCIDevice
+    from vfio_impl.core.container import AddressSpace
+    from vfio_impl.flavours.pci import VFIOPCIDevice
+    from vfio_impl.vmm.machine import Machine, VirtualClock
 
     model = _requirements(request).get("device")
     if not model:
@@ -383,7 +383,7 @@ class RunReport:
             reasons = Counter(t["reason"] for t in ran if t["outcome"] == "skipped")
             why = f"; {reasons.most_common(1)[0][1]} skipped because: {reasons.most_common(1)[0][0]}" if reasons else ""
             return f"nothing tested: none of {len(ran)} VFIO tests passed{why}"
-        from vfio_impl.pciaddr import sysfs_path
+        from vfio_impl.core.pciaddr import sysfs_path
 
         for name in self.config.getoption("--vfio-device"):
             bdf = os.path.basename(sysfs_path(name))

@@ -22,7 +22,8 @@ import select
 import sys
 import time
 
-from vfio_impl import irq, uapi
+from vfio_impl import uapi
+from vfio_impl.core import irq
 
 from .backends import describe, vfio_bound
 from .raw import RawSession
@@ -683,7 +684,7 @@ def record(host, bdfs: list[str], settle: float = 0.5) -> dict:
 def replay_on_fake(bdfs: list[str] | None = None) -> dict:
     """The same script on FakeKernel('vm'), the fake's mirror of the CI VM."""
     from fakekernel import FakeKernel, Topology
-    from vfio_impl.ivshmem_server import doorbell_servers
+    from vfio_impl.ivshmem.server import doorbell_servers
 
     with doorbell_servers(Topology.named("vm")) as topology, FakeKernel(topology) as kernel:
         names = bdfs or [spec.bdf for spec in kernel.topology.devices]
@@ -733,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("recording")
     args = parser.parse_args(argv)
     if args.command == "record":
-        from vfio_impl.host import RealHost
+        from vfio_impl.core.host import RealHost
 
         host = RealHost()
         bdfs = args.device or [d.bdf for d in vfio_bound(host)]

@@ -8,10 +8,10 @@ import os
 from pathlib import Path
 
 from vfio_impl import uapi
-from vfio_impl.errors import VFIOError
+from vfio_impl.core.errors import VFIOError
 
 REPO = Path(__file__).resolve().parent.parent
-# The Host calls a kernel error comes out of (vfio_impl.host.Host), with the argument naming the target.
+# The Host calls a kernel error comes out of (vfio_impl.core.host.Host), with the argument naming the target.
 HOST_CALLS = {"open": "path", "ioctl": "request", "pread": "offset", "pwrite": "offset", "mmap": "offset",
               "readlink": "path", "read_text": "path", "write_text": "path", "listdir": "path", "eventfd": None}
 IOCTL_NAMES = {number: name for name, number in uapi.IOCTLS.items()}

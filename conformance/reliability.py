@@ -16,6 +16,7 @@ unwind every partial setup in reverse order; a walk proves the Python does too.
 
 from __future__ import annotations
 
+import _posixshmem
 import argparse
 import errno
 import fcntl
@@ -28,27 +29,25 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import _posixshmem
 from typing import Callable
 
 from fakekernel import FakeKernel, PciDeviceSpec, Topology, devices, pci
 from fakekernel.faults import Call, Fault, Injector, census, leaks
 from vfio_impl import uapi
+from vfio_impl.core.container import AddressSpace, Group
+from vfio_impl.core.device import Device
+from vfio_impl.core.errors import VFIOError
+from vfio_impl.core.trace import TraceRecorder
+from vfio_impl.flavours.ccw import VFIOCCWDevice
+from vfio_impl.flavours.pci import VFIOPCIDevice
+from vfio_impl.flavours.platform import VFIOPlatformDevice
+from vfio_impl.ivshmem.client import IvshmemClient
+from vfio_impl.ivshmem.protocol import MESSAGE_SIZE
+from vfio_impl.ivshmem.server import IvshmemServer
 from vfio_impl.uapi import pci_regs
-from vfio_impl.ccw import VFIOCCWDevice
-from vfio_impl.container import AddressSpace, Group
-from vfio_impl.css import ChannelSubsystem
-from vfio_impl.device import Device
-from vfio_impl import ivshmem as ivshmem_model
-from vfio_impl.errors import VFIOError
-from vfio_impl.ivshmem_client import IvshmemClient
-from vfio_impl.ivshmem_server import IvshmemServer
-from vfio_impl.uapi.ivshmem import MESSAGE_SIZE
-from vfio_impl.machine import Machine, VirtualClock
-from vfio_impl.pci import VFIOPCIDevice
-from vfio_impl.platform import VFIOPlatformDevice
-from vfio_impl.trace import TraceRecorder
+from vfio_impl.vmm import ivshmem as ivshmem_model
+from vfio_impl.vmm.css import ChannelSubsystem
+from vfio_impl.vmm.machine import Machine, VirtualClock
 
 # The errno each kind of call fails with: what Linux answers when it runs out of something or a
 # device goes away. Retries on EINTR, EAGAIN and EBUSY are proven separately, by their own faults.
@@ -586,7 +585,7 @@ PATHS += [
 # -- the pinned table and the report's figures ------------------------------------------------------
 TABLE = Path(__file__).with_name("fault_points.txt")
 TABLE_HEADER = """\
-# Every kernel call of vfio_impl's setup paths, failed one at a time by conformance/test_reliability.py.
+# Every kernel call of vfio_impl's setup paths, failed one at a time by conformance/areas/test_reliability.py.
 # Columns: point, the call, the errno injected, how the path took it (raises a VFIOError, reports an
 # error and carries on degraded, or absorbs it as QEMU does), and the message. A path that gains,
 # loses or reorders a call, or words a failure differently, fails its test until this table is

@@ -18,7 +18,7 @@ from typing import Callable
 
 from pyfakefs import fake_open, fake_os
 
-from vfio_impl.host import EventfdMixin
+from vfio_impl.core.host import EventfdMixin
 
 from . import devices as _devices
 from . import pci

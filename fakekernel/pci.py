@@ -2,7 +2,7 @@
 
 This is the device side only (raw config space with write masks, BARs, the INTx line, MSI and
 MSI-X delivery, DMA through the IOMMU), built the way QEMU's hw/pci builds it; the masked config
-write and MSI-X are vfio_impl.pcicore's, the one PCI core every model here shares. What vfio-pci
+write and MSI-X are vfio_impl.hw.pci's, the one PCI core every model here shares. What vfio-pci
 does on top of it lives in vfio_pci.py.
 """
 
@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable
 
-from vfio_impl.pcicore import MSIXDevice, default_write_config
+from vfio_impl.hw.pci import MSIXDevice, default_write_config
 from vfio_impl.uapi.pci_regs import *  # noqa: F403
 
 # Words QEMU and the kernel use that <linux/pci_regs.h> does not export.

@@ -9,13 +9,13 @@ import pytest
 
 from fakekernel import FakeKernel
 from vfio_impl import uapi
-from vfio_impl.ccw import realpath
-from vfio_impl.container import AddressSpace, Group
-from vfio_impl.css import ChannelSubsystem, CssDevId, IOInstEnding, SubchDev, sch_gen_unit_exception
-from vfio_impl.device import Device
-from vfio_impl.trace import TraceRecorder
+from vfio_impl.core.container import AddressSpace, Group
+from vfio_impl.core.device import Device
+from vfio_impl.core.trace import TraceRecorder
+from vfio_impl.flavours.ccw import realpath
 from vfio_impl.uapi import css
 from vfio_impl.uapi.css import CCW0, CCW1, CRW, IRB, ORB, PMCW, SCHIB, SCSW
+from vfio_impl.vmm.css import ChannelSubsystem, CssDevId, IOInstEnding, SubchDev, sch_gen_unit_exception
 
 ENABLED = css.PMCW_FLAGS_MASK_DNV | css.PMCW_FLAGS_MASK_ENA
 

@@ -14,7 +14,8 @@ from fakekernel import FakeKernel, Topology
 from fakekernel.devices import ccw_block
 from fakekernel.topology import CcwDeviceSpec
 from fakekernel.vfio_ccw import ChpEvent, State
-from vfio_impl import irq, uapi
+from vfio_impl import uapi
+from vfio_impl.core import irq
 from vfio_impl.uapi import css
 from vfio_impl.uapi.css import CCW0, CCW1, CRW, IRB, ORB, SCHIB, SCSW
 

@@ -9,12 +9,11 @@ import pytest
 
 from conformance.backends import describe
 from conformance.raw import RawSession, errno_of
-from fakekernel import FakeKernel, Topology, devices
-from fakekernel import pci
+from fakekernel import FakeKernel, Topology, devices, pci
 from fakekernel.devices import e1000e as e
 from fakekernel.topology import PciDeviceSpec
 from vfio_impl import uapi
-from vfio_impl.ivshmem_server import doorbell_servers
+from vfio_impl.ivshmem.server import doorbell_servers
 
 EDU, IVSHMEM, E1000E, DOORBELL = "0000:00:03.0", "0000:00:04.0", "0000:01:00.0", "0000:00:06.0"
 CFG = uapi.VFIO_PCI_CONFIG_REGION_INDEX

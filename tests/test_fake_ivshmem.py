@@ -12,9 +12,10 @@ from conformance.raw import RawSession, wait_for
 from fakekernel import FakeKernel, Topology
 from fakekernel.devices.ivshmem import IvshmemDoorbell
 from fakekernel.topology import PciDeviceSpec
-from vfio_impl import irq, uapi
-from vfio_impl.ivshmem_client import IvshmemClient
-from vfio_impl.ivshmem_server import IvshmemServer, doorbell_servers
+from vfio_impl import uapi
+from vfio_impl.core import irq
+from vfio_impl.ivshmem.client import IvshmemClient
+from vfio_impl.ivshmem.server import IvshmemServer, doorbell_servers
 
 BDF = "0000:00:06.0"
 MSIX = uapi.VFIO_PCI_MSIX_IRQ_INDEX

@@ -9,7 +9,7 @@ from fakekernel import FakeKernel, Profile, Topology
 from fakekernel.eventfd import EventfdCtx
 from fakekernel.mmio import MMIOMapping, split_access
 from vfio_impl import AddressSpace, Device, uapi
-from vfio_impl.ivshmem_server import doorbell_servers
+from vfio_impl.ivshmem.server import doorbell_servers
 
 
 def test_split_access_is_naturally_aligned():

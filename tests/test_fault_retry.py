@@ -6,16 +6,16 @@ import errno
 
 import pytest
 
-from conformance.reliability import CCW_MDEV, ROM_MSI, RomMsiFunction, enable_msi, pci_topology, realize_pci, Rig
+from conformance.reliability import CCW_MDEV, ROM_MSI, Rig, RomMsiFunction, enable_msi, pci_topology, realize_pci
 from fakekernel import FakeKernel
 from fakekernel.faults import Fault, census
 from vfio_impl import VFIOError, uapi
-from vfio_impl.ccw import VFIOCCWDevice
-from vfio_impl.css import ChannelSubsystem, IOInstEnding
-from vfio_impl.device import Device
-from vfio_impl.trace import TraceRecorder
+from vfio_impl.core.device import Device
+from vfio_impl.core.trace import TraceRecorder
+from vfio_impl.flavours.ccw import VFIOCCWDevice
 from vfio_impl.uapi import css
 from vfio_impl.uapi.css import CCW1, ORB, SCHIB
+from vfio_impl.vmm.css import ChannelSubsystem, IOInstEnding
 
 PAGE = 4096
 MAP, UNMAP = "ioctl VFIO_IOMMU_MAP_DMA iova=0x100000 size=0x4000", "ioctl VFIO_IOMMU_UNMAP_DMA iova=0x100000 size=0x4000"

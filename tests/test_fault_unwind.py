@@ -11,14 +11,14 @@ from conformance.reliability import ProcessCalls, driver_refs, process_fds
 from fakekernel import FakeKernel
 from fakekernel.faults import Fault, census
 from vfio_impl import AddressSpace, Machine, VFIOError, VirtualClock
-from vfio_impl import ivshmem as ivshmem_model
-from vfio_impl.ccw import VFIOCCWDevice
-from vfio_impl.container import Group
-from vfio_impl.css import ChannelSubsystem
-from vfio_impl.ivshmem_server import IvshmemServer
-from vfio_impl.pci import VFIOPCIDevice
-from vfio_impl.platform import VFIOPlatformDevice
-from vfio_impl.trace import TraceRecorder
+from vfio_impl.core.container import Group
+from vfio_impl.core.trace import TraceRecorder
+from vfio_impl.flavours.ccw import VFIOCCWDevice
+from vfio_impl.flavours.pci import VFIOPCIDevice
+from vfio_impl.flavours.platform import VFIOPlatformDevice
+from vfio_impl.ivshmem.server import IvshmemServer
+from vfio_impl.vmm import ivshmem as ivshmem_model
+from vfio_impl.vmm.css import ChannelSubsystem
 
 PAGE = 4096
 CCW_MDEV = "/sys/bus/mdev/devices/8a1c0bd0-7e7a-4f6a-9c3e-000000000313"

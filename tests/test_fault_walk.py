@@ -7,7 +7,7 @@ import os
 from conformance.reliability import PATHS, Rig, SetupPath, read_table, render_table, summarize, walk
 from fakekernel import Topology
 from vfio_impl import VFIOError, uapi
-from vfio_impl.container import Group
+from vfio_impl.core.container import Group
 
 
 def opens_then_reads(rig: Rig, close_on_error: bool = True) -> None:

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from vfio_impl.host import Host, RealHost
-from vfio_impl.trace import TraceRecorder, trace, warn
+from vfio_impl.core.host import Host, RealHost
+from vfio_impl.core.trace import TraceRecorder, trace, warn
 
 
 def test_realhost_is_a_host():

@@ -11,18 +11,18 @@ import pytest
 from conformance.backends import describe
 from fakekernel import FakeKernel
 from vfio_impl import AddressSpace, Machine, VFIOError, VirtualClock
-from vfio_impl.ccw import VFIOCCWDevice
-from vfio_impl.container import Container
-from vfio_impl.css import ChannelSubsystem
-from vfio_impl.device import Device
-from vfio_impl.iommu import PAGE_SIZE, IOMMUBackend, IOMMUGroupError, IOMMUInfo, iommu_group
-from vfio_impl.pci import VFIOPCIDevice
-from vfio_impl.platform import VFIOPlatformDevice
+from vfio_impl.core.container import Container
+from vfio_impl.core.device import Device
+from vfio_impl.core.iommu import PAGE_SIZE, IOMMUBackend, IOMMUGroupError, IOMMUInfo, iommu_group
+from vfio_impl.flavours.ccw import VFIOCCWDevice
+from vfio_impl.flavours.pci import VFIOPCIDevice
+from vfio_impl.flavours.platform import VFIOPlatformDevice
+from vfio_impl.vmm.css import ChannelSubsystem
 
 EDU = "/sys/bus/pci/devices/0000:00:03.0"
 PLATFORM = "c0000000.platform-test"
 CCW_UUID = "8a1c0bd0-7e7a-4f6a-9c3e-000000000313"
-FLAVOURS = ("pci", "platform", "ccw", "ivshmem")
+FLAVOURS = ("flavours/pci", "flavours/platform", "flavours/ccw", "vmm/ivshmem")
 # What only a backend may touch: groups, containers, their ioctls and their device nodes.
 BACKEND_ONLY = re.compile(r"\bGroup\b|\bContainer\b|/dev/vfio|get_device_fd|VFIO_GROUP_|VFIO_SET_IOMMU|"
                           r"Device\.get\b|iommu_group_from_link")

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from vfio_impl.ivshmem_client import HELP, IvshmemClient, main
-from vfio_impl.ivshmem_server import IvshmemServer
-from vfio_impl.uapi.ivshmem import PeerGone, PeerVector, ProtocolError, encode
+from vfio_impl.ivshmem.client import HELP, IvshmemClient, main
+from vfio_impl.ivshmem.protocol import PeerGone, PeerVector, ProtocolError, encode
+from vfio_impl.ivshmem.server import IvshmemServer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -243,7 +243,7 @@ class Cli:
     def __init__(self, socket_path, stdin=subprocess.PIPE, **popen):
         self.proc = subprocess.Popen(
             [sys.executable, "-c",
-             f"import sys; from vfio_impl.ivshmem_client import main; sys.exit(main(retry_interval={RETRY}))",
+             f"import sys; from vfio_impl.ivshmem.client import main; sys.exit(main(retry_interval={RETRY}))",
              "-S", socket_path], env={**os.environ, "PYTHONPATH": str(REPO)},
             stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
         self.unread = {self.proc.stdout: b"", self.proc.stderr: b""}

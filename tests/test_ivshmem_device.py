@@ -1,24 +1,31 @@
-"""The ivshmem device model (vfio_impl.ivshmem, seed 004) on a Machine: properties, size strings,
+"""The ivshmem device model (vfio_impl.vmm.ivshmem, seed 004) on a Machine: properties, size strings,
 every realize error with its unwinding, the shm and server backends, BAR0's registers, INTx,
 MSI-X, reset, save/load, ioeventfd, and each step of the server protocol."""
 
+import _posixshmem
 import errno
 import os
 import socket
 import struct
 import uuid
 
-import _posixshmem
 import pytest
 
 from vfio_impl import VFIOError
-from vfio_impl.ivshmem import (DOORBELL, INTRMASK, INTRSTATUS, IVPOSITION, MIGRATION_BLOCKER, IVShmemState,
-                               ivshmem_get_size)
-from vfio_impl.ivshmem_client import IvshmemClient
-from vfio_impl.ivshmem_server import IvshmemServer
-from vfio_impl.machine import Machine, VirtualClock
-from vfio_impl.trace import TraceRecorder
-from vfio_impl.uapi.ivshmem import encode
+from vfio_impl.core.trace import TraceRecorder
+from vfio_impl.ivshmem.client import IvshmemClient
+from vfio_impl.ivshmem.protocol import encode
+from vfio_impl.ivshmem.server import IvshmemServer
+from vfio_impl.vmm.ivshmem import (
+    DOORBELL,
+    INTRMASK,
+    INTRSTATUS,
+    IVPOSITION,
+    MIGRATION_BLOCKER,
+    IVShmemState,
+    ivshmem_get_size,
+)
+from vfio_impl.vmm.machine import Machine, VirtualClock
 
 MiB = 1 << 20
 COMMAND, BAR1, BAR2, BAR3 = 0x04, 0x14, 0x18, 0x1C

@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conformance.reliability import process_fds
-from vfio_impl.ivshmem_client import IvshmemClient
-from vfio_impl.ivshmem_server import SEND_TIMEOUT, IvshmemServer
-from vfio_impl.uapi.ivshmem import ID_SPACE, MESSAGE_SIZE, ProtocolError
+from vfio_impl.ivshmem.client import IvshmemClient
+from vfio_impl.ivshmem.protocol import ID_SPACE, MESSAGE_SIZE, ProtocolError
+from vfio_impl.ivshmem.server import SEND_TIMEOUT, IvshmemServer
 
 LONG = os.environ.get("VFIO_RELIABILITY", "ci") == "long"
 VECTORS = 2

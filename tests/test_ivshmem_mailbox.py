@@ -7,8 +7,8 @@ import threading
 import pytest
 
 from conformance.ivshmem_mailbox import MailboxError, MailboxPeer, Responder
-from vfio_impl.ivshmem_client import IvshmemClient
-from vfio_impl.ivshmem_server import IvshmemServer
+from vfio_impl.ivshmem.client import IvshmemClient
+from vfio_impl.ivshmem.server import IvshmemServer
 
 SIZE = 1 << 16
 

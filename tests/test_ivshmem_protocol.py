@@ -7,10 +7,23 @@ import struct
 
 import pytest
 
-from vfio_impl.uapi import ivshmem
-from vfio_impl.uapi.ivshmem import (INITIAL_PEERS, MAX_PEERS, Message, OwnId, PeerGone,
-                                    PeerProtocol, PeerVector, ProtocolError, Reassembler,
-                                    Rejected, ServerProtocol, SharedMemory, Version, encode)
+from vfio_impl.ivshmem import protocol as ivshmem
+from vfio_impl.ivshmem.protocol import (
+    INITIAL_PEERS,
+    MAX_PEERS,
+    Message,
+    OwnId,
+    PeerGone,
+    PeerProtocol,
+    PeerVector,
+    ProtocolError,
+    Reassembler,
+    Rejected,
+    ServerProtocol,
+    SharedMemory,
+    Version,
+    encode,
+)
 
 
 def is_open(fd):

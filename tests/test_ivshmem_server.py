@@ -1,5 +1,6 @@
 """ivshmem-server over real sockets: the exact sequence raw peers see, ids, drops, cleanup, the CLI."""
 
+import _posixshmem
 import contextlib
 import os
 import resource
@@ -14,14 +15,13 @@ import tomllib
 import uuid
 from pathlib import Path
 
-import _posixshmem
 import pytest
 
-from vfio_impl import ivshmem_server
-from vfio_impl.ivshmem_client import recv_chunk
-from vfio_impl.ivshmem_server import IvshmemServer, main, parse_size
-from vfio_impl.trace import TraceRecorder
-from vfio_impl.uapi.ivshmem import Reassembler
+from vfio_impl.core.trace import TraceRecorder
+from vfio_impl.ivshmem import server as ivshmem_server
+from vfio_impl.ivshmem.client import recv_chunk
+from vfio_impl.ivshmem.protocol import Reassembler
+from vfio_impl.ivshmem.server import IvshmemServer, main, parse_size
 
 REPO = Path(__file__).resolve().parents[1]
 

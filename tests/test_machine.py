@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from vfio_impl.machine import Machine, RealClock, VirtualClock
+from vfio_impl.vmm.machine import Machine, RealClock, VirtualClock
 
 
 def test_virtual_clock_fires_timers_in_order():

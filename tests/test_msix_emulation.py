@@ -1,11 +1,11 @@
-"""The PCI core's MSI-X (vfio_impl.pcicore), fed config and table writes with no device around it:
+"""The PCI core's MSI-X (vfio_impl.hw.pci), fed config and table writes with no device around it:
 the one implementation behind the vfio-pci flavour, the ivshmem model and the fake kernel."""
 
 from __future__ import annotations
 
 import pytest
 
-from vfio_impl.pcicore import MSIXDevice, default_write_config, msix_layout_valid
+from vfio_impl.hw.pci import MSIXDevice, default_write_config, msix_layout_valid
 
 CAP, CONTROL = 0x40, 0x42
 ENABLE, MASKALL = 0x8000, 0x4000

@@ -121,7 +121,7 @@ LEAKS = """
     import pytest
     from conformance.raw import RawSession
     from vfio_impl import AddressSpace, Device, uapi
-    from vfio_impl.irq import eventfds
+    from vfio_impl.core.irq import eventfds
 
     KEPT = []   # what a test leaks stays referenced: no collector closes it before the check
 

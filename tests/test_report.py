@@ -24,8 +24,8 @@ def write_run(path, backend, kernel, outcomes, **about):
     return str(path)
 
 
-API = "conformance/test_api.py::"
-DMA = "conformance/test_dma.py::"
+API = "conformance/areas/test_api.py::"
+DMA = "conformance/areas/test_dma.py::"
 TOPOLOGY_SKIP = ("skipped", "real backend: needs the fake kernel's 'nonviable' topology", "runner")
 NO_VFIO = ("skipped", "real backend: /dev/vfio/vfio is absent, this kernel has no VFIO", "backend")
 
@@ -52,11 +52,11 @@ def test_agreeing_runs_exit_0_and_real_only_skips_are_not_divergences(runs, caps
 
 def test_a_failure_on_one_backend_is_a_divergence_naming_its_area_and_what_differs(runs, capsys):
     paths = runs({DMA + "test_map_dma": "passed", API + "test_x": "passed"},
-                 {DMA + "test_map_dma": ("failed", "assert 16 == 22 (conformance/test_dma.py:40)"), API + "test_x": "passed"})
+                 {DMA + "test_map_dma": ("failed", "assert 16 == 22 (conformance/areas/test_dma.py:40)"), API + "test_x": "passed"})
     assert cli.main(["report", *paths]) == 1
     out = capsys.readouterr().out
     assert (f"DIVERGES [dma] {DMA}test_map_dma: fake passed; real failed: assert 16 == 22 "
-            "(conformance/test_dma.py:40)") in out
+            "(conformance/areas/test_dma.py:40)") in out
     assert out.splitlines()[-1] == "divergences: 1"
 
 

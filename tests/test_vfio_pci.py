@@ -1,4 +1,4 @@
-"""vfio_impl.pci on the fake kernel: realize order and unwinding, config virtualization, BARs with
+"""vfio_impl.flavours.pci on the fake kernel: realize order and unwinding, config virtualization, BARs with
 the MSI-X hole, ROM, INTx with EOI and the mmap timer, MSI, MSI-X, reset, DMA, and acceptance."""
 
 import errno
@@ -13,9 +13,9 @@ from fakekernel import FakeKernel, Topology, devices
 from fakekernel import pci as fpci
 from fakekernel.topology import PciDeviceSpec
 from vfio_impl import AddressSpace, Machine, VFIOError, VirtualClock, uapi
-from vfio_impl.ivshmem_server import doorbell_servers
-from vfio_impl.pci import VFIOPCIDevice
-from vfio_impl.trace import TraceRecorder
+from vfio_impl.core.trace import TraceRecorder
+from vfio_impl.flavours.pci import VFIOPCIDevice
+from vfio_impl.ivshmem.server import doorbell_servers
 
 EDU = "0000:00:03.0"
 TEST = "0000:01:00.0"

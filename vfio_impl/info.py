@@ -6,12 +6,12 @@ import argparse
 import errno
 import sys
 
-from . import uapi
-from .container import AddressSpace
-from .device import Device
-from .errors import VFIOError
-from .host import Host, RealHost
-from .pciaddr import PCI_DEVICES, sysfs_path
+from vfio_impl import uapi
+from vfio_impl.core.container import AddressSpace
+from vfio_impl.core.device import Device
+from vfio_impl.core.errors import VFIOError
+from vfio_impl.core.host import Host, RealHost
+from vfio_impl.core.pciaddr import PCI_DEVICES, sysfs_path
 
 
 def _flag_names(value: int, prefix: str) -> str:
@@ -120,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.backend == "fake":
             from fakekernel import FakeKernel, Topology
-
-            from .ivshmem_server import doorbell_servers
+            from vfio_impl.ivshmem.server import doorbell_servers
 
             try:
                 topology = Topology.named(args.topology)

@@ -16,7 +16,7 @@ import os
 import socket
 from typing import Callable
 
-from vfio_impl.uapi import ivshmem as protocol
+from vfio_impl.ivshmem import protocol
 
 from ..pci import BAR_MEM64, Bar, PciFunction, adjusted_read, adjusted_write
 
@@ -90,7 +90,7 @@ class IvshmemDoorbell(Ivshmem):
         if not chardev:
             raise ValueError("ivshmem-doorbell needs the 'chardev' option, the socket of an ivshmem server, as QEMU's "
                              "-device ivshmem-doorbell,chardev=... does: name a running IvshmemServer's socket, or "
-                             "build the kernel in `with vfio_impl.ivshmem_server.doorbell_servers(topology) as "
+                             "build the kernel in `with vfio_impl.ivshmem.server.doorbell_servers(topology) as "
                              "topology:`, which starts one for each doorbell")
         self.chardev = os.fspath(chardev)
         self.vectors = vectors

@@ -5,14 +5,14 @@ driver and the fake kernel cannot drift apart on the ABI; the test suite
 holds this module to the real header with gcc.
 """
 
-from . import _constants, _ioctls, _structs
-from ._cdef import ffi
-from ._constants import *  # noqa: F403
-from ._ioctls import *  # noqa: F403
-from ._structs import *  # noqa: F403
-from .caps import *  # noqa: F403
-from .caps import __all__ as _caps_all
-from .layout import Layout
+from vfio_impl.uapi import _constants, _ioctls, _structs
+from vfio_impl.uapi._cdef import ffi
+from vfio_impl.uapi._constants import *  # noqa: F403
+from vfio_impl.uapi._ioctls import *  # noqa: F403
+from vfio_impl.uapi._structs import *  # noqa: F403
+from vfio_impl.uapi.caps import *  # noqa: F403
+from vfio_impl.uapi.caps import __all__ as _caps_all
+from vfio_impl.uapi.layout import Layout
 
 
 def _public(module, kind: type) -> dict:

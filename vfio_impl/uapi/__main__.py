@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from . import CONSTANTS, IOCTLS, STRUCTS, pci_regs
+from vfio_impl.uapi import CONSTANTS, IOCTLS, STRUCTS, pci_regs
 
 
 def _pci_regs() -> dict[str, int]:

@@ -7,7 +7,7 @@ tests/test_uapi_abi.py holds them to the real header with gcc.
 
 import cffi
 
-from ._constants import IRB_AREA_SIZE, ORB_AREA_SIZE, SCHIB_AREA_SIZE, SCSW_AREA_SIZE
+from vfio_impl.uapi._constants import IRB_AREA_SIZE, ORB_AREA_SIZE, SCHIB_AREA_SIZE, SCSW_AREA_SIZE
 
 __all__ = ["ffi"]
 

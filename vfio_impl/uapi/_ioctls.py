@@ -8,7 +8,7 @@ Every public name here ends up in ``uapi.IOCTLS``.
 
 import platform as _platform
 
-from . import _constants as _c
+from vfio_impl.uapi import _constants as _c
 
 # asm-generic/ioctl.h: an 8-bit number, 8-bit type, then size and direction.
 # A few architectures give the direction 3 bits and "none" the value 1.

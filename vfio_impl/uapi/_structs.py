@@ -3,7 +3,7 @@
 Named exactly as in C so call sites read like the kernel documentation.
 """
 
-from .layout import Layout as _Layout
+from vfio_impl.uapi.layout import Layout as _Layout
 
 # <linux/vfio.h>
 vfio_info_cap_header = _Layout("vfio_info_cap_header")

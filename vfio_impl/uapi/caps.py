@@ -11,7 +11,7 @@ import struct
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from ._constants import (
+from vfio_impl.uapi._constants import (
     VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE,
     VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION,
     VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL,
@@ -19,7 +19,7 @@ from ._constants import (
     VFIO_REGION_INFO_CAP_SPARSE_MMAP,
     VFIO_REGION_INFO_CAP_TYPE,
 )
-from ._structs import (
+from vfio_impl.uapi._structs import (
     vfio_info_cap_header,
     vfio_iommu_type1_info_cap_iova_range,
     vfio_iommu_type1_info_cap_migration,
@@ -29,7 +29,7 @@ from ._structs import (
     vfio_region_info_cap_type,
     vfio_region_sparse_mmap_area,
 )
-from .layout import Layout
+from vfio_impl.uapi.layout import Layout
 
 __all__ = [
     "Cap",

@@ -9,7 +9,7 @@ import functools
 import struct
 from collections import namedtuple
 
-from ._cdef import ffi
+from vfio_impl.uapi._cdef import ffi
 
 __all__ = ["Layout"]
 
