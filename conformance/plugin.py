@@ -393,13 +393,15 @@ class RunReport:
 
     def document(self, session) -> dict:
         cfg = self.config
-        from .backends import kernel_label
+        from .backends import kernel_label, kernel_profile
 
         kind = cfg.getoption("--vfio-backend")
         tests = sorted(self.tests.values(), key=lambda t: t["id"])
         summary = {k: sum(1 for t in tests if t["outcome"] == k) for k in ("passed", "failed", "skipped")}
         devices = sorted({bdf for t in tests for bdf in t["devices"]})
-        report = {"backend": kind, "kernel": kernel_label(kind, cfg.getoption("--vfio-kernel")), "host": socket.gethostname(),
+        profile = kernel_profile(kind, cfg.getoption("--vfio-kernel"))
+        report = {"backend": kind, "kernel": kernel_label(kind, cfg.getoption("--vfio-kernel")),
+                  "profile": profile.name if profile else None, "host": socket.gethostname(),
                   "host_kernel": os.uname().release, "devices": devices, "summary": summary,
                   "exitstatus": int(session.exitstatus), "tests": tests}
         if session.exitstatus == pytest.ExitCode.INTERRUPTED:

@@ -36,6 +36,7 @@ class Run:
     devices: list[str] = field(default_factory=list)
     faults: list[str] = field(default_factory=list)
     verdict: str = ""
+    profile: str = ""
 
     def count(self, outcome: str) -> int:
         return sum(1 for t in self.tests.values() if t["outcome"] == outcome)
@@ -61,11 +62,20 @@ def load_run(path: str | Path) -> Run:
             raise ReportError(f"{path}: test {entry['id']} is reported twice")
         tests[entry["id"]] = {**entry, "reason": str(entry.get("reason") or "")}
     run = Run(path, data["backend"], data["kernel"], tests, host=str(data.get("host") or ""),
+              profile=str(data.get("profile") or _profile_of(data["backend"], data["kernel"])),
               devices=[str(d) for d in data.get("devices") or []], faults=[str(f) for f in data.get("faults") or []])
     if not run.count("passed"):
         reasons = Counter(t["reason"] for t in tests.values() if t["outcome"] == "skipped")
         run.verdict = "passed nothing" + (f": {reasons.most_common(1)[0][0]}" if reasons else "")
     return run
+
+
+def _profile_of(backend: str, kernel: str) -> str:
+    """The kernel generation of a report that does not name its profile: `fake 6.1` -> 6.1,
+    `6.1.0-57-amd64` -> 6.1."""
+    if backend == "fake":
+        return kernel.removeprefix("fake ")
+    return ".".join(kernel.split(".")[:2])
 
 
 def load_runs(paths: list[str | Path]) -> list[Run]:
@@ -102,14 +112,18 @@ class Row:
 
 
 class Matrix:
-    """Test id x run, with each row's divergence judged against the real-is-the-oracle rules."""
+    """Test id x run, with each row's divergence judged against the real-is-the-oracle rules,
+    kernel by kernel: a real run answers to the fake runs of its kernel's profile (or to every
+    fake run when no fake models its kernel), so fake 6.1, real 6.1, fake 6.12 and real 6.12 make
+    two comparisons side by side, not one of four."""
 
     def __init__(self, runs: list[Run]):
-        self.runs = runs
-        ids = set().union(*(r.tests for r in runs))
+        self.groups = _kernel_groups(runs)
+        self.runs = [r for group in self.groups.values() for r in group]
+        ids = set().union(*(r.tests for r in self.runs))
         rows = []
         for test in ids:
-            cells = [r.tests.get(test) for r in runs]
+            cells = [r.tests.get(test) for r in self.runs]
             area = next(c["area"] for c in cells if c)
             rows.append(self._judge(Row(test, area, cells)))
         self.rows = sorted(rows, key=lambda row: (row.area, row.test))
@@ -133,15 +147,23 @@ class Matrix:
         return grouped
 
     def _judge(self, row: Row) -> Row:
-        outcomes = [row.outcome(i) for i in range(len(self.runs))]
-        on = {kind: [o for r, o in zip(self.runs, outcomes) if r.backend == kind] for kind in ("fake", "real")}
-        if "failed" in outcomes and len(set(outcomes)) > 1:
-            row.divergence = "; ".join(self._says(row, i) for i in range(len(self.runs)))
-        elif "passed" in on["real"] and ({"skipped", ABSENT} & set(on["fake"])):
-            row.divergence = "real passes, the fake does not cover it: " + "; ".join(
-                self._says(row, i) for i, r in enumerate(self.runs) if r.backend == "fake")
-        fake_passes = "passed" in on["fake"]
-        row.states = [self._state(row, i, fake_passes) for i in range(len(self.runs))]
+        row.states = [""] * len(self.runs)
+        found = []
+        for kernel, group in self.groups.items():
+            where = [self.runs.index(r) for r in group]
+            outcomes = [row.outcome(i) for i in where]
+            on = {kind: [row.outcome(i) for i in where if self.runs[i].backend == kind] for kind in ("fake", "real")}
+            said = ""
+            if "failed" in outcomes and len(set(outcomes)) > 1:
+                said = "; ".join(self._says(row, i) for i in where)
+            elif "passed" in on["real"] and ({"skipped", ABSENT} & set(on["fake"])):
+                said = "real passes, the fake does not cover it: " + "; ".join(
+                    self._says(row, i) for i in where if self.runs[i].backend == "fake")
+            if said:
+                found.append(f"[{kernel}] {said}" if len(self.groups) > 1 else said)
+            for i in where:
+                row.states[i] = self._state(row, i, "passed" in on["fake"])
+        row.divergence = " | ".join(found)
         return row
 
     def _says(self, row: Row, i: int) -> str:
@@ -154,6 +176,16 @@ class Matrix:
         if not (fake_passes and run.backend == "real" and row.outcome(i) == "skipped"):
             return row.outcome(i)
         return "real-only skip" if cell.get("skip") == "runner" else "not run"
+
+
+def _kernel_groups(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs by the kernel profile they answer to, fake runs first in each; a real run whose kernel
+    no fake run models joins the first group."""
+    groups: dict[str, list[Run]] = {}
+    for run in sorted(runs, key=lambda r: r.backend != "fake"):
+        key = run.profile if run.profile in groups or run.backend == "fake" else next(iter(groups), run.profile)
+        groups.setdefault(key or run.kernel, []).append(run)
+    return groups
 
 
 def format_text(matrix: Matrix) -> str:

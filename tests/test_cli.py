@@ -127,7 +127,7 @@ def test_run_writes_json_junit_and_a_table(tmp_path, capsys):
     out, junit = tmp_path / "r.json", tmp_path / "r.xml"
     assert cli.main(["run", "--kernel", "6.1", "--json", str(out), "--junit", str(junit), "-k", SUITE_PICK]) == 0
     report = json.loads(out.read_text())
-    assert report["backend"] == "fake" and report["kernel"] == "fake 6.1"
+    assert report["backend"] == "fake" and report["kernel"] == "fake 6.1" and report["profile"] == "6.1"
     assert report["summary"]["passed"] == 2 and report["exitstatus"] == 0
     assert report["devices"] == ["0000:00:03.0"] and report["host"] and report["host_kernel"] == os.uname().release
     assert {t["area"] for t in report["tests"]} == {"api", "region"}

@@ -227,3 +227,27 @@ def test_the_page_says_when_a_run_passed_nothing(runs):
     dom = PageDOM(render_html(Matrix(load_runs(paths))))
     assert f"Error: real (6.1.0-56-amd64) passed nothing: {NO_VFIO[1]}." in dom.text
     assert "None: every test real passes" not in dom.text and "real-only" not in str(dom.rows)
+
+
+def test_four_runs_of_two_kernels_are_two_comparisons(tmp_path, capsys):
+    """fake 6.1 | real 6.1 | fake 6.12 | real 6.12: each real run answers to the fake of its
+    kernel, so a test 6.12 changed is no divergence against 6.1, and the columns come in that order."""
+    msix = "conformance/areas/test_msix.py::test_dynamic"
+    paths = [write_run(tmp_path / "real-6.12.json", "real", "6.12.118+deb12-amd64", {msix: "passed", API + "x": "passed"}),
+             write_run(tmp_path / "fake-6.1.json", "fake", "fake 6.1", {msix: ("failed", "EINVAL"), API + "x": "passed"}),
+             write_run(tmp_path / "real-6.1.json", "real", "6.1.0-57-amd64", {msix: ("failed", "EINVAL"), API + "x": "passed"}),
+             write_run(tmp_path / "fake-6.12.json", "fake", "fake 6.12", {msix: ("failed", "assert 1 == 5"),
+                                                                          API + "x": "passed"})]
+    matrix = Matrix(load_runs(paths))
+    assert [r.label for r in matrix.runs] == ["fake (fake 6.1)", "real (6.1.0-57-amd64)", "fake (fake 6.12)",
+                                              "real (6.12.118+deb12-amd64)"]
+    (row,) = matrix.divergences
+    assert row.divergence == "[6.12] fake failed: assert 1 == 5; real passed"
+    assert cli.main(["report", *paths]) == 1
+    assert f"DIVERGES [msix] {msix}: [6.12] fake failed: assert 1 == 5; real passed" in capsys.readouterr().out
+
+
+def test_a_real_kernel_no_fake_models_answers_to_the_fake(tmp_path):
+    paths = [write_run(tmp_path / "fake.json", "fake", "fake 6.1", {API + "x": "passed"}),
+             write_run(tmp_path / "lab.json", "real", "5.15.0-91-generic", {API + "x": ("failed", "EIO")})]
+    assert Matrix(load_runs(paths)).divergences[0].divergence == "fake passed; real failed: EIO"
