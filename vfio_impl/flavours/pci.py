@@ -104,13 +104,15 @@ class VFIOMSIVector:
 @dataclass(slots=True)
 class VFIOMSIXInfo:
     """MSI-X layout read before the BARs are mapped, and where the capability went; the table and
-    PBA are the PCI core's (MSIXDevice)."""
+    PBA are the PCI core's (MSIXDevice). `noresize` is the kernel's VFIO_IRQ_INFO_NORESIZE: without
+    it (Linux 6.5 and later) a vector can be added while MSI-X stays enabled."""
 
     table_bar: int
     table_offset: int
     pba_bar: int
     pba_offset: int
     entries: int
+    noresize: bool
     cap: int = 0
 
     @property
@@ -306,11 +308,15 @@ class VFIOPCIDevice(MSIXDevice):
             pba = int.from_bytes(self.config_region.pread(pos + PCI_MSIX_PBA, 4), "little")
         except VFIOError as e:
             raise VFIOError("vfio: failed to read PCI MSI-X capability", e.errno) from e
+        try:
+            irq_flags = self.vbasedev.get_irq_info(MSIX).flags
+        except VFIOError as e:
+            raise VFIOError("vfio: failed to get MSI-X irq info", e.errno) from e
         self.msix = VFIOMSIXInfo(table & PCI_MSIX_FLAGS_BIRMASK, table & ~PCI_MSIX_FLAGS_BIRMASK,
                                  pba & PCI_MSIX_FLAGS_BIRMASK, pba & ~PCI_MSIX_FLAGS_BIRMASK,
-                                 (ctrl & PCI_MSIX_FLAGS_QSIZE) + 1)
+                                 (ctrl & PCI_MSIX_FLAGS_QSIZE) + 1, bool(irq_flags & uapi.VFIO_IRQ_INFO_NORESIZE))
         trace("vfio_msix_early_setup", name=self.name, pos=pos, table_bar=self.msix.table_bar,
-              offset=self.msix.table_offset, entries=self.msix.entries)
+              offset=self.msix.table_offset, entries=self.msix.entries, noresize=self.msix.noresize)
 
     def _find_capability(self, cap_id: int) -> int:
         if not self.config[PCI_STATUS] & PCI_STATUS_CAP_LIST:
@@ -774,6 +780,9 @@ class VFIOPCIDevice(MSIXDevice):
         vector.use = False
 
     def _msix_vector_do_use(self, nr: int, msg: tuple[int, int] | None, handler: bool) -> None:
+        """A vector past nr_vectors is a resize. With NORESIZE the kernel allocates vectors only at
+        enable, so MSI-X goes off and comes back with nr + 1 of them; without it the new vector is
+        one SET_IRQS on its subindex, and nr_vectors is only the upper bound of those in use."""
         trace("vfio_msix_vector_do_use", name=self.name, vector=nr)
         vector = self.vectors[nr]
         vector.use = True
@@ -785,9 +794,11 @@ class VFIOPCIDevice(MSIXDevice):
             vector.use = False
             error_report("vfio: Error: event_notifier_init failed")
             return
-        if self.nr_vectors < nr + 1:
-            self._disable_irqindex(MSIX)
+        resizing = self.nr_vectors < nr + 1
+        if resizing:
             self.nr_vectors = nr + 1
+        if self.msix.noresize and resizing:
+            self._disable_irqindex(MSIX)
             ret = self._enable_vectors(True)
             if ret:
                 error_report(f"vfio: failed to enable vectors, {ret}")
@@ -811,15 +822,30 @@ class VFIOPCIDevice(MSIXDevice):
             trace("vfio_msix_vector_release_failed", name=self.name, vector=nr, errno=e.errno)
         self._free_vector_fd(vector)
 
+    def _enable_msix_no_vec(self) -> int:
+        """MSI-X on with no vector wired: vector 0 given fd -1. Returns the ioctl's answer."""
+        try:
+            return self.vbasedev.set_irqs(irq.eventfds(MSIX, 0, [-1]))
+        except OSError as e:
+            return -(e.errno or errno.EIO)
+
     def _enable_msix(self) -> None:
         self._disable_interrupts()
         self.vectors = [VFIOMSIVector(nr) for nr in range(self.msix.entries)]
         self.interrupt = VFIO_INT_MSIX
         # A guest (Linux's pci_enable_msix) sets ENABLE long before it unmasks a vector, and some
-        # devices' firmware watches the physical MSI-X state. Using vector 0 and releasing it at
-        # once puts the device in MSI-X mode with no vectors, which is what the guest sees.
-        self._msix_vector_do_use(0, None, False)
-        self._msix_vector_release(0)
+        # devices' firmware watches the physical MSI-X state, so the device is put in MSI-X mode
+        # with no vectors, which is what the guest sees. With NORESIZE, by using vector 0 and
+        # releasing it at once. Without it, by a SET_IRQS of vector 0 with fd -1, sent before the
+        # notifiers: a vector the guest already unmasked is then added alone, where the first
+        # SET_IRQS on an index still off would allocate every vector up to its subindex.
+        if self.msix.noresize:
+            self._msix_vector_do_use(0, None, False)
+            self._msix_vector_release(0)
+        else:
+            ret = self._enable_msix_no_vec()
+            if ret:
+                error_report(f"vfio: failed to enable MSI-X, {ret}")
         self.msix_set_vector_notifiers(self._msix_vector_use, self._msix_vector_release)
         trace("vfio_msix_enable", name=self.name)
 
@@ -863,8 +889,10 @@ class VFIOPCIDevice(MSIXDevice):
         self._enable_intx_or_report()
 
     def _disable_msix(self) -> None:
+        """Without NORESIZE the index is cleared even with no vector used: MSI-X was enabled with
+        none (QEMU's fix d2b668fca565 to its 8.1 vfio_enable_msix_no_vec)."""
         self.msix_unset_vector_notifiers(lambda nr: self.vectors[nr].use)
-        if self.nr_vectors:
+        if self.nr_vectors or not self.msix.noresize:
             self._disable_irqindex(MSIX)
         for vector in self.vectors:
             if vector.use:
