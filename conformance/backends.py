@@ -166,11 +166,10 @@ def check_named(kind: str, names: list[str]) -> list[DeviceInfo]:
 def kernel_profile(kind: str, name: str | None = None):
     """The kernel profile a run holds its tests to: the fake's, by name (its default when None),
     or the one that models the running kernel on real (None if no profile models it)."""
-    from fakekernel.profile import DEFAULT_PROFILE, PROFILES, Profile
+    from fakekernel.profile import DEFAULT_PROFILE, Profile
 
     if kind == "real":
-        release = os.uname().release
-        return next((p for p in PROFILES.values() if release.startswith(f"{p.name}.")), None)
+        return Profile.modelling(os.uname().release)
     return Profile.named(name or DEFAULT_PROFILE)
 
 

@@ -5,7 +5,8 @@ Conformance tests state what a driver may rely on; the probe pins down everythin
 kernel says, misuse included, so the fake cannot drift from Linux unnoticed.
 
     python3 -m conformance.probe record OUT.json [BDF...]   # on Linux with devices on vfio-pci
-    python3 -m conformance.probe compare RECORDING.json     # replays on FakeKernel('vm')
+    python3 -m conformance.probe compare RECORDING.json     # replays on FakeKernel('vm') with
+                                                            # the profile of the recording's kernel
 
 Each answer is {"ok": value} or {"errno": "ENAME"}. Nothing timing-dependent is recorded.
 """
@@ -21,12 +22,16 @@ import os
 import select
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from vfio_impl import uapi
 from vfio_impl.core import irq
 
 from .backends import describe, vfio_bound
 from .raw import RawSession
+
+if TYPE_CHECKING:
+    from fakekernel.profile import Profile
 
 CFG = uapi.VFIO_PCI_CONFIG_REGION_INDEX
 INTX, MSI, MSIX = uapi.VFIO_PCI_INTX_IRQ_INDEX, uapi.VFIO_PCI_MSI_IRQ_INDEX, uapi.VFIO_PCI_MSIX_IRQ_INDEX
@@ -681,12 +686,13 @@ def record(host, bdfs: list[str], settle: float = 0.5) -> dict:
     return Probe(host, bdfs, settle).run()
 
 
-def replay_on_fake(bdfs: list[str] | None = None) -> dict:
-    """The same script on FakeKernel('vm'), the fake's mirror of the CI VM."""
+def replay_on_fake(bdfs: list[str] | None = None, profile: Profile | str | None = None) -> dict:
+    """The same script on FakeKernel('vm'), the fake's mirror of the CI VM, modelling `profile`'s
+    kernel (the fake's default when None)."""
     from fakekernel import FakeKernel, Topology
     from vfio_impl.ivshmem.server import doorbell_servers
 
-    with doorbell_servers(Topology.named("vm")) as topology, FakeKernel(topology) as kernel:
+    with doorbell_servers(Topology.named("vm")) as topology, FakeKernel(topology, profile) as kernel:
         names = bdfs or [spec.bdf for spec in kernel.topology.devices]
         return record(kernel, names, settle=0.0)
 
@@ -723,6 +729,18 @@ def load_recording(path: str) -> dict:
     return recorded
 
 
+def recording_profile(path: str, recorded: dict) -> Profile:
+    """The fake's profile for the kernel a recording was made on: its release names it."""
+    from fakekernel.profile import PROFILES, Profile
+
+    release = recorded["kernel"].get("ok")
+    profile = Profile.modelling(release) if isinstance(release, str) else None
+    if profile is None:
+        raise RecordingError(f"{path}: recorded on kernel {release!r}, which no profile of the fake models; "
+                             f"known: {', '.join(PROFILES)}")
+    return profile
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m conformance.probe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -745,16 +763,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         recorded = load_recording(args.recording)
+        profile = recording_profile(args.recording, recorded)
     except RecordingError as e:
         print(f"probe: {e}", file=sys.stderr)
         return BAD_FILE
-    kernel = recorded.pop("kernel", {}).get("ok", "?")
+    kernel = recorded.pop("kernel")["ok"]
     bdfs = list(recorded.get("devices", {}).get("ok", {}))
-    found = disagreements(recorded, replay_on_fake(bdfs))
+    found = disagreements(recorded, replay_on_fake(bdfs, profile))
     for key, real, fake in found:
         print(f"{key}\n  real: {json.dumps(real)}\n  fake: {json.dumps(fake)}")
-    print(f"probe: {len(recorded) - len(found)} of {len(recorded)} answers from {kernel} agree with the fake; "
-          f"{len(found)} disagree")
+    print(f"probe: {len(recorded) - len(found)} of {len(recorded)} answers from {kernel} agree with the fake's "
+          f"{profile.name} profile; {len(found)} disagree")
     return 1 if found else 0
 
 

@@ -4,8 +4,11 @@ closed in reverse order whatever the test did."""
 from __future__ import annotations
 
 import os
+import re
 import struct
 import time
+
+import pytest
 
 from vfio_impl import uapi
 
@@ -19,6 +22,22 @@ def errno_of(fn, *args) -> int:
         return 0
     except OSError as e:
         return e.errno
+
+
+def wired_vectors(host, bdf: str, index: str) -> set[int]:
+    """The vectors of a device's "msi" or "msix" index the kernel has wired to an eventfd: it
+    requests each one's handler as vfio-msix[N](BDF) (vfio_pci_intrs.c), which /proc/interrupts
+    lists until the vector is unwired. Allocated vectors with no eventfd have no handler there."""
+    names = re.findall(rf"\bvfio-{index}\[(\d+)\]\({re.escape(bdf)}\)", host.read_text("/proc/interrupts"))
+    return {int(n) for n in names}
+
+
+def profile_of(vfio):
+    """The kernel profile a test's version-dependent answers come from. A real kernel that no
+    profile models has no documented answers to hold the test to, so the test skips."""
+    if vfio.profile is None:
+        pytest.skip(f"no kernel profile models {vfio.kernel}: its answers here are not documented")
+    return vfio.profile
 
 
 def wait_for(predicate, timeout: float = 2.0) -> bool:

@@ -11,7 +11,7 @@ from vfio_impl import uapi
 from .err import error
 from .iommu import Type1IOMMU
 from .uaccess import buf_arg, copy_from_user, copy_to_user, int_arg
-from .vfio_main import File
+from .vfio_main import File, info_cap_chain
 
 if TYPE_CHECKING:
     from .group import IommuGroup
@@ -83,7 +83,7 @@ class ContainerFile(File):
                 uapi.IovaRangeCap(p.iova_ranges)]
         flags = uapi.VFIO_IOMMU_INFO_PGSIZES | uapi.VFIO_IOMMU_INFO_CAPS
         argsz, cap_offset = info.argsz, 0
-        chain = uapi.build_chain(caps, layout.size, "iommu")
+        chain = info_cap_chain(caps, layout.size, "iommu", p.info_cap_align)
         if argsz < layout.size + len(chain):
             argsz = layout.size + len(chain)
         else:

@@ -64,7 +64,7 @@ class GroupFile(File):
             if g.container:
                 raise error(errno.EINVAL, "group already has a container")
             if not isinstance(target, ContainerFile):
-                raise error(errno.EINVAL, f"fd {fd} is not a VFIO container")
+                raise error(self.kernel.profile.unrecognized_container_errno, f"fd {fd} is not a VFIO container")
             if not self.kernel.sysfs.viable(g.number):
                 raise error(errno.EPERM, "a device in the group is bound to a non-vfio driver")
             target.groups.append(g)

@@ -1,8 +1,8 @@
 """FakeKernel: one object owning all fake state, driven through the same Host methods as Linux.
 
-It is the syscall layer and the machine: the fd table, /dev/vfio and sysfs (with bind and
-unbind), the devices of its topology and the drivers bound to them. The VFIO files live in
-vfio_main.py (devices), group.py and container.py; the bus drivers in vfio_pci.py,
+It is the syscall layer and the machine: the fd table, /dev/vfio, sysfs (with bind and unbind)
+and /proc/interrupts, the devices of its topology and the drivers bound to them. The VFIO files
+live in vfio_main.py (devices), group.py and container.py; the bus drivers in vfio_pci.py,
 vfio_platform.py and vfio_ccw.py.
 """
 
@@ -27,6 +27,7 @@ from .err import error
 from .faults import Faults
 from .firmware import pci_setup
 from .group import GroupFile, IommuGroup
+from .interrupts import Interrupts
 from .iommu import PAGE_SIZE, IOMMUFault
 from .profile import DEFAULT_PROFILE, Profile
 from .sysfs import Sysfs
@@ -67,6 +68,7 @@ class FakeKernel(EventfdMixin):
         pci_setup(self.topology.devices, self.functions)
         self.sysfs = Sysfs(self.topology, self.functions)
         self.fs = self.sysfs.fs
+        self.interrupts = Interrupts(self.fs)
         self._os = fake_os.FakeOsModule(self.fs)
         self._open = fake_open.FakeFileOpen(self.fs)
         self.files: dict[int, File] = {}

@@ -30,6 +30,8 @@ VFIO_PCI_OFFSET_MASK = (1 << VFIO_PCI_OFFSET_SHIFT) - 1
 REGION_INFO_SIZE = uapi.vfio_region_info.size
 _FLAGS = uapi.vfio_region_info.offsetof("flags")
 _CAP_OFFSET = uapi.vfio_region_info.offsetof("cap_offset")
+_CAP_NEXT = struct.Struct("=I")
+_CAP_NEXT_OFFSET = uapi.vfio_info_cap_header.offsetof("next")
 # argsz and index, unpacked from the whole struct so a short buffer fails as copy_from_user does.
 _ARGSZ_AND_INDEX = struct.Struct(f"=I{uapi.vfio_region_info.offsetof('index') - 4}xI"
                                  f"{REGION_INFO_SIZE - uapi.vfio_region_info.offsetof('index') - 4}x")
@@ -53,6 +55,21 @@ class File:
 
     def release(self) -> None:
         pass
+
+
+def info_cap_chain(caps, start: int, kind: str, align: int) -> bytes:
+    """A GET_INFO capability chain placed at `start`, as vfio_info_cap_add builds it: each
+    capability after the last, its size rounded up to `align` (the profile's info_cap_align),
+    and each `next` the offset of the one after it."""
+    chain = bytearray()
+    last = None
+    for cap in caps:
+        if last is not None:
+            _CAP_NEXT.pack_into(chain, last + _CAP_NEXT_OFFSET, start + len(chain))
+        last = len(chain)
+        body = uapi.build_chain([cap], start, kind)
+        chain += body + bytes(-len(body) % align)
+    return bytes(chain)
 
 
 def is_open(fd: int) -> bool:
@@ -202,7 +219,7 @@ class DeviceFile(File):
         if not caps:
             return REGION_INFO_SIZE, bytearray(pack(0, flags, index, 0, size, offset)[4:]), bytearray(), bytearray()
         flags |= uapi.VFIO_REGION_INFO_FLAG_CAPS
-        chain = uapi.build_chain(caps, REGION_INFO_SIZE, "region")
+        chain = info_cap_chain(caps, REGION_INFO_SIZE, "region", self.kernel.profile.info_cap_align)
         needed = REGION_INFO_SIZE + len(chain)
         return (needed, bytearray(pack(0, flags, index, REGION_INFO_SIZE, size, offset)[4:]), bytearray(chain),
                 bytearray(pack(needed, flags, index, 0, size, offset)))

@@ -89,9 +89,11 @@ class VfioPciDevice(VfioDevice):
         self.intx_masked = False
         self.virq_disabled = False
         self.msi_ctx: list[IRQContext] = []
+        self.msi_irqs: dict[int, int] = {}
         self.err_trigger: EventfdCtx | None = None
         self.req_trigger: EventfdCtx | None = None
         self.msix_table = self._msix_table()
+        self.has_dyn_msix = self.msix_table is not None and kernel.profile.msix_can_alloc_dyn
         self.regions: dict[int, tuple[int, int, list]] = {}
         function.sinks.intx = self._intx_line
         function.sinks.msi = self._msi_message
@@ -622,7 +624,7 @@ class VfioPciDevice(VfioDevice):
         flags = uapi.VFIO_IRQ_INFO_EVENTFD
         if index == INTX:
             flags |= uapi.VFIO_IRQ_INFO_MASKABLE | uapi.VFIO_IRQ_INFO_AUTOMASKED
-        else:
+        elif index != MSIX or not self.has_dyn_msix:
             flags |= uapi.VFIO_IRQ_INFO_NORESIZE
         return flags, self.irq_count(index)
 
@@ -721,7 +723,10 @@ class VfioPciDevice(VfioDevice):
             self._send_intx()
 
     def _intx_enable(self) -> None:
+        """vfio_intx_enable: the handler is requested on the device's IRQ line at enable and kept
+        until disable, whatever eventfd it signals (the persistent handler of 6.1.83 and later)."""
         self.irq_type = INTX
+        self.kernel.interrupts.request_irq(self.spec.interrupt_line, self._intx_name())
         self.intx_masked = self.virq_disabled
         f = self.function
         cmd = f.command()
@@ -733,10 +738,17 @@ class VfioPciDevice(VfioDevice):
     def _intx_disable(self) -> None:
         self._set_unmask_eventfd(-1)
         self.intx.set_trigger(-1)
+        self.kernel.interrupts.free_irq(self.spec.interrupt_line, self._intx_name())
         self.intx_masked = False
         self.irq_type = IRQ_NONE
 
+    def _intx_name(self) -> str:
+        return f"vfio-intx({self.bdf})"
+
     # MSI / MSI-X --------------------------------------------------------------------------------
+    # msi_irqs holds the IRQ of each vector the PCI core has allocated (what pci_irq_vector
+    # answers), msi_ctx each vector's trigger, None where it has none; a vector is wired while its
+    # trigger is set, and only then is its handler, and so its /proc/interrupts line, requested.
     def _msi_message(self, vector: int) -> None:
         if self.irq_type in (MSI, MSIX) and vector < len(self.msi_ctx):
             self.msi_ctx[vector].signal()
@@ -757,13 +769,21 @@ class VfioPciDevice(VfioDevice):
                 self._msi_disable()
                 raise
             return
-        if self.irq_type != index or start + count > len(self.msi_ctx):
+        if self.irq_type != index or (self._num_ctx_bound() and start + count > len(self.msi_irqs)):
             raise error(errno.EINVAL, "vectors not enabled")
-        for i in range(start, start + count):
+        for i in range(start, min(start + count, len(self.msi_ctx))):
             if data_type == uapi.VFIO_IRQ_SET_DATA_NONE or data[i - start]:
                 self.msi_ctx[i].signal()
 
+    def _num_ctx_bound(self) -> bool:
+        """Whether MSI/MSI-X SET_IRQS is bounded by vdev->num_ctx, as on 6.1: the vectors enabled,
+        which are 0..nvec-1 there (no vector is allocated later), so len(msi_irqs) is the bound.
+        Per-vector contexts (the profile's irq_ctx_xarray) have no such bound."""
+        return not self.kernel.profile.irq_ctx_xarray
+
     def _msi_enable(self, index: int, nvec: int) -> None:
+        """vfio_msi_enable: nvec vectors allocated (pci_alloc_irq_vectors), none wired yet."""
+        self.msi_irqs = {vector: self._alloc_vector(index, vector) for vector in range(nvec)}
         self.msi_ctx = [IRQContext() for _ in range(nvec)]
         self.irq_type = index
         cap = self.function.msi_cap()
@@ -774,25 +794,46 @@ class VfioPciDevice(VfioDevice):
         else:
             self.function.msix_enable(True)
 
+    def _alloc_vector(self, index: int, vector: int) -> int:
+        kind = "MSIX" if index == MSIX else "MSI"
+        return self.kernel.interrupts.alloc_msi(f"IR-PCI-{kind}-{self.bdf}", vector)
+
     def _msi_set_block(self, start: int, count: int, fds: list[int]) -> None:
-        if start >= len(self.msi_ctx) or start + count > len(self.msi_ctx):
+        """vfio_msi_set_block: each vector in turn; after a failure, the vectors from `start` to
+        the one that failed are unset again."""
+        if self._num_ctx_bound() and (start >= len(self.msi_irqs) or start + count > len(self.msi_irqs)):
             raise error(errno.EINVAL, "vectors beyond those enabled")
         for j in range(count):
             try:
                 self._set_vector(start + j, fds[j])
             except OSError:
-                for k in range(start, start + j):
+                for k in range(start, start + j + 1):
                     self._set_vector(k, -1)
                 raise
 
     def _set_vector(self, vector: int, fd: int) -> None:
-        """vfio_msi_set_vector_signal: for MSI-X, freeing the IRQ masks the table entry and zeroes
-        its message; requesting it writes the message and unmasks, so a pending vector fires."""
-        ctx = self.msi_ctx[vector]
-        if self.irq_type == MSIX and ctx.trigger:
-            self._msix_entry(vector, None)
-        ctx.set_trigger(fd)
-        if self.irq_type == MSIX and ctx.trigger:
+        """vfio_msi_set_vector_signal: the vector's handler is freed first (for MSI-X that masks
+        the table entry and zeroes its message), then with an fd requested again, which writes
+        the message and unmasks, so a pending vector fires. A vector the PCI core has not
+        allocated is allocated now with dynamic MSI-X, and is EINVAL otherwise."""
+        msix = self.irq_type == MSIX
+        name = f"vfio-msi{'x' if msix else ''}[{vector}]({self.bdf})"
+        ctx = self.msi_ctx[vector] if vector < len(self.msi_ctx) else None
+        if ctx and ctx.trigger:
+            self.kernel.interrupts.free_irq(self.msi_irqs[vector], name)
+            if msix:
+                self._msix_entry(vector, None)
+            ctx.set_trigger(-1)
+        if fd < 0:
+            return
+        if vector not in self.msi_irqs:
+            if not (msix and self.has_dyn_msix):
+                raise error(errno.EINVAL, f"vector {vector} is not allocated")
+            self.msi_irqs[vector] = self._alloc_vector(MSIX, vector)
+        self.msi_ctx.extend(IRQContext() for _ in range(vector + 1 - len(self.msi_ctx)))
+        self.msi_ctx[vector].set_trigger(fd)
+        self.kernel.interrupts.request_irq(self.msi_irqs[vector], name)
+        if msix:
             self._msix_entry(vector, MSIX_REMAPPED_MSG | (vector << 5))
 
     def _msix_entry(self, vector: int, address: int | None) -> None:
@@ -805,14 +846,18 @@ class VfioPciDevice(VfioDevice):
             f.msix_bar_write(entry + pci.PCI_MSIX_ENTRY_VECTOR_CTRL, 4, 0)
 
     def _msi_disable(self) -> None:
+        """vfio_msi_disable: every vector unset, then all of them freed (pci_free_irq_vectors)."""
         for vector in range(len(self.msi_ctx)):
             self._set_vector(vector, -1)
+        for irq in self.msi_irqs.values():
+            self.kernel.interrupts.free_msi(irq)
         cap = self.function.msi_cap()
         if self.irq_type == MSI and cap:
             flags = self.function.config_read(cap.offset + 2, 2)
             self.function.config_write(cap.offset + 2, 2, flags & ~(pci.PCI_MSI_FLAGS_ENABLE | pci.PCI_MSI_FLAGS_QSIZE))
         elif self.irq_type == MSIX:
             self.function.msix_enable(False)
+        self.msi_irqs = {}
         self.msi_ctx = []
         self.irq_type = IRQ_NONE
 

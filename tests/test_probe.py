@@ -1,4 +1,5 @@
-"""The probe recorded on Linux 6.1 in the CI VM, replayed on the fake: every answer must agree."""
+"""Every probe recording in conformance/recordings/, each made on a real kernel in the CI VM,
+replayed on the fake with that kernel's profile: every answer must agree."""
 
 import json
 from pathlib import Path
@@ -6,45 +7,53 @@ from pathlib import Path
 import pytest
 
 from conformance import probe
+from fakekernel.profile import PROFILES
 
-RECORDING = Path(probe.__file__).parent / "recordings" / "linux-6.1.json"
-
-
-@pytest.fixture(scope="module")
-def recorded():
-    return json.loads(RECORDING.read_text())
+RECORDINGS = sorted((Path(probe.__file__).parent / "recordings").glob("*.json"))
 
 
-@pytest.fixture(scope="module")
-def replayed(recorded):
-    return probe.replay_on_fake(list(recorded["devices"]["ok"]))
+@pytest.fixture(scope="module", params=RECORDINGS, ids=[path.name for path in RECORDINGS])
+def recording(request):
+    """(file, answers, the profile its kernel has in the fake)."""
+    recorded = probe.load_recording(str(request.param))
+    return request.param, recorded, probe.recording_profile(str(request.param), recorded)
 
 
-def test_the_recording_covers_every_area(recorded):
+def test_the_recordings_are_there():
+    assert "linux-6.1.json" in {path.name for path in RECORDINGS}
+
+
+def test_a_recording_is_named_for_its_kernels_profile_and_covers_every_area(recording):
     """A truncated recording would agree vacuously."""
-    assert recorded["kernel"]["ok"].startswith("6.1.")
+    path, recorded, profile = recording
+    assert path.name == f"linux-{profile.name}.json"
     assert set(recorded["devices"]["ok"].values()) == {"edu", "ivshmem", "ivshmem-doorbell", "e1000e"}
     for prefix in ("container.", "group.", "type1 ", "v1: ", "edu SET_IRQS ", "e1000e SET_IRQS "):
         assert sum(k.startswith(prefix) for k in recorded) >= 5, prefix
     assert len(recorded) > 400
 
 
-def test_fake_kernel_gives_linux_answers(recorded, replayed):
-    recorded = {k: v for k, v in recorded.items() if k != "kernel"}
-    found = probe.disagreements(recorded, replayed)
+def test_fake_kernel_gives_linux_answers(recording):
+    _, recorded, profile = recording
+    answers = {k: v for k, v in recorded.items() if k != "kernel"}
+    found = probe.disagreements(answers, probe.replay_on_fake(list(recorded["devices"]["ok"]), profile))
     assert not found, "\n".join(f"{k}: real {r} fake {f}" for k, r, f in found)
 
 
-def test_compare_names_each_disagreement(tmp_path, recorded, replayed, monkeypatch, capsys):
-    tampered = dict(recorded)
-    tampered["type1 MAP same iova again"] = {"errno": "EBUSY"}
+@pytest.mark.parametrize("release, profile", [("6.1.0-56-amd64", "6.1"), ("6.12.118+deb12-amd64", "6.12")])
+def test_compare_replays_on_the_profile_of_the_recordings_kernel(tmp_path, monkeypatch, capsys, release, profile):
+    """And names each disagreement, real answer then the fake's."""
     path = tmp_path / "rec.json"
-    path.write_text(json.dumps(tampered))
-    monkeypatch.setattr(probe, "replay_on_fake", lambda bdfs: replayed)
+    path.write_text(json.dumps({"kernel": {"ok": release}, "devices": {"ok": {}},
+                                "type1 MAP same iova again": {"errno": "EBUSY"}}))
+    replays = []
+    monkeypatch.setattr(probe, "replay_on_fake", lambda bdfs, p: replays.append(p) or {
+        "devices": {"ok": {}}, "type1 MAP same iova again": {"errno": "EEXIST"}})
     assert probe.main(["compare", str(path)]) == 1
+    assert replays == [PROFILES[profile]]
     out = capsys.readouterr().out
     assert "type1 MAP same iova again\n  real: {\"errno\": \"EBUSY\"}\n  fake: {\"errno\": \"EEXIST\"}" in out
-    assert "1 disagree" in out
+    assert f"1 of 2 answers from {release} agree with the fake's {profile} profile; 1 disagree" in out
 
 
 def test_disagreements_include_keys_missing_on_either_side():
@@ -56,6 +65,9 @@ def test_disagreements_include_keys_missing_on_either_side():
     ("garbled", "not JSON"),
     ('{"container.GET_API_VERSION": {"ok": 0}}', "not a probe recording"),
     ('{"kernel": {"ok": "6.1"}, "devices": {"ok": {}}, "x": {"maybe": 1}}', "answer 'x' is neither"),
+    ('{"kernel": {"ok": "5.10.0-30-amd64"}, "devices": {"ok": {}}}',
+     "recorded on kernel '5.10.0-30-amd64', which no profile of the fake models; known: 6.1, 6.12"),
+    ('{"kernel": {"errno": "EIO"}, "devices": {"ok": {}}}', "recorded on kernel None"),
     (None, "cannot read: No such file or directory"),
 ])
 def test_compare_refuses_an_unusable_recording_in_one_line(tmp_path, capsys, content, why):

@@ -1,12 +1,13 @@
 """Container and group ioctls: versions, extensions, SET_IOMMU, viability, sharing."""
 
 import errno
+import os
 
 import pytest
 
 from vfio_impl import AddressSpace, Device, VFIOError, uapi
 
-from ..raw import errno_of
+from ..raw import errno_of, profile_of
 
 pytestmark = pytest.mark.vfio(device="edu")
 
@@ -82,9 +83,12 @@ def test_set_container_twice(vfio, raw):
     assert errno_of(raw.set_container, g, raw.container()) == errno.EINVAL
 
 
-def test_set_container_with_a_group_fd(vfio, raw):
+@pytest.mark.parametrize("other", ["the group itself", "/dev/null"])
+def test_set_container_with_a_fd_that_is_no_container(vfio, raw, other):
+    """6.1 answers EINVAL; from 6.2 group.c tries a container, then an iommufd, then gives EBADFD."""
     g = raw.group()
-    assert errno_of(raw.set_container, g, g) == errno.EINVAL
+    fd = g if other == "the group itself" else raw.track(os.open(other, os.O_RDWR))
+    assert errno_of(raw.set_container, g, fd) == profile_of(vfio).unrecognized_container_errno
 
 
 def test_unset_container_without_one(vfio, raw):

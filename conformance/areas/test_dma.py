@@ -2,13 +2,14 @@
 
 import ctypes
 import errno
+import itertools
 import mmap
 
 import pytest
 
 from vfio_impl import AddressSpace, Device, Machine, VFIOError, uapi
 
-from ..raw import errno_of
+from ..raw import errno_of, profile_of
 
 pytestmark = pytest.mark.vfio(device="edu")
 PAGE = mmap.PAGESIZE
@@ -55,12 +56,34 @@ def edu(vfio, vfio_device):
         yield space, dev, dev.region(0)
 
 
-def iommu_info(vfio, c):
-    buf = bytearray(1024)
-    uapi.vfio_iommu_type1_info.pack_into(buf, 0, argsz=len(buf))
+def iommu_info(vfio, c, argsz: int = 1024):
+    """(info, its capabilities, the buffer) for a GET_INFO with `argsz`."""
+    buf = bytearray(max(argsz, uapi.vfio_iommu_type1_info.size))
+    uapi.vfio_iommu_type1_info.pack_into(buf, 0, argsz=argsz)
     vfio.host.ioctl(c, uapi.VFIO_IOMMU_GET_INFO, buf)
     info = uapi.vfio_iommu_type1_info.unpack(buf)
-    return info, uapi.parse_chain(buf, info.cap_offset, "iommu")
+    return info, uapi.parse_chain(buf, info.cap_offset, "iommu") if info.cap_offset else [], buf
+
+
+def cap_size(cap) -> int:
+    """A type1 capability's struct: the IOVA range cap grows by 16 bytes a range."""
+    return {uapi.MigrationCap: 32, uapi.DmaAvailCap: 12}.get(type(cap)) or 16 + 16 * len(cap.ranges)
+
+
+def cap_layout(caps, align: int) -> list[int]:
+    """Where vfio_info_cap_add puts each capability after the info struct, each rounded up to
+    `align`, and last where the chain ends: the argsz it needs."""
+    return list(itertools.accumulate((-(-cap_size(cap) // align) * align for cap in caps),
+                                     initial=uapi.vfio_iommu_type1_info.size))
+
+
+def chain_offsets(buf, offset: int) -> list[int]:
+    """Where each capability of the chain starts, by following `next`."""
+    offsets = []
+    while offset:
+        offsets.append(offset)
+        offset = uapi.vfio_info_cap_header.unpack(buf, offset).next
+    return offsets
 
 
 def test_map_and_unmap(vfio, raw, memory):
@@ -71,7 +94,7 @@ def test_map_and_unmap(vfio, raw, memory):
 
 def test_info_reports_page_sizes_and_caps(vfio, raw):
     c, _ = raw.setup()
-    info, caps = iommu_info(vfio, c)
+    info, caps, _ = iommu_info(vfio, c)
     assert info.flags & uapi.VFIO_IOMMU_INFO_PGSIZES and info.iova_pgsizes & PAGE
     assert {type(cap) for cap in caps} >= {uapi.DmaAvailCap, uapi.IovaRangeCap}
 
@@ -84,16 +107,27 @@ def test_info_without_room_for_caps_asks_for_argsz(vfio, raw):
     assert info.argsz > uapi.vfio_iommu_type1_info.size and info.cap_offset == 0
 
 
-def test_info_chain_is_packed_as_the_kernel_lays_it_out(vfio, raw):
-    """vfio_info_cap_add does not pad: argsz is the info struct plus the caps back to back."""
+def test_info_chain_is_laid_out_as_the_kernel_lays_it_out(vfio, raw):
+    """Each capability after the last, rounded up to the profile's info_cap_align: back to back on
+    6.1 (argsz 116, the IOVA ranges at 68), on 8 bytes on 6.12 (DMA_AVAIL's 12 bytes take 16, so
+    argsz 120 and the IOVA ranges at 72)."""
     c, _ = raw.setup()
-    small = uapi.vfio_iommu_type1_info.pack()
-    vfio.host.ioctl(c, uapi.VFIO_IOMMU_GET_INFO, small)
-    info, caps = iommu_info(vfio, c)
-    sizes = {uapi.MigrationCap: 32, uapi.DmaAvailCap: 12}
-    total = sum(sizes.get(type(cap)) or 16 + 16 * len(cap.ranges) for cap in caps)
-    assert uapi.vfio_iommu_type1_info.unpack(small).argsz == uapi.vfio_iommu_type1_info.size + total
+    needed = iommu_info(vfio, c, uapi.vfio_iommu_type1_info.size)[0].argsz
+    info, caps, buf = iommu_info(vfio, c)
     assert [type(cap) for cap in caps] == [uapi.MigrationCap, uapi.DmaAvailCap, uapi.IovaRangeCap]
+    layout = cap_layout(caps, profile_of(vfio).info_cap_align)
+    assert chain_offsets(buf, info.cap_offset) == layout[:-1] and needed == layout[-1]
+
+
+def test_info_with_argsz_for_the_caps_back_to_back(vfio, raw):
+    """The chain goes in only when argsz covers it, padding included: 6.1's 116 is enough there;
+    on 6.12 it is 4 bytes short, so the caps flag, argsz 120 and cap_offset 0 come back."""
+    c, _ = raw.setup()
+    caps = iommu_info(vfio, c)[1]
+    packed, needed = cap_layout(caps, 1)[-1], cap_layout(caps, profile_of(vfio).info_cap_align)[-1]
+    info = iommu_info(vfio, c, packed)[0]
+    answer = (packed, uapi.vfio_iommu_type1_info.size) if packed >= needed else (needed, 0)
+    assert info.flags & uapi.VFIO_IOMMU_INFO_CAPS and (info.argsz, info.cap_offset) == answer
 
 
 def test_dma_avail_counts_mappings(vfio, raw, memory):

@@ -1,4 +1,4 @@
-"""Interrupts through eventfds: INTx automask and unmask with edu, MSI, loopback triggers."""
+"""Interrupts through eventfds: INTx automask and unmask with edu, MSI, MSI-X on e1000e, loopback triggers."""
 
 import errno
 import os
@@ -8,7 +8,7 @@ import pytest
 from vfio_impl import AddressSpace, Device, VFIOError, uapi
 from vfio_impl.core import irq
 
-from ..raw import errno_of, wait_for
+from ..raw import errno_of, profile_of, wait_for, wired_vectors
 
 pytestmark = pytest.mark.vfio(device="edu")
 INTX, MSI, MSIX = uapi.VFIO_PCI_INTX_IRQ_INDEX, uapi.VFIO_PCI_MSI_IRQ_INDEX, uapi.VFIO_PCI_MSIX_IRQ_INDEX
@@ -211,6 +211,50 @@ def test_enable_irq_wires_one_eventfd_per_vector(vfio, device):
     with pytest.raises(VFIOError) as e:
         device.trigger_irq(MSIX)
     assert e.value.errno == errno.EINVAL, "disable_irq left MSI-X enabled"
+
+
+@pytest.fixture
+def msix_one_vector(vfio, raw):
+    """e1000e's MSI-X enabled with vector 0 wired: (device fd, vector 0's eventfd, table size)."""
+    _, _, d = raw.open_device()
+    efd = raw.eventfd()
+    set_irqs(vfio, d, irq.eventfds(MSIX, 0, [efd]))
+    yield d, efd, raw.irq_info(d, MSIX).count
+    set_irqs(vfio, d, irq.data_none(MSIX, 0, 0, TRIGGER))
+
+
+@pytest.mark.vfio(device="e1000e")
+def test_msix_is_noresize_unless_the_kernel_allocates_vectors_while_enabled(vfio, raw):
+    """6.1 sets NORESIZE for MSI-X; 6.12, whose vfio-pci has dynamic MSI-X, does not."""
+    _, _, d = raw.open_device()
+    noresize = 0 if profile_of(vfio).msix_can_alloc_dyn else uapi.VFIO_IRQ_INFO_NORESIZE
+    assert raw.irq_info(d, MSIX).flags == uapi.VFIO_IRQ_INFO_EVENTFD | noresize
+
+
+@pytest.mark.vfio(device="e1000e")
+def test_msix_triggers_with_one_vector_enabled(vfio, msix_one_vector):
+    """6.1 takes a trigger only for the vectors enabled; 6.12 for any vector of the table, and
+    signals only those with an eventfd. Past the table it is EINVAL on both."""
+    d, efd, table = msix_one_vector
+    accepted = table if profile_of(vfio).irq_ctx_xarray else 1
+    answers = [errno_of(set_irqs, vfio, d, irq.data_bool(MSIX, nr, [True], TRIGGER)) for nr in range(table + 1)]
+    assert answers == [0] * accepted + [errno.EINVAL] * (table + 1 - accepted)
+    assert fired(vfio, efd) == 1
+
+
+@pytest.mark.vfio(device="e1000e")
+def test_msix_eventfd_for_a_vector_past_those_enabled(vfio, raw, msix_one_vector):
+    """With dynamic MSI-X (6.12) the kernel allocates the vector with MSI-X still on, lists its
+    handler in /proc/interrupts and fires it on a trigger; 6.1 refuses both with EINVAL."""
+    d, first, _ = msix_one_vector
+    fourth = raw.eventfd()
+    profile = profile_of(vfio)
+    dyn = profile.msix_can_alloc_dyn
+    assert errno_of(set_irqs, vfio, d, irq.eventfds(MSIX, 3, [fourth])) == (0 if dyn else errno.EINVAL)
+    assert wired_vectors(vfio.host, raw.dev.bdf, "msix") == ({0, 3} if dyn else {0})
+    trigger = errno_of(set_irqs, vfio, d, irq.data_none(MSIX, 3, 1, TRIGGER))
+    assert trigger == (0 if profile.irq_ctx_xarray else errno.EINVAL)
+    assert (fired(vfio, fourth), fired(vfio, first)) == (int(dyn), 0)
 
 
 def test_enable_irq_beyond_the_vectors(vfio, device):
