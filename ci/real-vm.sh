@@ -1,13 +1,19 @@
 #!/bin/bash
-# Run a command against real vfio-pci devices: boot Debian's Linux 6.1 in a
-# QEMU q35 VM with a virtual Intel IOMMU, bind three emulated PCI devices to
-# vfio-pci, and run COMMAND inside a chroot of this machine's root (shared
+# Run a command against real vfio-pci devices: boot a Linux kernel (Debian bookworm's 6.1 or
+# 6.12, or one you built) in a QEMU q35 VM with a virtual Intel IOMMU, bind four emulated
+# PCI devices to vfio-pci, and run COMMAND inside a chroot of this machine's root (shared
 # read-only over 9p), so the host's Python and this clone run unchanged.
 #
-#   ci/real-vm.sh [--timeout SECONDS] [--results DIR] [--env NAME=VALUE]... [--] [COMMAND ...]
+#   ci/real-vm.sh [--kernel 6.1|6.12|FILE.deb|IMAGE [--modules DIR]] [--timeout SECONDS]
+#                 [--results DIR] [--env NAME=VALUE]... [--] [COMMAND ...]
 #
-# Exit status: the guest command's. 124 on timeout; 125 when the VM ended
-# without reporting a status (see RESULTS/console.log). See ci/README.md.
+# --kernel: 6.1 (the default) or 6.12, fetched with apt; a linux-image .deb; or a bzImage
+# or ELF vmlinux, with --modules its lib/modules/RELEASE, an INSTALL_MOD_PATH or its build
+# tree (none if vfio-pci, virtio-pci and 9p are built in). Results: --results, default
+# results/real-6.1/, results/real-6.12/, results/real-RELEASE/ for a kernel file.
+#
+# Exit status: the guest command's. 124 on timeout; 125 when the VM ended without reporting
+# a status (see RESULTS/console.log); 2 for a bad argument. See ci/README.md.
 #
 # Environment: VFIO_CI_WORK (cache dir, default ci/.work), VFIO_CI_ACCEL
 # (auto|kvm|tcg, default auto), VFIO_CI_MEM (default 1G), VFIO_CI_APPEND
@@ -21,21 +27,28 @@ root=$(cd "$here/.." && pwd -P)
 work=${VFIO_CI_WORK:-$here/.work}
 accel_mode=${VFIO_CI_ACCEL:-auto}
 mem=${VFIO_CI_MEM:-1G}
-case $accel_mode in
-    auto | kvm | tcg) ;;
-    *) echo "real-vm: VFIO_CI_ACCEL must be auto, kvm or tcg, not '$accel_mode'" >&2; exit 2 ;;
-esac
-
-timeout_s=300
-results=$root/results
-extra_env=()
 
 say() { echo "real-vm: $*" >&2; }
 fail() { say "$*"; exit 1; }
-usage() { sed -n '7p' "${BASH_SOURCE[0]}" | sed 's/^# *//' >&2; exit 2; }
+bad_arg() { say "$*"; exit 2; }
+usage() { sed -n '7,8p' "${BASH_SOURCE[0]}" | sed 's/^#   //' >&2; exit 2; }
 
+case $accel_mode in
+    auto | kvm | tcg) ;;
+    *) bad_arg "VFIO_CI_ACCEL must be auto, kvm or tcg, not '$accel_mode'" ;;
+esac
+
+timeout_s=300
+kernel_arg=6.1
+modules_arg=
+results=
+extra_env=()
 while [ $# -gt 0 ]; do
     case $1 in
+        --kernel) [ $# -ge 2 ] || usage; kernel_arg=$2; shift 2 ;;
+        --kernel=*) kernel_arg=${1#*=}; shift ;;
+        --modules) [ $# -ge 2 ] || usage; modules_arg=$2; shift 2 ;;
+        --modules=*) modules_arg=${1#*=}; shift ;;
         --timeout) [ $# -ge 2 ] || usage; timeout_s=$2; shift 2 ;;
         --timeout=*) timeout_s=${1#*=}; shift ;;
         --results) [ $# -ge 2 ] || usage; results=$2; shift 2 ;;
@@ -48,10 +61,11 @@ while [ $# -gt 0 ]; do
         *) break ;;
     esac
 done
-[[ $timeout_s =~ ^[0-9]+$ ]] && [ "$timeout_s" -gt 0 ] || fail "--timeout wants a positive number of seconds"
+[[ $timeout_s =~ ^[0-9]+$ ]] && [ "$timeout_s" -gt 0 ] || bad_arg "--timeout wants a positive number of seconds"
 for kv in "${extra_env[@]}"; do
-    [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || fail "--env wants NAME=VALUE, got '$kv'"
+    [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || bad_arg "--env wants NAME=VALUE, got '$kv'"
 done
+kernel_spec "$kernel_arg" "$modules_arg" || bad_arg "$kernel_error"
 
 # Devices given to the guest, at fixed addresses (see ci/README.md).
 #   00:03.0 edu (1234:11e8), 00:04.0 ivshmem-plain (1af4:1110) and
@@ -60,7 +74,7 @@ done
 devices=(0000:00:03.0 0000:00:04.0 0000:00:06.0 0000:01:00.0)
 
 # --- 1. host packages -------------------------------------------------------
-need_pkgs=(qemu-system-x86 busybox-static kmod cpio xz-utils binutils)
+need_pkgs=(qemu-system-x86 busybox-static kmod cpio xz-utils zstd binutils)
 missing=()
 for p in "${need_pkgs[@]}"; do
     st=$(dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null || true)
@@ -88,41 +102,78 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # --- 2. guest kernel (never installed on the host) --------------------------
+# Sets kernel (the file QEMU boots), moddir (its modules; empty: all built in),
+# kernel_release, and kernel_name (the default results are results/real-NAME).
 mkdir -p "$work/kernel"
-# apt-cache is slow here (no binary cache), so the answer is remembered
-# until the package lists change.
+mb() { awk -v b="$1" 'BEGIN {printf "%.1f MB", b / 1e6}'; }
+
+# QEMU boots the ELF vmlinux inside a bzImage directly through its PVH entry, so the guest
+# does not decompress itself (seconds under TCG); cut out once, next to the bzImage's other
+# cached files. Where that cannot be (a kernel without CONFIG_PVH, an lz4 payload, ...),
+# no-vmlinux says why and the bzImage itself boots.
+prepare_vmlinux() { # prepare_vmlinux BZIMAGE DIR: DIR/vmlinux, or DIR/no-vmlinux
+    vmlinux_from_bzimage "$1" "$2/vmlinux" || echo "$extract_why" > "$2/no-vmlinux"
+}
+boot_file() { # boot_file BZIMAGE DIR: sets kernel
+    if [ -f "$2/vmlinux" ]; then
+        kernel=$2/vmlinux
+    else
+        kernel=$1
+        say "booting the bzImage, which decompresses itself in the guest: $(cat "$2/no-vmlinux")"
+    fi
+}
+
+unpack_deb() { # unpack_deb DEB KDIR: the package's files and the vmlinux into KDIR
+    local tmp vmlinuz
+    tmp=$(mktemp -d "$work/kernel/.unpack.XXXXXX")
+    dpkg -x "$1" "$tmp" || { rm -rf "$tmp"; fail "dpkg -x $1 failed"; }
+    vmlinuz=("$tmp"/boot/vmlinuz-*)
+    [ -f "${vmlinuz[0]}" ] || { rm -rf "$tmp"; bad_arg "$1 has no boot/vmlinuz-*: not a linux-image package"; }
+    prepare_vmlinux "${vmlinuz[0]}" "$tmp"
+    rm -rf "$2"
+    mv "$tmp" "$2"
+    touch "$2/.done"
+}
+
+# Debian's tracks: the package the metapackage depends on. apt-cache is slow here (no
+# binary cache), so the answer is remembered until the package lists change.
 lists_stamp() { stat -c '%n %Y %s' /var/lib/apt/lists/*Packages* 2>/dev/null | md5sum | cut -c1-32; }
-kpkg_lookup() {
-    local memo=$work/kernel/lookup stamp
+track_lookup() { # sets kpkg, kver
+    local memo=$work/kernel/lookup-$kernel_arg stamp s
     stamp=$(lists_stamp)
     if [ -f "$memo" ] && read -r s kpkg kver < "$memo" && [ "$s" = "$stamp" ]; then
         return 0
     fi
-    kpkg_query || return 1
+    track_query || return 1
     echo "$stamp $kpkg $kver" > "$memo"
 }
-kpkg_query() {
-    kpkg=$(apt-cache depends linux-image-amd64 2>/dev/null \
+track_query() {
+    kpkg=$(apt-cache depends "$kernel_meta" 2>/dev/null \
         | awk '$1 == "Depends:" && $2 ~ /^linux-image-/ && !found {print $2; found = 1}')
     kver=
     [ -n "$kpkg" ] && kver=$(apt-cache policy "$kpkg" 2>/dev/null | awk '$1 == "Candidate:" && !found {print $2; found = 1}')
     [ -n "$kver" ] && [ "$kver" != "(none)" ]
 }
-if ! kpkg_lookup; then
-    apt_update
-    kpkg_lookup || true
-fi
-if [ -n "${kver:-}" ] && [ "$kver" != "(none)" ]; then
-    kdir=$work/kernel/${kpkg}_$kver
-else
-    # No package index: fall back to whatever kernel is already cached.
-    kdir=$(ls -d "$work"/kernel/*/ 2>/dev/null | sort -V | tail -n1)
-    kdir=${kdir%/}
-    [ -n "$kdir" ] && [ -f "$kdir/.done" ] || fail "cannot find the linux-image-amd64 dependency with apt-cache"
-    say "apt-cache lookup failed; using cached kernel $(basename "$kdir")"
-fi
-mb() { awk -v b="$1" 'BEGIN {printf "%.1f MB", b / 1e6}'; }
-if [ ! -f "$kdir/.done" ]; then
+track_kernel() { # sets kdir: the track's kernel, fetched and unpacked if not cached
+    local tmp ksize deb t_fetch
+    kpkg='' kver=''
+    if ! track_lookup; then
+        apt_update
+        track_lookup || kver=
+    fi
+    if [ -n "$kver" ]; then
+        [[ $kpkg == linux-image-"$kernel_arg".* ]] \
+            || fail "$kernel_meta depends on $kpkg, not a $kernel_arg kernel (Debian bookworm's apt sources are needed)"
+        kdir=$work/kernel/${kpkg}_$kver
+    else
+        # No package index: fall back to whatever kernel of the track is already cached.
+        kdir=$(ls -d "$work"/kernel/linux-image-"$kernel_arg".*/ 2>/dev/null | sort -V | tail -n1) || true
+        kdir=${kdir%/}
+        [ -n "$kdir" ] && [ -f "$kdir/.done" ] \
+            || fail "cannot find the $kernel_meta dependency with apt-cache (bookworm-security in the apt sources?)"
+        say "apt-cache lookup failed; using cached kernel $(basename "$kdir")"
+    fi
+    [ -f "$kdir/.done" ] && return 0
     ksize=$(apt-cache show "$kpkg=$kver" 2>/dev/null | awk '$1 == "Size:" {print $2; exit}')
     say "fetching guest kernel $kpkg $kver${ksize:+ ($(mb "$ksize"))} into $kdir"
     t_fetch=$SECONDS
@@ -131,42 +182,64 @@ if [ ! -f "$kdir/.done" ]; then
         || { rm -rf "$tmp"; apt_fail "apt-get download $kpkg=$kver failed"; }
     deb=$(ls "$tmp"/*.deb)
     say "downloaded ${deb##*/} ($(mb "$(stat -c %s "$deb")")) in $((SECONDS - t_fetch)) s; unpacking"
-    dpkg -x "$deb" "$tmp/tree"
-    vmlinuz=$(ls "$tmp"/tree/boot/vmlinuz-* | head -n1)
-    # The bzImage payload (xz here) is the ELF vmlinux; it has a PVH entry
-    # note, so QEMU boots it directly and skips the in-guest decompression.
-    setup_sects=$(od -An -tu1 -j $((0x1f1)) -N1 "$vmlinuz")
-    pl_off=$(od -An -tu4 -j $((0x248)) -N4 "$vmlinuz")
-    pl_len=$(od -An -tu4 -j $((0x24c)) -N4 "$vmlinuz")
-    start=$(( (setup_sects + 1) * 512 + pl_off ))
-    # The payload ends with a 4-byte uncompressed size; decompressors stop
-    # at the end of the first stream.
-    magic=$(od -An -tx1 -j "$start" -N6 "$vmlinuz" | tr -d ' \n')
-    case $magic in
-        fd377a585a00*) dec=(xz -dc --single-stream) ;;
-        28b52ffd*)     dec=(zstd -dcq) ;;
-        1f8b*)         dec=(gzip -dc) ;;
-        *) rm -rf "$tmp"; fail "unknown bzImage payload format (magic $magic)" ;;
-    esac
-    dd if="$vmlinuz" bs=1M iflag=skip_bytes,count_bytes skip="$start" count="$pl_len" status=none \
-        | "${dec[@]}" > "$tmp/tree/vmlinux" || true
-    [ "$(head -c 4 "$tmp/tree/vmlinux" | od -An -tx1 | tr -d ' \n')" = 7f454c46 ] \
-        || { rm -rf "$tmp"; fail "could not extract vmlinux from $vmlinuz"; }
-    rm -f "$tmp"/*.deb
-    rm -rf "$kdir"
-    mv "$tmp/tree" "$kdir"
-    rmdir "$tmp"
-    touch "$kdir/.done"
+    unpack_deb "$deb" "$kdir"
+    rm -rf "$tmp"
     say "guest kernel ready in $((SECONDS - t_fetch)) s"
+}
+
+deb_kernel() { # sets kdir: the .deb unpacked, cached by package, version and the file's hash
+    local pkg ver t0
+    pkg=$(dpkg-deb -f "$kernel_file" Package) ver=$(dpkg-deb -f "$kernel_file" Version)
+    kdir=$work/kernel/deb-${pkg}_${ver}-$(sha256sum < "$kernel_file" | cut -c1-16)
+    [ -f "$kdir/.done" ] && return 0
+    say "unpacking $pkg $ver ($(mb "$(stat -c %s "$kernel_file")")) into $kdir"
+    t0=$SECONDS
+    unpack_deb "$kernel_file" "$kdir"
+    say "guest kernel ready in $((SECONDS - t0)) s"
+}
+
+moddir=
+case $kernel_kind in
+    track | deb)
+        if [ "$kernel_kind" = track ]; then track_kernel; else deb_kernel; fi
+        vmlinuz=("$kdir"/boot/vmlinuz-*)
+        boot_file "${vmlinuz[0]}" "$kdir"
+        kernel_release=$(kernel_release_of "${vmlinuz[0]}")
+        if ! find_moddir "$kdir" && [ "$kernel_kind" = track ]; then
+            fail "the $kernel_arg kernel in $kdir has no modules: $moddir_why"
+        fi ;;
+    bzimage)
+        kdir=$work/kernel/image-$(sha256sum < "$kernel_file" | cut -c1-16)
+        if [ ! -f "$kdir/.done" ]; then
+            mkdir -p "$kdir"
+            prepare_vmlinux "$kernel_file" "$kdir"
+            touch "$kdir/.done"
+        fi
+        boot_file "$kernel_file" "$kdir"
+        kernel_release=$(kernel_release_of "$kernel_file") ;;
+    elf)
+        has_pvh_entry "$kernel_file" \
+            || bad_arg "--kernel $kernel_file: this vmlinux has no PVH entry (CONFIG_PVH); give its bzImage"
+        kernel=$kernel_file
+        kernel_release=$(kernel_release_of "$kernel_file") ;;
+esac
+if [ -n "$kernel_modules" ]; then
+    find_moddir "$kernel_modules" || bad_arg "--modules $kernel_modules: $moddir_why"
 fi
-kernel=$kdir/vmlinux
-moddir=$(ls -d "$kdir"/lib/modules/*/ | head -n1)
-moddir=${moddir%/}
-kernel_release=${moddir##*/}
+[ -n "$moddir" ] || say "no modules for $kernel_release: vfio-pci, virtio-pci and 9p must be built in"
+kernel_name=$kernel_release
+if [ "$kernel_kind" = track ]; then kernel_name=$kernel_arg; fi
 
 # --- 3. initramfs, cached by the hash of its inputs -------------------------
-key=$( { sha256sum "$here/vm/init" "$here/vm/build-initramfs.sh" /bin/busybox "$moddir/modules.order" \
-         | cut -d' ' -f1; echo "$kdir"; } | sha256sum | cut -c1-16)
+# The modules are named with their sizes and times: a rebuilt module at the same path is
+# a new input.
+key=$( {
+    sha256sum "$here/vm/init" "$here/vm/build-initramfs.sh" "$here/vm/lib.sh" /bin/busybox | cut -d' ' -f1
+    if [ -n "$moddir" ]; then
+        { module_files "$moddir" | xargs -0r stat -c '%n %s %Y'; } | LC_ALL=C sort
+        cat "$moddir/modules.builtin" 2>/dev/null || true
+    fi
+} | sha256sum | cut -c1-16)
 initrd=$work/initramfs-$key.cpio
 if [ ! -f "$initrd" ]; then
     say "building initramfs"
@@ -174,6 +247,7 @@ if [ ! -f "$initrd" ]; then
 fi
 
 # --- 4. the run: results dir, guest command ---------------------------------
+results=${results:-$root/results/real-$kernel_name}
 mkdir -p "$results"
 results=$(cd "$results" && pwd -P)
 rm -f "$results/exit-status" "$results/exit-reason" "$results/console.log"

@@ -1,18 +1,22 @@
-"""ci/vm/lib.sh, the host-side logic of ci/real-vm.sh, called with fake inputs: the guest kernel
-command line, the auto-mode choice of accelerator and its memo, and reading a boot's console.
-No VM boots; one test runs the tiny KVM probe guest under TCG when QEMU and binutils are here."""
+"""ci/vm/lib.sh, the host-side logic of ci/real-vm.sh, called with fake inputs: what --kernel names,
+a kernel's module directory and load order, the vmlinux inside a bzImage, the guest kernel command
+line, the auto-mode choice of accelerator and its memo, and reading a boot's console. No VM boots;
+one test runs the tiny KVM probe guest under TCG when QEMU and binutils are here."""
 
 from __future__ import annotations
 
+import gzip
+import lzma
 import shlex
-import shutil
+import struct
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-LIB = Path(__file__).resolve().parents[1] / "ci" / "vm" / "lib.sh"
+CI = Path(__file__).resolve().parents[1] / "ci"
+LIB = CI / "vm" / "lib.sh"
 
 # Stand-ins for the host: /dev/kvm, the facts the memo is keyed by, and the probe guest
 # (which records its calls and passes or fails as told).
@@ -33,9 +37,9 @@ probe_guest() {
 
 
 def bash(script: str, work: Path, env: dict[str, str] | None = None, stdin: str | None = None):
-    """Runs SCRIPT in bash -euo pipefail with lib.sh sourced and work=WORK."""
+    """Runs SCRIPT in bash -euo pipefail with lib.sh sourced and work=WORK, in WORK."""
     full = f"set -euo pipefail\nwork={shlex.quote(str(work))}\n. {shlex.quote(str(LIB))}\n{script}"
-    return subprocess.run(["bash", "-c", full], capture_output=True, text=True, input=stdin,
+    return subprocess.run(["bash", "-c", full], capture_output=True, text=True, input=stdin, cwd=work,
                           env=None if env is None else {"PATH": "/usr/bin:/bin", **env}, timeout=60)
 
 
@@ -55,6 +59,260 @@ def probe_calls(work: Path) -> list[str]:
 
 def memos(work: Path) -> list[Path]:
     return sorted((work / "accel").glob("kvm-failed-*"))
+
+
+# --- what --kernel names --------------------------------------------------------------------
+
+def elf(notes: list[tuple[bytes, int, bytes]], banner: bytes = b"") -> bytes:
+    """A minimal ELF64 file: one PT_NOTE segment with NOTES (name, type, descriptor), then BANNER."""
+    body = b""
+    for name, kind, desc in notes:
+        name += b"\0"
+        body += struct.pack("<III", len(name), len(desc), kind)
+        body += name.ljust(-(-len(name) // 4) * 4, b"\0") + desc.ljust(-(-len(desc) // 4) * 4, b"\0")
+    ehdr = b"\x7fELF\x02\x01\x01" + bytes(9) + struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, 0, 64, 0, 0, 64, 56, 1, 0, 0, 0)
+    phdr = struct.pack("<IIQQQQQQ", 4, 4, 64 + 56, 0, 0, len(body), len(body), 4)
+    return ehdr + phdr + body + banner
+
+
+PVH_NOTE = (b"Xen", 18, struct.pack("<Q", 0x1000000))  # XEN_ELFNOTE_PHYS32_ENTRY
+VMLINUX = elf([(b"Xen", 6, b"linux\0"), PVH_NOTE], banner=b"Linux version 6.99.0-test (ci@test) #1\0")
+
+
+def compress(data: bytes, fmt: str) -> bytes:
+    """DATA as the kernel build packs it into a bzImage: all but gzip end in the 4-byte size."""
+    size = struct.pack("<I", len(data))
+    if fmt == "gzip":
+        return gzip.compress(data, mtime=0)
+    if fmt == "xz":
+        return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32) + size
+    if fmt == "zstd":
+        return subprocess.run(["zstd", "-q", "-c"], input=data, capture_output=True, check=True).stdout + size
+    return bytes.fromhex("02214c18") + bytes(32) + size  # lz4
+
+
+def bzimage(payload: bytes, release: str = "6.99.0-test") -> bytes:
+    """A bzImage's boot header (one setup sector) and PAYLOAD, 16 bytes into the protected-mode part,
+    with more after it, as in a real one."""
+    head = bytearray(1024 + 16)
+    head[0x1f1] = 1  # setup_sects
+    head[0x202:0x206] = b"HdrS"
+    head[0x20e:0x210] = struct.pack("<H", 0x300 - 0x200)  # kernel_version
+    version = f"{release} (ci@test) #1 SMP\0".encode()
+    head[0x300:0x300 + len(version)] = version
+    head[0x248:0x250] = struct.pack("<II", 16, len(payload))  # payload_offset, payload_length
+    return bytes(head) + payload + b"code after the payload" * 8
+
+
+def spec(work: Path, *args: str) -> dict[str, str]:
+    """kernel_spec ARGS: its status and the variables it sets."""
+    names = ["kernel_kind", "kernel_meta", "kernel_file", "kernel_modules", "kernel_error"]
+    r = bash(f"rc=0\nkernel_spec {shlex.join(args)} || rc=$?\n"
+             + "".join(f'echo "{n}=${n}"\n' for n in ["rc", *names]), work)
+    assert r.returncode == 0, r.stderr
+    return dict(line.split("=", 1) for line in r.stdout.splitlines())
+
+
+@pytest.mark.parametrize("track, meta", [("6.1", "linux-image-amd64"), ("6.12", "linux-image-6.12-amd64")])
+def test_a_track_names_its_metapackage(tmp_path, track, meta):
+    assert spec(tmp_path, track) == {"rc": "0", "kernel_kind": "track", "kernel_meta": meta, "kernel_file": "",
+                                     "kernel_modules": "", "kernel_error": ""}
+
+
+def test_kernel_files_are_told_apart_by_their_first_bytes_not_their_names(tmp_path):
+    (tmp_path / "linux-image-6.99.deb").write_bytes(b"!<arch>\ndebian-binary   1234  0     0     100644  4  `\n2.0\n")
+    (tmp_path / "bzImage").write_bytes(bzimage(compress(VMLINUX, "gzip")))
+    (tmp_path / "vmlinux").write_bytes(VMLINUX)
+    (tmp_path / "kernel.deb").write_bytes(VMLINUX)
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    for name, kind in [("linux-image-6.99.deb", "deb"), ("bzImage", "bzimage"), ("vmlinux", "elf"),
+                       ("kernel.deb", "elf")]:
+        got = spec(tmp_path, name) if kind == "deb" else spec(tmp_path, name, "mods")
+        assert (got["rc"], got["kernel_kind"], got["kernel_file"]) == ("0", kind, str(tmp_path / name))
+        assert got["kernel_modules"] == ("" if kind == "deb" else "mods")
+    assert spec(tmp_path, "bzImage")["kernel_modules"] == ""  # --modules is optional
+
+
+@pytest.mark.parametrize("args, error", [
+    (["6.13"], "--kernel wants 6.1, 6.12, or the path of a linux-image .deb, a bzImage or a vmlinux: "
+               "no file '6.13'"),
+    (["notes.txt"], "--kernel notes.txt: neither a Debian package, a bzImage nor an ELF vmlinux"),
+    (["6.12", "mods"], "--modules goes with a bzImage or vmlinux; --kernel 6.12 brings its own"),
+    (["k.deb", "mods"], "--modules goes with a bzImage or vmlinux; --kernel k.deb brings its own"),
+    (["vmlinux", "nomods"], "--modules nomods: no such directory"),
+])
+def test_a_bad_kernel_argument_is_said_in_one_line(tmp_path, args, error):
+    (tmp_path / "notes.txt").write_text("not a kernel\n")
+    (tmp_path / "k.deb").write_bytes(b"!<arch>\ndebian-binary   ")
+    (tmp_path / "vmlinux").write_bytes(VMLINUX)
+    (tmp_path / "mods").mkdir()
+    got = spec(tmp_path, *args)
+    assert got["rc"] == "1" and got["kernel_error"] == error
+
+
+@pytest.mark.parametrize("args", [["--kernel", "/nonexistent/bzImage"], ["--kernel", "6.13"],
+                                  ["--kernel", "/etc/hostname"], ["--kernel", "6.12", "--modules", "/"]])
+def test_real_vm_refuses_a_bad_kernel_with_one_line_and_status_2_before_doing_anything(tmp_path, args):
+    work = tmp_path / "work"
+    r = subprocess.run(["bash", str(CI / "real-vm.sh"), *args, "--", "true"], capture_output=True, text=True,
+                       env={"PATH": "/usr/bin:/bin", "VFIO_CI_WORK": str(work)}, timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("real-vm: --")
+    assert not work.exists()
+
+
+# --- a kernel's modules ---------------------------------------------------------------------
+
+def moddir(work: Path, root: Path) -> str:
+    r = bash(f'find_moddir {shlex.quote(str(root))} && echo "$moddir" || echo "no: $moddir_why"', work)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.rstrip("\n")
+
+
+@pytest.mark.parametrize("layout", ["lib/modules", "usr/lib/modules"])  # bookworm's packages, trixie's
+def test_the_module_directory_of_an_unpacked_package(tmp_path, layout):
+    (tmp_path / "tree" / layout / "6.12.117+deb13-amd64" / "kernel").mkdir(parents=True)
+    (tmp_path / "tree" / "boot").mkdir()
+    assert moddir(tmp_path, tmp_path / "tree") == f"{tmp_path}/tree/{layout}/6.12.117+deb13-amd64"
+
+
+def test_lib_modules_is_taken_once_where_lib_is_usr_lib(tmp_path):
+    (tmp_path / "root" / "usr" / "lib" / "modules" / "6.99.0").mkdir(parents=True)
+    (tmp_path / "root" / "lib").symlink_to("usr/lib")
+    assert moddir(tmp_path, tmp_path / "root") == f"{tmp_path}/root/lib/modules/6.99.0"
+
+
+def test_a_module_directory_itself_or_a_build_tree_is_taken_as_given(tmp_path):
+    (tmp_path / "6.99.0").mkdir()
+    (tmp_path / "6.99.0" / "modules.builtin").write_text("")
+    (tmp_path / "linux").mkdir()
+    (tmp_path / "linux" / "modules.order").write_text("")
+    assert moddir(tmp_path, tmp_path / "6.99.0") == f"{tmp_path}/6.99.0"
+    assert moddir(tmp_path, tmp_path / "linux") == f"{tmp_path}/linux"
+
+
+def test_no_modules_or_those_of_several_kernels_is_said(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert moddir(tmp_path, tmp_path / "empty") == (
+        f"no: no lib/modules/RELEASE, usr/lib/modules/RELEASE or modules.builtin in {tmp_path}/empty")
+    for release in ["6.1.0-57-amd64", "6.12.118+deb12-amd64"]:
+        (tmp_path / "two" / "lib" / "modules" / release).mkdir(parents=True)
+    assert moddir(tmp_path, tmp_path / "two") == (
+        f"no: modules of several kernels in {tmp_path}/two (6.1.0-57-amd64 6.12.118+deb12-amd64); "
+        f"name one: {tmp_path}/two/.../RELEASE")
+
+
+# modinfo, faked: a module file's text is its "depends=" line.
+FAKE_MODINFO = 'modinfo() { sed -n "s/^depends=//p" "$3"; }\n'
+WANTED = "vfio vfio_iommu_type1 vfio-pci virtio_pci 9pnet_virtio 9p"
+# Linux 6.12's, by file: what each depends on (virtio_pci and the virtio core are built in).
+MODULES_612 = {
+    "kernel/drivers/vfio/vfio.ko.xz": "",
+    "kernel/drivers/vfio/vfio_iommu_type1.ko.xz": "vfio",
+    "kernel/virt/lib/irqbypass.ko.xz": "",
+    "kernel/drivers/vfio/pci/vfio-pci-core.ko.xz": "vfio,irqbypass",
+    "kernel/drivers/vfio/pci/vfio-pci.ko.xz": "vfio-pci-core,vfio",
+    "kernel/fs/netfs/netfs.ko.xz": "",
+    "kernel/net/9p/9pnet.ko.xz": "",
+    "kernel/net/9p/9pnet_virtio.ko.xz": "9pnet,virtio_ring",
+    "kernel/fs/9p/9p.ko.xz": "9pnet,netfs",
+}
+BUILTIN_612 = "kernel/drivers/virtio/virtio.ko\nkernel/drivers/virtio/virtio_ring.ko\nkernel/drivers/virtio/virtio_pci.ko\n"
+ORDER_612 = "vfio vfio_iommu_type1 irqbypass vfio_pci_core vfio_pci 9pnet 9pnet_virtio netfs 9p".split()
+
+
+def module_tree(root: Path, modules: dict[str, str], builtin: str | None, pack=lambda text: text.encode()) -> Path:
+    for path, deps in modules.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(pack(f"depends={deps}\n"))
+    if builtin is not None:
+        (root / "modules.builtin").write_text(builtin)
+    return root
+
+
+def test_module_order_puts_dependencies_first_and_leaves_out_built_in_modules(tmp_path):
+    mods = module_tree(tmp_path / "6.12", MODULES_612, BUILTIN_612)
+    r = bash(FAKE_MODINFO + f"module_order {shlex.quote(str(mods))} {WANTED}", tmp_path)
+    assert r.returncode == 0, r.stderr
+    got = [line.split(" ", 1) for line in r.stdout.splitlines()]
+    assert [name for name, _ in got] == ORDER_612
+    assert dict(got)["vfio_pci"] == f"{mods}/kernel/drivers/vfio/pci/vfio-pci.ko.xz"
+
+
+def test_a_module_neither_there_nor_built_in_fails_naming_it(tmp_path):
+    mods = module_tree(tmp_path / "6.12", MODULES_612, None)  # no modules.builtin
+    r = bash(FAKE_MODINFO + f"module_order {shlex.quote(str(mods))} {WANTED}", tmp_path)
+    assert r.returncode == 1
+    assert r.stderr == f"module virtio_pci is neither under {mods} nor in its modules.builtin\n"
+
+
+def test_build_initramfs_loads_the_modules_that_are_not_built_in_decompressed(tmp_path, debian_package):
+    for package, provides in (("busybox-static", "/bin/busybox"), ("cpio", "cpio"), ("xz-utils", "xz")):
+        debian_package(package, provides)
+    mods = module_tree(tmp_path / "6.12", MODULES_612, BUILTIN_612, pack=lambda text: lzma.compress(text.encode()))
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "modinfo").write_text('#!/bin/sh\nxz -dc "$3" | sed -n "s/^depends=//p"\n')
+    (fake / "modinfo").chmod(0o755)
+    out = tmp_path / "initrd.cpio"
+    r = subprocess.run(["bash", str(CI / "vm" / "build-initramfs.sh"), str(mods), str(out)], capture_output=True,
+                       text=True, env={"PATH": f"{fake}:/usr/bin:/bin:/usr/sbin:/sbin"}, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.endswith(f"modules: {' '.join(ORDER_612)})\n")
+
+    def member(name: str) -> str:
+        return subprocess.run(["cpio", "-i", "--quiet", "--to-stdout", name], stdin=out.open("rb"),
+                              capture_output=True, check=True).stdout.decode()
+    assert member("lib/modules/load-order").split() == ORDER_612
+    assert member("lib/modules/vfio_pci.ko") == "depends=vfio-pci-core,vfio\n"
+
+
+# --- the vmlinux inside a bzImage -------------------------------------------------------------
+
+@pytest.fixture
+def unpackers(debian_package):
+    """What ci/real-vm.sh unpacks a kernel with, brought in as the script itself installs them."""
+    for package, provides in (("binutils", "readelf"), ("xz-utils", "xz"), ("zstd", "zstd")):
+        debian_package(package, provides)
+
+
+@pytest.mark.parametrize("fmt", ["gzip", "xz", "zstd", "lz4"])
+def test_the_payload_is_found_by_the_boot_header_and_named_by_its_magic(tmp_path, unpackers, fmt):
+    payload = compress(VMLINUX, fmt)
+    (tmp_path / "bzImage").write_bytes(bzimage(payload))
+    r = bash("bzimage_payload bzImage", tmp_path)
+    name = "other:02214c180000" if fmt == "lz4" else fmt
+    assert r.stdout == f"{1024 + 16} {len(payload)} {name}\n"
+
+
+@pytest.mark.parametrize("fmt", ["gzip", "xz", "zstd"])
+def test_vmlinux_is_cut_out_of_each_payload_without_a_word_from_the_decompressor(tmp_path, unpackers, fmt):
+    (tmp_path / "bzImage").write_bytes(bzimage(compress(VMLINUX, fmt)))
+    r = bash('vmlinux_from_bzimage bzImage vmlinux || echo "failed: $extract_why"', tmp_path)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")  # zstd said "unsupported format" of the size
+    assert (tmp_path / "vmlinux").read_bytes() == VMLINUX
+
+
+@pytest.mark.parametrize("payload, why", [
+    (lambda: compress(VMLINUX, "lz4"), "its payload is not gzip, xz or zstd (02214c180000)"),
+    (lambda: compress(elf([(b"Xen", 6, b"linux\0")]), "zstd"), "its vmlinux has no PVH entry (CONFIG_PVH)"),
+    (lambda: compress(b"not an ELF" * 10, "gzip"), "its gzip payload is not an ELF vmlinux"),
+    (lambda: compress(VMLINUX, "xz")[:-40] + bytes(4), "its xz payload does not decompress: xz: "),  # and xz's
+], ids=["lz4", "no PVH entry", "not an ELF", "truncated xz"])
+def test_a_bzimage_whose_vmlinux_cannot_boot_directly_says_why(tmp_path, unpackers, payload, why):
+    (tmp_path / "bzImage").write_bytes(bzimage(payload()))
+    r = bash('vmlinux_from_bzimage bzImage vmlinux || echo "failed: $extract_why"', tmp_path)
+    assert r.stdout.startswith(f"failed: {why}") and len(r.stdout.splitlines()) == 1
+    assert not (tmp_path / "vmlinux").exists()
+
+
+def test_kernel_release_from_the_bzimage_header_or_the_vmlinux_banner(tmp_path, unpackers):
+    (tmp_path / "bzImage").write_bytes(bzimage(compress(VMLINUX, "zstd"), release="6.12.118+deb12-amd64"))
+    (tmp_path / "vmlinux").write_bytes(VMLINUX)
+    (tmp_path / "bare").write_bytes(elf([PVH_NOTE]))
+    r = bash("for f in bzImage vmlinux bare; do kernel_release_of $f; done", tmp_path)
+    assert r.stdout.split() == ["6.12.118+deb12-amd64", "6.99.0-test", "unknown"]
 
 
 # --- the guest kernel command line --------------------------------------------------------
@@ -186,9 +444,9 @@ def test_probe_guest_stops_at_a_kvm_internal_error_without_waiting_for_the_timeo
     assert time.monotonic() - t0 < 5
 
 
-@pytest.mark.skipif(not all(map(shutil.which, ["qemu-system-x86_64", "as", "ld"])),
-                    reason="needs qemu-system-x86 and binutils (ci/real-vm.sh installs them)")
-def test_the_real_probe_guest_reaches_its_end_under_tcg(tmp_path):
+def test_the_real_probe_guest_reaches_its_end_under_tcg(tmp_path, debian_package):
+    for package, provides in (("qemu-system-x86", "qemu-system-x86_64"), ("binutils", "as")):
+        debian_package(package, provides)
     r = bash('elf=$(probe_image)\necho "$elf"\nprobe_guest tcg "$elf" || echo "failed: $probe_why"',
              tmp_path)
     assert r.returncode == 0, r.stderr

@@ -1,7 +1,8 @@
 #!/bin/sh
 # The default guest command of ci/real-vm.sh: the conformance suite on the real kernel, then the
 # probe recording. Destructive tests run, since the devices are QEMU's and die with the VM.
-# Runs in the guest chroot, cwd = the repo root; results go to $VFIO_REAL_RESULTS.
+# Runs in the guest chroot, cwd = the repo root; results go to $VFIO_REAL_RESULTS, the run's results
+# directory (per kernel: results/real-6.1/, results/real-6.12/, ...): real.json, real.xml, probe.json.
 set -u
 out=${VFIO_REAL_RESULTS:?set by ci/real-vm.sh}
 set --

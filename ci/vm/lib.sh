@@ -1,12 +1,195 @@
 # shellcheck shell=bash
-# Host-side helpers of ci/real-vm.sh, sourced by it and by tests/test_ci_vm.py (which
-# calls them with fake inputs): the guest kernel command line, QEMU's accelerator
-# options, the auto-mode choice of accelerator, and reading one boot's console.
-# Reads $work, the cache directory (VFIO_CI_WORK); sets accel, accel_why,
-# accel_args and probe_why for the caller.
+# Host-side helpers of ci/real-vm.sh, sourced by it, by ci/vm/build-initramfs.sh and by
+# tests/test_ci_vm.py (which calls them with fake inputs): what --kernel names, a kernel's
+# module directory and module load order, the vmlinux inside a bzImage, the guest kernel
+# command line, QEMU's accelerator options, the auto-mode choice of accelerator, and reading
+# one boot's console. Reads $work, the cache directory (VFIO_CI_WORK); sets accel, accel_why,
+# accel_args and probe_why for the caller, and the other outputs each function names.
 # shellcheck disable=SC2034,SC2054,SC2154  # outputs and inputs as said; QEMU options have commas
 
 vm_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
+
+# --- the guest kernel -----------------------------------------------------------
+# --kernel names one of Debian bookworm's two kernel tracks, which ci/real-vm.sh fetches
+# with apt, or a kernel file: a linux-image .deb, or a bzImage or ELF vmlinux (with
+# --modules DIR, or none when vfio-pci, virtio-pci and 9p are built in).
+
+# The tracks: --kernel NAME -> the metapackage whose dependency is that kernel's package.
+declare -A kernel_tracks=([6.1]=linux-image-amd64 [6.12]=linux-image-6.12-amd64)
+
+# kernel_spec SPEC [MODULES]: what --kernel SPEC and --modules MODULES name. Sets
+# kernel_kind: track (kernel_meta: its metapackage), deb, bzimage or elf (kernel_file: the
+# file, absolute); and kernel_modules (the --modules directory as given, or empty). Fails
+# with kernel_error, one line.
+kernel_spec() {
+    local spec=$1 mods=${2:-}
+    kernel_kind='' kernel_file='' kernel_meta='' kernel_modules=$mods kernel_error=''
+    if [ -n "$spec" ] && [ -n "${kernel_tracks[$spec]:-}" ]; then
+        kernel_kind=track kernel_meta=${kernel_tracks[$spec]}
+    elif [ -f "$spec" ] && kernel_kind=$(file_kind "$spec"); then
+        kernel_file=$(realpath "$spec")
+    elif [ -f "$spec" ]; then
+        kernel_error="--kernel $spec: neither a Debian package, a bzImage nor an ELF vmlinux"
+        return 1
+    else
+        kernel_error="--kernel wants 6.1, 6.12, or the path of a linux-image .deb, a bzImage or a vmlinux: no file '$spec'"
+        return 1
+    fi
+    if [ -n "$mods" ]; then
+        case $kernel_kind in
+            track | deb) kernel_error="--modules goes with a bzImage or vmlinux; --kernel $spec brings its own"
+                         return 1 ;;
+        esac
+        [ -d "$mods" ] || { kernel_error="--modules $mods: no such directory"; return 1; }
+    fi
+}
+
+file_kind() { # file_kind FILE: deb, elf or bzimage by its first bytes; fails for anything else
+    if cmp -s -n 21 "$1" <(printf '!<arch>\ndebian-binary'); then
+        echo deb
+    elif cmp -s -n 4 "$1" <(printf '\177ELF'); then
+        echo elf
+    elif cmp -s -n 4 -i $((0x202)):0 "$1" <(printf HdrS); then
+        echo bzimage
+    else
+        return 1
+    fi
+}
+
+# find_moddir DIR: sets moddir to the modules of the kernel in DIR: DIR itself when it has
+# modules.builtin or modules.order (lib/modules/RELEASE, a kernel build tree), else the one
+# DIR/lib/modules/RELEASE (Debian bookworm's packages, an INSTALL_MOD_PATH) or, failing
+# that, DIR/usr/lib/modules/RELEASE (trixie's). Fails with moddir_why.
+find_moddir() {
+    local found=() d
+    if [ -f "$1/modules.builtin" ] || [ -f "$1/modules.order" ]; then
+        moddir=$1
+        return 0
+    fi
+    for d in "$1"/lib/modules/*/; do [ -d "$d" ] && found+=("${d%/}"); done
+    if [ ${#found[@]} = 0 ]; then
+        for d in "$1"/usr/lib/modules/*/; do [ -d "$d" ] && found+=("${d%/}"); done
+    fi
+    case ${#found[@]} in
+        1) moddir=${found[0]} ;;
+        0) moddir_why="no lib/modules/RELEASE, usr/lib/modules/RELEASE or modules.builtin in $1"; return 1 ;;
+        *) moddir_why="modules of several kernels in $1 (${found[*]##*/}); name one: $1/.../RELEASE"; return 1 ;;
+    esac
+}
+
+module_files() { # module_files MODDIR: the module files under MODDIR, NUL-terminated
+    find "$1" \( -name '*.ko' -o -name '*.ko.xz' -o -name '*.ko.zst' -o -name '*.ko.gz' \) -print0
+}
+
+# module_order MODDIR NAME...: the modules to load for the NAMEs, each after those it
+# depends on (modinfo -F depends; the packages ship no modules.dep), one "NAME PATH" a
+# line; dashes and underscores in names are one. A module in MODDIR/modules.builtin is
+# part of the kernel and left out (on 6.12, virtio_pci). Fails, with a line on stderr, for
+# a module that is neither under MODDIR nor built in.
+module_order() {
+    local moddir=$1 f b m
+    shift
+    local -A path_of=() builtin=() state=()
+    while IFS= read -r -d '' f; do
+        b=${f##*/}; b=${b%%.ko*}; path_of[${b//-/_}]=$f
+    done < <(module_files "$moddir")
+    if [ -f "$moddir/modules.builtin" ]; then
+        while IFS= read -r f; do
+            b=${f##*/}; b=${b%.ko}; builtin[${b//-/_}]=1
+        done < "$moddir/modules.builtin"
+    fi
+    for m in "$@"; do module_visit "$m" || return 1; done
+}
+module_visit() { # one module and its dependencies, for module_order (whose locals it uses)
+    local key=${1//-/_} deps d
+    case ${state[$key]:-} in
+        2) return 0 ;;
+        1) echo "module_order: dependency cycle at $key" >&2; return 1 ;;
+    esac
+    if [ -n "${builtin[$key]:-}" ]; then
+        state[$key]=2
+        return 0
+    fi
+    if [ -z "${path_of[$key]:-}" ]; then
+        echo "module $1 is neither under $moddir nor in its modules.builtin" >&2
+        return 1
+    fi
+    state[$key]=1
+    deps=$(modinfo -F depends "${path_of[$key]}") || return 1
+    for d in ${deps//,/ }; do module_visit "$d" || return 1; done
+    state[$key]=2
+    echo "$key ${path_of[$key]}"
+}
+
+le_uint() { # le_uint FILE OFFSET BYTES: the little-endian unsigned number at OFFSET in FILE
+    od -An -tu"$3" -j "$2" -N "$3" "$1" | tr -d ' \n'
+}
+
+# bzimage_payload BZIMAGE: "START LENGTH FORMAT" of the compressed vmlinux in a bzImage
+# (x86 boot protocol: it starts payload_offset bytes after the setup_sects + 1 sectors of
+# real-mode code). FORMAT is gzip, xz, zstd, or "other:" and the first bytes' hex.
+bzimage_payload() {
+    local setup start len magic
+    setup=$(le_uint "$1" $((0x1f1)) 1)
+    [ "$setup" != 0 ] || setup=4   # 0 means 4, says the boot protocol
+    start=$(( (setup + 1) * 512 + $(le_uint "$1" $((0x248)) 4) ))
+    len=$(le_uint "$1" $((0x24c)) 4)
+    magic=$(od -An -tx1 -j "$start" -N6 "$1" | tr -d ' \n')
+    case $magic in
+        1f8b*) echo "$start $len gzip" ;;
+        fd377a585a00) echo "$start $len xz" ;;
+        28b52ffd*) echo "$start $len zstd" ;;
+        *) echo "$start $len other:$magic" ;;
+    esac
+}
+
+# vmlinux_from_bzimage BZIMAGE OUT: the ELF vmlinux inside BZIMAGE, into OUT, if it has a
+# PVH entry, so QEMU boots it directly and the guest does not decompress itself (slow under
+# TCG). Fails, with extract_why and no OUT, for other payloads than gzip, xz and zstd, or no
+# PVH entry.
+vmlinux_from_bzimage() {
+    local start len format count err dec
+    read -r start len format < <(bzimage_payload "$1")
+    # The build appends the uncompressed size (4 bytes) to every format but gzip, whose
+    # own trailer holds it; left on, zstd calls it an "unsupported format".
+    case $format in
+        gzip) dec=(gzip -dc) count=$len ;;
+        xz) dec=(xz -dc) count=$((len - 4)) ;;
+        zstd) dec=(zstd -dcq) count=$((len - 4)) ;;
+        *) extract_why="its payload is not gzip, xz or zstd (${format#other:})"; return 1 ;;
+    esac
+    if ! err=$({ dd if="$1" bs=1M iflag=skip_bytes,count_bytes skip="$start" count="$count" status=none \
+                 | "${dec[@]}" > "$2"; } 2>&1); then
+        extract_why="its $format payload does not decompress: ${err%%$'\n'*}"
+    elif [ "$(file_kind "$2")" != elf ]; then
+        extract_why="its $format payload is not an ELF vmlinux"
+    elif ! has_pvh_entry "$2"; then
+        extract_why="its vmlinux has no PVH entry (CONFIG_PVH)"
+    else
+        return 0
+    fi
+    rm -f "$2"
+    return 1
+}
+
+has_pvh_entry() { # has_pvh_entry ELF: true if ELF has the PVH entry note (Xen, type 18)
+    grep -qE '^\s+Xen\s+0x[0-9a-f]+\s+(Unknown note type: \(0x00000012\)|XEN_ELFNOTE_PHYS32_ENTRY)' \
+        < <(readelf -n "$1" 2>/dev/null)
+}
+
+kernel_release_of() { # kernel_release_of BZIMAGE|VMLINUX: the release it reports (uname -r), or "unknown"
+    local at release=
+    if [ "$(file_kind "$1")" = bzimage ]; then
+        at=$(le_uint "$1" $((0x20e)) 2)   # kernel_version: its version string, less 0x200
+        if [ "$at" != 0 ]; then
+            release=$(dd if="$1" bs=1 skip=$((at + 0x200)) count=64 status=none \
+                      | tr '\0' '\n' | awk 'NR == 1 {print $1}')
+        fi
+    else
+        release=$(grep -a -m1 -oE 'Linux version [0-9][^ ]*' "$1" | awk '{print $3}') || true
+    fi
+    echo "${release:-unknown}"
+}
 
 # Serial console; the IOMMU with interrupt remapping; a panic ends QEMU, which runs
 # with -no-reboot. no_timer_check: under TCG on a loaded host the kernel's check of
