@@ -15,7 +15,7 @@
 # Exit status: the guest command's. 124 on timeout; 125 when the VM ended without reporting
 # a status (see RESULTS/console.log); 2 for a bad argument. See ci/README.md.
 #
-# Environment: VFIO_CI_WORK (cache dir, default ci/.work), VFIO_CI_ACCEL
+# Environment: VFIO_CI_WORK (cache dir, default ~/.cache/vfio-harness/ci), VFIO_CI_ACCEL
 # (auto|kvm|tcg, default auto), VFIO_CI_MEM (default 1G), VFIO_CI_APPEND
 # (extra guest kernel arguments).
 set -euo pipefail
@@ -24,7 +24,8 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 root=$(cd "$here/.." && pwd -P)
 # shellcheck source-path=SCRIPTDIR
 . "$here/vm/lib.sh"
-work=${VFIO_CI_WORK:-$here/.work}
+# Outside the clone, so a fresh clone (as CI makes) finds the kernels and initramfs of the last run.
+work=${VFIO_CI_WORK:-${XDG_CACHE_HOME:-$HOME/.cache}/vfio-harness/ci}
 accel_mode=${VFIO_CI_ACCEL:-auto}
 mem=${VFIO_CI_MEM:-1G}
 
