@@ -136,3 +136,12 @@ class RawSession:
         """Memory decode on, INTx not disabled, and bus master when the test DMAs or uses MSI."""
         cmd = self.config_read(device, 4, 2) | 0x2 | (0x4 if master else 0)
         self.config_write(device, 4, 2, cmd & ~0x400)
+
+
+def chain_offsets(buf, offset: int) -> list[int]:
+    """Where each capability of an info chain starts, by following `next`."""
+    offsets = []
+    while offset:
+        offsets.append(offset)
+        offset = uapi.vfio_info_cap_header.unpack(buf, offset).next
+    return offsets

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import pytest
 
 from conformance.backends import describe
-from conformance.raw import RawSession, errno_of, wired_vectors
+from conformance.raw import RawSession, chain_offsets, errno_of, wired_vectors
 from conformance.reliability import ROM_MSI, pci_topology
 from fakekernel import FakeKernel, Profile, Topology
 from fakekernel.profile import LINUX_6_1, LINUX_6_12, PROFILES
@@ -72,15 +72,6 @@ def test_set_container_with_a_fd_that_is_no_container(profile, expected):
 
 
 # -- capability chains (vfio_info_cap_add) -------------------------------------------------------
-
-def chain_offsets(buf, offset: int) -> list[int]:
-    """Where each capability starts, by following `next`."""
-    offsets = []
-    while offset:
-        offsets.append(offset)
-        offset = uapi.vfio_info_cap_header.unpack(buf, offset).next
-    return offsets
-
 
 def iommu_info(raw, c, argsz: int):
     buf = bytearray(max(argsz, uapi.vfio_iommu_type1_info.size))

@@ -9,7 +9,7 @@ import pytest
 
 from vfio_impl import AddressSpace, Device, Machine, VFIOError, uapi
 
-from ..raw import errno_of, profile_of
+from ..raw import chain_offsets, errno_of, profile_of
 
 pytestmark = pytest.mark.vfio(device="edu")
 PAGE = mmap.PAGESIZE
@@ -75,15 +75,6 @@ def cap_layout(caps, align: int) -> list[int]:
     `align`, and last where the chain ends: the argsz it needs."""
     return list(itertools.accumulate((-(-cap_size(cap) // align) * align for cap in caps),
                                      initial=uapi.vfio_iommu_type1_info.size))
-
-
-def chain_offsets(buf, offset: int) -> list[int]:
-    """Where each capability of the chain starts, by following `next`."""
-    offsets = []
-    while offset:
-        offsets.append(offset)
-        offset = uapi.vfio_info_cap_header.unpack(buf, offset).next
-    return offsets
 
 
 def test_map_and_unmap(vfio, raw, memory):
