@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from vfio_impl import uapi
@@ -152,15 +153,27 @@ def check_named(kind: str, names: list[str]) -> list[DeviceInfo]:
             raise DeviceError(REAL_MISSING)
         host = RealHost()
         return [check_device(host, name) for name in names]
-    from fakekernel import FakeKernel, Topology
     from fakekernel.topology import DEFAULT_TOPOLOGY
-    from vfio_impl.ivshmem.server import doorbell_servers
 
-    with doorbell_servers(Topology.named(DEFAULT_TOPOLOGY)) as topology, FakeKernel(topology) as kernel:
+    with fake_kernel() as kernel:
         try:
             return [check_device(kernel, name) for name in names]
         except DeviceError as e:
             raise DeviceError(f"{e} (on the fake's {DEFAULT_TOPOLOGY!r} topology)") from None
+
+
+@contextmanager
+def fake_kernel(topology: str | None = None, profile=None):
+    """A FakeKernel on a named topology (the default one when None) modelling `profile`, with an
+    ivshmem server for each doorbell that names none, as the CI VM's host starts one before QEMU;
+    the kernel closes first, then the servers."""
+    from fakekernel import FakeKernel, Topology
+    from fakekernel.topology import DEFAULT_TOPOLOGY
+    from vfio_impl.ivshmem.server import doorbell_servers
+
+    with doorbell_servers(Topology.named(topology or DEFAULT_TOPOLOGY)) as served, \
+            FakeKernel(served, profile) as kernel:
+        yield kernel
 
 
 def kernel_profile(kind: str, name: str | None = None):

@@ -9,7 +9,6 @@ ran on a named device; report: a run passed nothing); 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -152,17 +151,13 @@ def _parse_faults(rules: list[str]) -> None:
             raise CommandError(f"--fault {rule}: {e}", USAGE) from None
 
 
-@contextlib.contextmanager
-def _fake_kernel(topology: str):
-    from fakekernel import FakeKernel, Topology
-    from vfio_impl.ivshmem.server import doorbell_servers
+def _check_topology(name: str) -> None:
+    from fakekernel import Topology
 
     try:
-        named = Topology.named(topology)
+        Topology.named(name)
     except ValueError as e:
         raise CommandError(f"--topology: {e}", USAGE) from None
-    with doorbell_servers(named) as served, FakeKernel(served) as kernel:
-        yield kernel
 
 
 def cmd_devices(args) -> int:
@@ -175,9 +170,10 @@ def cmd_devices(args) -> int:
             raise CommandError(str(e), BAD_DEVICE) from None
         print(f"backend: real ({kernel_label('real')})")
     else:
-        from .backends import check_device, describe
+        from .backends import check_device, describe, fake_kernel
 
-        with _fake_kernel(args.topology) as kernel:
+        _check_topology(args.topology)
+        with fake_kernel(args.topology) as kernel:
             try:
                 devices = ([check_device(kernel, d) for d in args.device] if args.device
                            else [describe(kernel, spec.bdf) for spec in kernel.topology.devices])

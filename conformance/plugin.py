@@ -10,7 +10,6 @@ import json
 import os
 import socket
 from collections import Counter
-from contextlib import ExitStack
 
 import pytest
 
@@ -151,12 +150,10 @@ def vfio(request):
     On the fake, a test that leaves anything behind (an fd, a VFIO file, an mmap, a DMA mapping)
     fails with each leftover named (conformance.leaks).
     """
-    from fakekernel import FakeKernel, Topology
     from fakekernel.topology import DEFAULT_TOPOLOGY
     from vfio_impl.core.pciaddr import sysfs_path
-    from vfio_impl.ivshmem.server import doorbell_servers
 
-    from .backends import REAL_MISSING, Backend, describe, real_available, real_backend
+    from .backends import REAL_MISSING, Backend, describe, fake_kernel, real_available, real_backend
     from .leaks import fds_opened_since, kernel_leftovers, report
     from .reliability import process_fds
 
@@ -186,24 +183,18 @@ def vfio(request):
         return
     before = process_fds()
     default = "platform" if need.get("platform") else "ccw" if need.get("ccw") else DEFAULT_TOPOLOGY
-    servers = ExitStack()   # the doorbells' ivshmem servers, as the CI VM's host runs them before QEMU
-    topology = servers.enter_context(doorbell_servers(Topology.named(need.get("topology") or default)))
-    kernel = FakeKernel(topology, request.config.getoption("--vfio-kernel"))
-    backend = Backend("fake", kernel, f"fake {kernel.profile.name}", destructive=True, profile=kernel.profile)
-    named = request.config.getoption("--vfio-device")
-    if named and not need.get("topology"):
-        backend.devices = [describe(kernel, name) for name in named if kernel.exists(sysfs_path(name))]
-    else:
-        backend.devices = [describe(kernel, spec.bdf) for spec in kernel.topology.devices]
-    try:
+    with fake_kernel(need.get("topology") or default, request.config.getoption("--vfio-kernel")) as kernel:
+        backend = Backend("fake", kernel, f"fake {kernel.profile.name}", destructive=True, profile=kernel.profile)
+        named = request.config.getoption("--vfio-device")
+        if named and not need.get("topology"):
+            backend.devices = [describe(kernel, name) for name in named if kernel.exists(sysfs_path(name))]
+        else:
+            backend.devices = [describe(kernel, spec.bdf) for spec in kernel.topology.devices]
         _require_device(request, backend, need)
         kernel.faults.add(*_fault_rules([*request.config.getoption("--vfio-fault"), *need.get("faults", ())]))
         yield backend
         request.node.stash[DEVICES_USED] = backend.used
         left = kernel_leftovers(kernel)
-    finally:
-        kernel.close_all()
-        servers.close()
     left += fds_opened_since(before)
     if left:
         pytest.fail(report(left), pytrace=False)

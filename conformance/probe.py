@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from vfio_impl import uapi
 from vfio_impl.core import irq
 
-from .backends import describe, vfio_bound
+from .backends import describe, fake_kernel, vfio_bound
 from .raw import RawSession
 
 if TYPE_CHECKING:
@@ -689,10 +689,7 @@ def record(host, bdfs: list[str], settle: float = 0.5) -> dict:
 def replay_on_fake(bdfs: list[str] | None = None, profile: Profile | str | None = None) -> dict:
     """The same script on FakeKernel('vm'), the fake's mirror of the CI VM, modelling `profile`'s
     kernel (the fake's default when None)."""
-    from fakekernel import FakeKernel, Topology
-    from vfio_impl.ivshmem.server import doorbell_servers
-
-    with doorbell_servers(Topology.named("vm")) as topology, FakeKernel(topology, profile) as kernel:
+    with fake_kernel("vm", profile) as kernel:
         names = bdfs or [spec.bdf for spec in kernel.topology.devices]
         return record(kernel, names, settle=0.0)
 

@@ -7,13 +7,12 @@ import struct
 
 import pytest
 
-from conformance.backends import describe
+from conformance.backends import describe, fake_kernel
 from conformance.raw import RawSession, errno_of
 from fakekernel import FakeKernel, Topology, devices, pci
 from fakekernel.devices import e1000e as e
 from fakekernel.topology import PciDeviceSpec
 from vfio_impl import uapi
-from vfio_impl.ivshmem.server import doorbell_servers
 
 EDU, IVSHMEM, E1000E, DOORBELL = "0000:00:03.0", "0000:00:04.0", "0000:01:00.0", "0000:00:06.0"
 CFG = uapi.VFIO_PCI_CONFIG_REGION_INDEX
@@ -39,7 +38,7 @@ E1000E_ECAPS = bytes.fromhex("010002140000000000000000302046000000000000e00000a0
 
 @pytest.fixture
 def kernel():
-    with doorbell_servers(Topology.named("vm")) as topology, FakeKernel(topology) as k:
+    with fake_kernel("vm") as k:
         yield k
 
 

@@ -5,11 +5,11 @@ import os
 
 import pytest
 
+from conformance.backends import fake_kernel
 from fakekernel import FakeKernel, Profile, Topology
 from fakekernel.eventfd import EventfdCtx
 from fakekernel.mmio import MMIOMapping, split_access
 from vfio_impl import AddressSpace, Device, uapi
-from vfio_impl.ivshmem.server import doorbell_servers
 
 
 def test_split_access_is_naturally_aligned():
@@ -167,7 +167,7 @@ def test_sysfs_resource_lists_bars_as_linux_prints_them():
     register BAR, no BAR1, and a 64-bit prefetchable BAR2; tools tell ivshmem-doorbell by BAR1."""
     from conformance.backends import describe
 
-    with doorbell_servers(Topology.named("vm")) as topology, FakeKernel(topology) as kernel:
+    with fake_kernel("vm") as kernel:
         sysfs = "/sys/bus/pci/devices/0000:00:04.0"
         lines = kernel.read_text(f"{sysfs}/resource").splitlines()
         assert len(lines) == 13

@@ -9,13 +9,13 @@ import time
 
 import pytest
 
+from conformance.backends import fake_kernel
 from fakekernel import FakeKernel, Topology, devices
 from fakekernel import pci as fpci
 from fakekernel.topology import PciDeviceSpec
 from vfio_impl import AddressSpace, Machine, VFIOError, VirtualClock, uapi
 from vfio_impl.core.trace import TraceRecorder
 from vfio_impl.flavours.pci import VFIOPCIDevice
-from vfio_impl.ivshmem.server import doorbell_servers
 
 EDU = "0000:00:03.0"
 TEST = "0000:01:00.0"
@@ -900,7 +900,7 @@ def test_acceptance_e1000e_msix_vector_raised_by_the_device_reaches_the_machine(
     """MSI-X enabled through config, vector 0 programmed and unmasked in the emulated table, then
     the NIC raises RXQ0 through ICS with IVAR routing it to vector 0."""
     ivar, ims, ics, rxq0 = 0xE4, 0xD0, 0xC8, 0x00100000
-    with (doorbell_servers(Topology.named("vm")) as topology, FakeKernel(topology) as k,
+    with (fake_kernel("vm") as k,
           AddressSpace(k, Machine(clock)) as space):
         with VFIOPCIDevice.realize(space, space.machine, host="0000:01:00.0") as dev:
             dev.config_write(fpci.PCI_COMMAND, fpci.PCI_COMMAND_MEMORY | fpci.PCI_COMMAND_MASTER, 2)
