@@ -1,5 +1,14 @@
-"""/dev/vfio/vfio with the type1 IOMMU driver (drivers/vfio/container.c, vfio_iommu_type1.c's
-ioctls): SET_IOMMU, GET_INFO, MAP_DMA and UNMAP_DMA. The mappings themselves are iommu.py's."""
+"""/dev/vfio/vfio with its IOMMU drivers (drivers/vfio/container.c): type1 (vfio_iommu_type1.c's
+ioctls: SET_IOMMU, GET_INFO, MAP_DMA and UNMAP_DMA; the mappings themselves are iommu.py's) and,
+with enable_unsafe_noiommu_mode, vfio-noiommu.
+
+vfio-noiommu is registered alongside type1 and answers CHECK_EXTENSION(VFIO_NOIOMMU_IOMMU) with 1
+while the mode is on. Once a group is attached, a container may use only the driver of its kind
+(vfio_iommu_driver_allowed): a container of no-IOMMU groups only vfio-noiommu, any other only
+type1; so CHECK_EXTENSION asks only that driver, SET_IOMMU of the other kind is ENODEV, and the
+two kinds of group never share a container (EPERM). vfio-noiommu answers every other ioctl with
+ENOTTY: it has no GET_INFO, MAP_DMA or UNMAP_DMA. Linux 6.1 and 6.12 agree on all of it.
+"""
 
 from __future__ import annotations
 
@@ -18,21 +27,35 @@ if TYPE_CHECKING:
     from .kernel import FakeKernel
 
 U64_MAX = (1 << 64) - 1
+TYPE1, NOIOMMU = "vfio-iommu-type1", "vfio-noiommu"
 
 
 class ContainerFile(File):
     """A container; its groups keep it, and its IOMMU, alive after its fd is closed, and the
-    last group to leave frees the IOMMU."""
+    last group to leave frees the IOMMU. `driver` is the IOMMU driver SET_IOMMU chose, `iommu`
+    type1's state; `noiommu` says which kind of group was attached last (container->noiommu)."""
 
     kind = "container"
 
     def __init__(self, kernel: "FakeKernel"):
         super().__init__(kernel)
         self.groups: list[IommuGroup] = []
+        self.driver: str | None = None
         self.iommu: Type1IOMMU | None = None
         self.v2 = False
+        self.noiommu = False
 
-    def check_extension(self, arg: int) -> int:
+    def drivers(self) -> tuple[str, ...]:
+        """The registered IOMMU drivers this container may use (vfio_iommu_driver_allowed)."""
+        registered = (TYPE1, NOIOMMU) if self.kernel.topology.enable_unsafe_noiommu_mode else (TYPE1,)
+        if not self.groups:
+            return registered
+        return tuple(d for d in registered if (d == NOIOMMU) == self.noiommu)
+
+    def driver_check_extension(self, driver: str, arg: int) -> int:
+        """One driver's CHECK_EXTENSION, with its state once SET_IOMMU chose it."""
+        if driver == NOIOMMU:
+            return int(arg == uapi.VFIO_NOIOMMU_IOMMU)
         p = self.kernel.profile
         if arg in p.type1_extensions:
             return 1
@@ -43,6 +66,11 @@ class ContainerFile(File):
                 return int(p.dma_cc_iommu)
         return 0
 
+    def check_extension(self, arg: int) -> int:
+        """The chosen driver's answer, or the first positive one of the drivers allowed."""
+        drivers = (self.driver,) if self.driver else self.drivers()
+        return max((self.driver_check_extension(d, arg) for d in drivers), default=0)
+
     def ioctl(self, request: int, arg) -> int:
         if request == uapi.VFIO_GET_API_VERSION:
             return uapi.VFIO_API_VERSION
@@ -50,8 +78,10 @@ class ContainerFile(File):
             return self.check_extension(int_arg(arg))
         if request == uapi.VFIO_SET_IOMMU:
             return self.set_iommu(int_arg(arg))
-        if self.iommu is None:
+        if self.driver is None:
             raise error(errno.EINVAL, "no IOMMU set on the container")
+        if self.driver == NOIOMMU:
+            raise error(errno.ENOTTY, f"vfio-noiommu has no ioctl {request:#x}")
         if request == uapi.VFIO_IOMMU_GET_INFO:
             return self.get_info(buf_arg(arg))
         if request == uapi.VFIO_IOMMU_MAP_DMA:
@@ -61,14 +91,19 @@ class ContainerFile(File):
         raise error(errno.ENOTTY, f"type1 has no ioctl {request:#x}")
 
     def set_iommu(self, arg: int) -> int:
-        if not self.groups or self.iommu is not None:
+        """vfio_ioctl_set_iommu: with a group attached, one driver is allowed; it must claim
+        the type, then open it."""
+        if not self.groups or self.driver is not None:
             raise error(errno.EINVAL, "SET_IOMMU needs a group and no IOMMU set yet")
-        if not self.check_extension(arg):
+        (driver,) = self.drivers()
+        if not self.driver_check_extension(driver, arg):
             raise error(errno.ENODEV, f"no IOMMU driver for type {arg}")
-        if arg not in (uapi.VFIO_TYPE1_IOMMU, uapi.VFIO_TYPE1v2_IOMMU):
-            raise error(errno.EINVAL, f"type1 cannot open type {arg}")
-        self.iommu = Type1IOMMU(self.kernel.profile.dma_entry_limit, self.kernel.iommu_fault_log)
-        self.v2 = arg == uapi.VFIO_TYPE1v2_IOMMU
+        if driver == TYPE1:
+            if arg not in (uapi.VFIO_TYPE1_IOMMU, uapi.VFIO_TYPE1v2_IOMMU):
+                raise error(errno.EINVAL, f"type1 cannot open type {arg}")
+            self.iommu = Type1IOMMU(self.kernel.profile.dma_entry_limit, self.kernel.iommu_fault_log)
+            self.v2 = arg == uapi.VFIO_TYPE1v2_IOMMU
+        self.driver = driver
         return 0
 
     def get_info(self, buf: bytearray) -> int:
@@ -156,12 +191,25 @@ class ContainerFile(File):
         layout.pack_into(buf, 0, argsz=u.argsz, flags=u.flags, iova=u.iova, size=unmapped)
         return 0
 
+    def attach(self, group: "IommuGroup") -> None:
+        """vfio_container_attach_group: the two kinds of group never mix, and an IOMMU group must
+        be viable to be claimed for DMA."""
+        if self.groups and self.noiommu != group.noiommu:
+            raise error(errno.EPERM, "no-IOMMU and IOMMU groups cannot share a container")
+        if not group.noiommu and not self.kernel.sysfs.viable(group.number):
+            raise error(errno.EPERM, "a device in the group is bound to a non-vfio driver")
+        self.groups.append(group)
+        group.container = self
+        self.noiommu = group.noiommu
+
     def detach(self, group: "IommuGroup") -> None:
+        """The last group to leave takes the IOMMU driver with it."""
         self.groups.remove(group)
         group.container = None
-        if not self.groups and self.iommu is not None:
-            self.iommu.unmap_all()
-            self.iommu = None
+        if not self.groups and self.driver is not None:
+            if self.iommu is not None:
+                self.iommu.unmap_all()
+            self.driver = self.iommu = None
             self.v2 = False
 
 

@@ -1,4 +1,9 @@
-"""IOMMU groups and /dev/vfio/N (drivers/vfio/group.c): status, the container, device fds."""
+"""IOMMU groups and /dev/vfio/N (drivers/vfio/group.c): status, the container, device fds.
+
+A no-IOMMU group (VFIO_NO_IOMMU) is one VFIO made itself for a device behind no IOMMU, with
+enable_unsafe_noiommu_mode on: /dev/vfio/noiommu-N. Linux asks CAP_SYS_RAWIO to open one, to
+attach it to a container and to open its devices; the fake runs as root and has it.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from vfio_impl import uapi
 from .container import ContainerFile
 from .err import error
 from .iommu import PAGE_SIZE
+from .sysfs import group_node
 from .uaccess import buf_arg, copy_from_user
 from .vfio_main import DeviceFile, File, VfioDevice, is_open
 
@@ -24,12 +30,17 @@ class IommuGroup:
     """Kernel state of one IOMMU group: its open file, its container, its devices and how many
     of them have a device fd open."""
 
-    def __init__(self, number: int):
+    def __init__(self, number: int, noiommu: bool = False):
         self.number = number
+        self.noiommu = noiommu
         self.opened: GroupFile | None = None
         self.container: ContainerFile | None = None
         self.devices: list[VfioDevice] = []
         self.device_fds = 0
+
+    @property
+    def node(self) -> str:
+        return group_node(self.number, self.noiommu)
 
 
 class GroupFile(File):
@@ -65,10 +76,7 @@ class GroupFile(File):
                 raise error(errno.EINVAL, "group already has a container")
             if not isinstance(target, ContainerFile):
                 raise error(self.kernel.profile.unrecognized_container_errno, f"fd {fd} is not a VFIO container")
-            if not self.kernel.sysfs.viable(g.number):
-                raise error(errno.EPERM, "a device in the group is bound to a non-vfio driver")
-            target.groups.append(g)
-            g.container = target
+            target.attach(g)
             return 0
         if request == uapi.VFIO_GROUP_UNSET_CONTAINER:
             if not g.container:
@@ -95,7 +103,7 @@ class GroupFile(File):
         if device is None:
             raise error(errno.ENODEV, f"no device {name!r} in group {self.group.number}")
         container = self.group.container
-        if container is None or container.iommu is None:
+        if container is None or container.driver is None:
             raise error(errno.EINVAL, "the group's container has no IOMMU set")
         device.open_device()
         self.group.device_fds += 1

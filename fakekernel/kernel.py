@@ -35,10 +35,10 @@ from .topology import PciDeviceSpec, Topology
 from .vfio_ccw import VfioCcwDevice
 from .vfio_main import DeviceFile, File, is_open
 from .vfio_pci import VfioPciDevice
-from .vfio_platform import VfioPlatformDevice
-from .virqfd import Worker
+from .vfio_platform import BUS_DRIVERS, VfioPlatformDevice
+from .virqfd import Timer, Worker
 
-_GROUP_RE = re.compile(r"^/dev/vfio/(\d+)$")
+_GROUP_RE = re.compile(r"^/dev/vfio/(?:noiommu-)?(\d+)$")
 
 
 def _not_vfio(fd: int) -> OSError:
@@ -66,17 +66,17 @@ class FakeKernel(EventfdMixin):
                 fn.stop()
             raise
         pci_setup(self.topology.devices, self.functions)
-        self.sysfs = Sysfs(self.topology, self.functions)
+        models = {d.name: _devices.CATALOG[d.model]() for d in self.topology.platform}
+        self.sysfs = Sysfs(self.topology, self.functions, models)
         self.fs = self.sysfs.fs
         self.interrupts = Interrupts(self.fs)
         self._os = fake_os.FakeOsModule(self.fs)
         self._open = fake_open.FakeFileOpen(self.fs)
         self.files: dict[int, File] = {}
-        self.groups = {n: IommuGroup(n) for n in self.topology.groups()}
+        self.groups = {n: IommuGroup(n, self.topology.noiommu(n)) for n in self.topology.groups()}
         # Each driver's device joins its IOMMU group as it is made (VfioDevice.__init__).
         self.vfio_devices = {d.bdf: VfioPciDevice(self, self.functions[d.bdf], d) for d in self.topology.devices}
-        self.platform_devices = {d.name: VfioPlatformDevice(self, _devices.CATALOG[d.model](), d)
-                                 for d in self.topology.platform}
+        self.platform_devices = {d.name: BUS_DRIVERS[d.bus](self, models[d.name], d) for d in self.topology.platform}
         self.ccw_devices = {d.schid: VfioCcwDevice(self, d, _devices.CATALOG[d.model]()) for d in self.topology.ccw}
         self._mappings: list[weakref.ref] = []
         self.iommu_fault_log: list[IOMMUFault] = []
@@ -245,6 +245,13 @@ class FakeKernel(EventfdMixin):
                 return
             self._worker = Worker(self._lock)
         self._worker.watch(fd, callback)
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        """The kernel's worker runs `callback` under the kernel lock `delay` seconds from now,
+        unless the Timer is cancelled first: a device model's QEMU timer (timer_mod, timer_del)."""
+        if self._worker is None:
+            self._worker = Worker(self._lock)
+        return self._worker.call_later(delay, callback)
 
     def watched(self) -> int:
         """fds the kernel's worker watches (virqfds, device sockets and eventfds)."""

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pyfakefs.fake_filesystem import FakeFilesystem
 
 from .pci import BAR_IO, BAR_MEM64, PciFunction
 from .topology import CcwDeviceSpec, PciDeviceSpec, PlatformDeviceSpec, Topology, VIABLE_DRIVERS, VFIO_DRIVERS
 
+if TYPE_CHECKING:
+    from .devices.platform_test import PlatformDevice
+
 PCI_DEVICES = "/sys/bus/pci/devices"
 PLATFORM_DEVICES = "/sys/bus/platform/devices"
 IOMMU_GROUPS = "/sys/kernel/iommu_groups"
+# vfio's module parameter, and vfio-platform's, which the arm64 runner loads with 0 so that
+# devices with no reset function can be bound.
+NOIOMMU_MODE = "/sys/module/vfio/parameters/enable_unsafe_noiommu_mode"
+RESET_REQUIRED = "/sys/module/vfio_platform/parameters/reset_required"
+# The name vfio_noiommu_group_alloc gives the IOMMU groups it makes.
+NOIOMMU_GROUP_NAME = "vfio-noiommu"
 DEVICETREE = "/sys/firmware/devicetree/base"
 CSS_DEVICES = "/sys/bus/css/devices"
 MDEV_DEVICES = "/sys/bus/mdev/devices"
@@ -23,7 +34,14 @@ def device_dir(bdf: str) -> str:
 
 
 def platform_dir(name: str) -> str:
+    """A devicetree device's directory, on the platform bus or the AMBA bus alike: of_platform
+    makes both children of the platform bus's root device."""
     return f"/sys/devices/platform/{name}"
+
+
+def group_node(group: int, noiommu: bool) -> str:
+    """The group's character device: vfio_create_group names a no-IOMMU one noiommu-N."""
+    return f"/dev/vfio/{'noiommu-' if noiommu else ''}{group}"
 
 
 def of_node_name(name: str) -> str:
@@ -57,16 +75,20 @@ def _resource(fn: PciFunction) -> str:
 class Sysfs:
     """Builds and updates the tree as devices are bound and unbound."""
 
-    def __init__(self, topology: Topology, functions: dict[str, PciFunction]):
+    def __init__(self, topology: Topology, functions: dict[str, PciFunction], platform: dict[str, "PlatformDevice"]):
         self.fs = FakeFilesystem(path_separator="/")
         self.topology = topology
         self.fs.create_file("/dev/vfio/vfio")
         for path in (PCI_DEVICES, PLATFORM_DEVICES, CSS_DEVICES, MDEV_DEVICES):
             self.fs.create_dir(path)
+        if topology.enable_unsafe_noiommu_mode:
+            self.fs.create_file(NOIOMMU_MODE, contents="Y\n")
+        if topology.platform:
+            self.fs.create_file(RESET_REQUIRED, contents="N\n")
         for spec in topology.devices:
             self._add_device(spec, functions[spec.bdf])
         for spec in topology.platform:
-            self._add_platform_device(spec)
+            self._add_platform_device(spec, platform[spec.name])
         for spec in topology.ccw:
             self._add_ccw_device(spec)
         for group in topology.groups():
@@ -86,27 +108,34 @@ class Sysfs:
         self.set_driver(spec, spec.driver)
 
     def _add_to_group(self, path: str, name: str, group: int | None, link: str | None) -> None:
-        """The device's iommu_group link and its entry in the group's devices directory."""
+        """The device's iommu_group link and its entry in the group's devices directory; a
+        no-IOMMU group also has a name."""
         fs = self.fs
         if group is not None:
             if not fs.exists(f"{IOMMU_GROUPS}/{group}/devices"):
                 fs.create_dir(f"{IOMMU_GROUPS}/{group}/devices")
+                if self.topology.noiommu(group):
+                    fs.create_file(f"{IOMMU_GROUPS}/{group}/name", contents=NOIOMMU_GROUP_NAME + "\n")
             fs.create_symlink(f"{IOMMU_GROUPS}/{group}/devices/{name}", "../../../.." + path[len("/sys"):])
             link = link or f"../../../kernel/iommu_groups/{group}"
         if link:
             fs.create_symlink(f"{path}/iommu_group", link)
 
-    def _add_platform_device(self, spec: PlatformDeviceSpec) -> None:
-        """A devicetree platform device: of_node is a link into /sys/firmware/devicetree, whose
-        compatible holds each string NUL-terminated."""
+    def _add_platform_device(self, spec: PlatformDeviceSpec, model: "PlatformDevice") -> None:
+        """A devicetree device: of_node is a link into /sys/firmware/devicetree, whose compatible
+        holds each string NUL-terminated. An AMBA device shows the peripheral ID the bus read
+        from its ID registers (amba_read_periphid) as `id`."""
         fs, path = self.fs, platform_dir(spec.name)
         fs.create_file(f"{path}/driver_override", contents="(null)\n")
-        fs.create_symlink(f"{PLATFORM_DEVICES}/{spec.name}", f"../../../devices/platform/{spec.name}")
+        fs.create_symlink(f"/sys/bus/{spec.bus}/devices/{spec.name}", f"../../../devices/platform/{spec.name}")
+        if spec.bus == "amba":
+            fs.create_file(f"{path}/id", contents=f"{model.periphid:08x}\n")
         if spec.compatible is not None:
-            node = f"{DEVICETREE}/{of_node_name(spec.name)}"
+            node_name = of_node_name(spec.name)
+            node = f"{DEVICETREE}/{node_name}"
             fs.create_file(f"{node}/compatible", contents="".join(c + "\0" for c in spec.compatible))
-            fs.create_file(f"{node}/name", contents=spec.model + "\0")
-            fs.create_symlink(f"{path}/of_node", f"../../../firmware/devicetree/base/{of_node_name(spec.name)}")
+            fs.create_file(f"{node}/name", contents=node_name.partition("@")[0] + "\0")
+            fs.create_symlink(f"{path}/of_node", f"../../../firmware/devicetree/base/{node_name}")
         self._add_to_group(path, spec.name, spec.group, spec.group_link)
         self.set_driver(spec, spec.driver)
 
@@ -136,7 +165,7 @@ class Sysfs:
     def set_driver(self, spec: PciDeviceSpec | PlatformDeviceSpec, driver: str | None) -> None:
         fs = self.fs
         if isinstance(spec, PlatformDeviceSpec):
-            bus, name, path, files = "platform", spec.name, platform_dir(spec.name), ("bind", "unbind")
+            bus, name, path, files = spec.bus, spec.name, platform_dir(spec.name), ("bind", "unbind")
         else:
             bus, name, path, files = "pci", spec.bdf, device_dir(spec.bdf), ("bind", "unbind", "new_id", "remove_id")
         drivers, link = f"/sys/bus/{bus}/drivers", f"{path}/driver"
@@ -154,8 +183,8 @@ class Sysfs:
             self.sync_group(spec.group)
 
     def sync_group(self, group: int) -> None:
-        """/dev/vfio/N exists while any member is bound to a vfio driver."""
-        node = f"/dev/vfio/{group}"
+        """/dev/vfio/N (or noiommu-N) exists while any member is bound to a vfio driver."""
+        node = group_node(group, self.topology.noiommu(group))
         present = any(d.driver in VFIO_DRIVERS for d in self._members(group))
         if present and not self.fs.exists(node):
             self.fs.create_file(node)

@@ -9,9 +9,9 @@ from vfio_impl import uapi
 # The fake mirrors the CI VM unless told otherwise, so every test that runs on real also runs on the
 # fake; every tool that takes --topology defaults to it.
 DEFAULT_TOPOLOGY = "vm"
-VFIO_DRIVERS = ("vfio-pci", "vfio-platform", "vfio_ccw_mdev")
+VFIO_DRIVERS = ("vfio-pci", "vfio-platform", "vfio-amba", "vfio_ccw_mdev")
 # Drivers that do not break a group's viability (vfio_dev_driver_allowed and unbound devices).
-VIABLE_DRIVERS = (None, "vfio-pci", "vfio-platform", "vfio_ccw_mdev", "pci-stub", "pcieport")
+VIABLE_DRIVERS = (None, *VFIO_DRIVERS, "pci-stub", "pcieport")
 
 
 @dataclass(slots=True)
@@ -31,9 +31,11 @@ class PciDeviceSpec:
 
 @dataclass(slots=True)
 class PlatformDeviceSpec:
-    """One platform device under /sys/bus/platform/devices/NAME. `compatible` None means the
-    device has no of_node at all; `group_link` overrides the iommu_group link's target, so a
-    topology can show a link whose last component is not a group number."""
+    """One devicetree device under /sys/bus/BUS/devices/NAME: `bus` "platform", or "amba" for an
+    ARM PrimeCell (bound to vfio-amba). `compatible` None means the device has no of_node at all;
+    `group_link` overrides the iommu_group link's target, so a topology can show a link whose last
+    component is not a group number. `noiommu`: the group is the one VFIO made for a device behind
+    no IOMMU (vfio_noiommu_group_alloc), /dev/vfio/noiommu-N."""
 
     name: str
     model: str = "platform-test"
@@ -41,6 +43,8 @@ class PlatformDeviceSpec:
     driver: str | None = "vfio-platform"
     compatible: list[str] | None = None
     group_link: str | None = None
+    bus: str = "platform"
+    noiommu: bool = False
 
 
 @dataclass(slots=True)
@@ -72,13 +76,19 @@ class CcwDeviceSpec:
 
 @dataclass(slots=True)
 class Topology:
-    """`devices` are the PCI functions; `platform` the devices on the platform bus; `ccw` the
-    vfio-ccw mdevs on s390 I/O subchannels."""
+    """`devices` are the PCI functions; `platform` the devicetree devices (platform and AMBA
+    buses); `ccw` the vfio-ccw mdevs on s390 I/O subchannels. `enable_unsafe_noiommu_mode` is
+    vfio's module parameter; a topology with a no-IOMMU group has it on, as only then can VFIO
+    make one."""
 
     devices: list[PciDeviceSpec] = field(default_factory=list)
     name: str = "custom"
     platform: list[PlatformDeviceSpec] = field(default_factory=list)
     ccw: list[CcwDeviceSpec] = field(default_factory=list)
+    enable_unsafe_noiommu_mode: bool = False
+
+    def __post_init__(self) -> None:
+        self.enable_unsafe_noiommu_mode |= any(d.noiommu for d in self.platform)
 
     @classmethod
     def default(cls) -> "Topology":
@@ -107,8 +117,26 @@ class Topology:
     def groups(self) -> list[int]:
         return sorted({d.group for d in (*self.devices, *self.platform, *self.ccw) if d.group is not None})
 
+    def noiommu(self, group: int) -> bool:
+        """Whether the group is a no-IOMMU one (VFIO_NO_IOMMU), which its devices' specs say."""
+        return any(d.noiommu for d in self.platform_members(group))
+
 
 TEST_COMPATIBLE = ["qemu,platform-test", "vfio,test-device"]
+
+
+def _virt_board() -> list[PlatformDeviceSpec]:
+    """The arm64 runner's QEMU virt board (hw/arm/virt.c): its RTC and GPIO PrimeCells bound to
+    vfio-amba and its first virtio-mmio slot, left empty, bound to vfio-platform, each in the
+    no-IOMMU group VFIO made for it when it was bound; the next slot stays with virtio-mmio, so it
+    has no group."""
+    return [
+        PlatformDeviceSpec("9010000.pl031", "pl031", 0, "vfio-amba", ["arm,pl031", "arm,primecell"], bus="amba",
+                           noiommu=True),
+        PlatformDeviceSpec("9030000.pl061", "pl061", 1, "vfio-amba", ["arm,pl061", "arm,primecell"], bus="amba",
+                           noiommu=True),
+        PlatformDeviceSpec("a000000.virtio_mmio", "virtio-mmio", 2, "vfio-platform", ["virtio,mmio"], noiommu=True),
+        PlatformDeviceSpec("a000200.virtio_mmio", "virtio-mmio", None, "virtio-mmio", ["virtio,mmio"])]
 
 
 def _mdev(schid: str, group: int | None, **kwargs) -> CcwDeviceSpec:
@@ -132,14 +160,15 @@ NAMED = {
                                  bars={0: 0xFE200000, 1: 0xFE220000, 2: 0xC000, 3: 0xFE240000})],
     # vfio-platform as QEMU's hw/vfio/platform.c meets it: one good device and one of each way
     # its realize can fail (no group, a group link that is not a number, not a platform device,
-    # no of_node to read compatible from).
+    # no of_node to read compatible from); then the arm64 runner's devices.
     "platform": lambda: [
         PlatformDeviceSpec("c0000000.platform-test", "platform-test", 20, compatible=TEST_COMPATIBLE),
         PlatformDeviceSpec("c1000000.no-group", "platform-test", None, compatible=TEST_COMPATIBLE),
         PlatformDeviceSpec("c2000000.bad-group", "platform-test", None, compatible=TEST_COMPATIBLE,
                            group_link="../../../kernel/iommu_groups/bogus"),
         PlatformDeviceSpec("c3000000.not-platform", "amba-test", 23, compatible=TEST_COMPATIBLE),
-        PlatformDeviceSpec("c4000000.no-of-node", "platform-test", 24, compatible=None)],
+        PlatformDeviceSpec("c4000000.no-of-node", "platform-test", 24, compatible=None),
+        *_virt_board()],
     # vfio-ccw as QEMU's hw/vfio/ccw.c meets it: a block device on a subchannel with every
     # optional region, one with only the I/O region, and one broken mdev per realize check.
     "ccw": lambda: [

@@ -1,10 +1,12 @@
-"""vfio-platform in the fake kernel: what drivers/vfio/platform does on top of a platform device.
+"""vfio-platform and vfio-amba in the fake kernel: what drivers/vfio/platform does on top of a
+platform or AMBA device.
 
 Each resource becomes a region at index << 40, each interrupt line an IRQ index with one
 vector. A level-triggered line is maskable and automasked: its handler masks the line before
 signalling, and only an unmask (ioctl or virqfd) lets it fire again. An edge line just signals.
 The hardware IRQ is enabled only while a trigger eventfd is set and the line is not masked,
-which is the disable depth Linux keeps for it.
+which is the disable depth Linux keeps for it. Most devices have no reset function (vfio-platform
+loaded with reset_required=0 binds them anyway): no RESET flag, and VFIO_DEVICE_RESET is EINVAL.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class VfioPlatformDevice(VfioDevice):
         self.ram: dict[int, int] = {}
         self.set_irqs_log: list[tuple[int, int, int, int]] = []
         model.irq_sink = self._line_changed
+        model.call_later = kernel.call_later
 
     # -- what tests look at ---------------------------------------------------------------------
     def irq_masked(self, index: int) -> bool:
@@ -81,7 +84,7 @@ class VfioPlatformDevice(VfioDevice):
 
     @property
     def flags(self) -> int:
-        return self.model.device_flags | uapi.VFIO_DEVICE_FLAGS_RESET
+        return self.model.device_flags | (uapi.VFIO_DEVICE_FLAGS_RESET if self.model.reset else 0)
 
     @property
     def num_regions(self) -> int:
@@ -93,7 +96,7 @@ class VfioPlatformDevice(VfioDevice):
 
     # -- open / close ---------------------------------------------------------------------------
     def open_device(self) -> None:
-        """vfio_platform_open_device: regions and IRQs set up afresh, then a reset."""
+        """vfio_platform_open_device: regions and IRQs set up afresh, then a reset if it has one."""
         self.open_count += 1
         if self.open_count > 1:
             return
@@ -103,14 +106,16 @@ class VfioPlatformDevice(VfioDevice):
                 fd = os.memfd_create(f"vfio-platform-{self.name}-{index}", os.MFD_CLOEXEC)
                 os.ftruncate(fd, res.size)
                 self.ram[index] = fd
-        self.reset()
+        if self.model.reset:
+            self.reset()
 
     def close_device(self) -> None:
-        """vfio_platform_close_device: a reset, then every IRQ freed with its eventfds."""
+        """vfio_platform_close_device: a reset if it has one, then every IRQ freed with its eventfds."""
         self.open_count -= 1
         if self.open_count:
             return
-        self.reset()
+        if self.model.reset:
+            self.reset()
         for irq in self.irqs:
             virqfd_disable(self.kernel, irq.mask_fd)
             virqfd_disable(self.kernel, irq.unmask_fd)
@@ -124,7 +129,10 @@ class VfioPlatformDevice(VfioDevice):
         self.ram.clear()
 
     def reset(self) -> None:
-        """The device's of_reset; what it clears is the model's business."""
+        """vfio_platform_call_reset: the device's reset function; what it clears is the model's
+        business."""
+        if not self.model.reset:
+            raise error(errno.EINVAL, f"no reset function found for {self.name}")
         self.model.reset()
         self.resets += 1
 
@@ -264,3 +272,13 @@ class VfioPlatformDevice(VfioDevice):
                 self._enabled(index)
         elif wants(data_type, data):
             self._handler(index)
+
+
+class VfioAmbaDevice(VfioPlatformDevice):
+    """vfio-amba: the vfio-platform core on an AMBA device, which it never requires a reset of."""
+
+    driver = "vfio-amba"
+
+
+# The VFIO driver of each bus a devicetree device sits on.
+BUS_DRIVERS = {"platform": VfioPlatformDevice, "amba": VfioAmbaDevice}

@@ -1,6 +1,6 @@
 """virqfds and the thread that runs them (drivers/vfio/virqfd.c): a user's write to an eventfd
 runs a handler in the kernel, as an unmask eventfd unmasks INTx; devices that serve a socket or
-eventfds of their own are woken by the same thread."""
+eventfds of their own are woken by the same thread, and so are their timers."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import errno
 import os
 import selectors
 import threading
+import time
 from typing import TYPE_CHECKING, Callable
 
 from .err import error
@@ -43,15 +44,37 @@ def virqfd_disable(kernel: "FakeKernel", ctx: EventfdCtx | None) -> None:
         ctx.put()
 
 
+# The longest the worker sleeps at once: epoll takes its timeout in int milliseconds, and a timer
+# may be years away (a PL031 match behind its count).
+MAX_SLEEP = 3600.0
+
+
+class Timer:
+    """A callback due at `deadline` (time.monotonic()); cancel() takes it back, as timer_del does."""
+
+    __slots__ = ("deadline", "callback", "_pending")
+
+    def __init__(self, deadline: float, callback: Callable[[], None], pending: list["Timer"]):
+        self.deadline = deadline
+        self.callback = callback
+        self._pending = pending
+
+    def cancel(self) -> None:
+        if self in self._pending:
+            self._pending.remove(self)
+
+
 class Worker:
     """The kernel's worker: runs a callback, under the kernel lock, when a user writes an unmask
-    eventfd, or when a device's socket or eventfd has something to read."""
+    eventfd, when a device's socket or eventfd has something to read, or when a device's timer
+    is due."""
 
     def __init__(self, lock: threading.RLock):
         self._lock = lock
         self._sel = selectors.DefaultSelector()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._sel.register(self._wake, selectors.EVENT_READ, None)
+        self._timers: list[Timer] = []
         self._running = True
         self._thread = threading.Thread(target=self._run, name="fake-virqfd", daemon=True)
         self._thread.start()
@@ -68,9 +91,33 @@ class Worker:
     def watched(self) -> int:
         return len(self._sel.get_map()) - 1
 
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        """Under the kernel lock, as the device that arms a timer holds it."""
+        timer = Timer(time.monotonic() + delay, callback, self._timers)
+        self._timers.append(timer)
+        os.eventfd_write(self._wake, 1)
+        return timer
+
+    def _sleep(self) -> float | None:
+        """Until the next timer is due; None, with no timer, waits for an fd alone."""
+        with self._lock:
+            if not self._timers:
+                return None
+            return min(max(min(t.deadline for t in self._timers) - time.monotonic(), 0.0), MAX_SLEEP)
+
+    def _fire_timers(self) -> None:
+        if not self._timers:
+            return
+        with self._lock:
+            now = time.monotonic()
+            for timer in [t for t in self._timers if t.deadline <= now]:
+                if timer in self._timers:  # an earlier callback may have cancelled it
+                    self._timers.remove(timer)
+                    timer.callback()
+
     def _run(self) -> None:
         while self._running:
-            for key, _ in self._sel.select():
+            for key, _ in self._sel.select(self._sleep()):
                 if key.data is None:
                     try:
                         os.eventfd_read(self._wake)
@@ -79,6 +126,7 @@ class Worker:
                     continue
                 with self._lock:
                     key.data()
+            self._fire_timers()
 
     def stop(self) -> None:
         self._running = False

@@ -429,13 +429,13 @@ def _ready_device(session: Session, groups: list[int], names: dict[int, list[str
     """Most examples start from a working device fd, so the device ioctls get past EINVAL."""
     group = session.draw(st.sampled_from(groups))
     container = session.syscall("open", "/dev/vfio/vfio", os.O_RDWR)
-    gfd = session.syscall("open", f"/dev/vfio/{group}", os.O_RDWR)
+    gfd = session.syscall("open", session.kernel.groups[group].node, os.O_RDWR)
     session.opened(container)
     session.opened(gfd)
     if container is None or gfd is None:
         return
     session.syscall("ioctl", gfd, uapi.VFIO_GROUP_SET_CONTAINER, bytearray(struct.pack("<i", container)))
-    session.syscall("ioctl", container, uapi.VFIO_SET_IOMMU, uapi.VFIO_TYPE1v2_IOMMU)
+    session.syscall("ioctl", container, uapi.VFIO_SET_IOMMU, _iommu_type(session.kernel, group))
     for name in names[group]:
         session.opened(session.syscall("ioctl", gfd, uapi.VFIO_GROUP_GET_DEVICE_FD, name.encode() + b"\0"))
 
@@ -453,7 +453,7 @@ def test_fuzz_the_fake_kernel(target, record_reliability):
                 names.setdefault(spec.group, []).append(getattr(spec, "uuid", None) or getattr(spec, "bdf", None)
                                                         or spec.name)
         groups = sorted(names)
-        open_paths = ["/dev/vfio/vfio", *(f"/dev/vfio/{g}" for g in groups), "/dev/vfio/999", "/dev/vfio/",
+        open_paths = ["/dev/vfio/vfio", *(kernel.groups[g].node for g in groups), "/dev/vfio/999", "/dev/vfio/",
                       "/sys/bus/pci/devices", "/dev/null"]
         sysfs = _sysfs_paths(kernel)
         all_names = [n for group in names.values() for n in group]
@@ -508,6 +508,10 @@ def _rebind(kernel: FakeKernel, bindings: list) -> None:
             kernel.write_text(f"/sys/bus/pci/devices/{spec.bdf}/driver_override", override)
 
 
+def _iommu_type(kernel: FakeKernel, group: int) -> int:
+    return uapi.VFIO_NOIOMMU_IOMMU if kernel.groups[group].noiommu else uapi.VFIO_TYPE1v2_IOMMU
+
+
 def _warm_up(kernel: FakeKernel, names: dict[int, list[str]]) -> None:
     """What the kernel makes on first use and keeps, started before the baseline so it is not taken
     for an example's leak: its worker thread (an epoll and an eventfd) and each device's RAM BARs."""
@@ -516,9 +520,9 @@ def _warm_up(kernel: FakeKernel, names: dict[int, list[str]]) -> None:
     kernel.watch(fd, None)
     os.close(fd)
     for group, members in names.items():
-        container, gfd = kernel.open("/dev/vfio/vfio"), kernel.open(f"/dev/vfio/{group}")
+        container, gfd = kernel.open("/dev/vfio/vfio"), kernel.open(kernel.groups[group].node)
         kernel.ioctl(gfd, uapi.VFIO_GROUP_SET_CONTAINER, bytearray(struct.pack("<i", container)))
-        kernel.ioctl(container, uapi.VFIO_SET_IOMMU, uapi.VFIO_TYPE1v2_IOMMU)
+        kernel.ioctl(container, uapi.VFIO_SET_IOMMU, _iommu_type(kernel, group))
         for name in members:
             try:
                 kernel.close(kernel.ioctl(gfd, uapi.VFIO_GROUP_GET_DEVICE_FD, name.encode() + b"\0"))

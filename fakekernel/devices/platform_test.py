@@ -8,9 +8,12 @@ decodes only word accesses answers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from vfio_impl import uapi
+
+if TYPE_CHECKING:
+    from ..virqfd import Timer
 
 ID = 0x54414C50  # "PLAT", little-endian
 REG_ID, REG_IRQ_RAISE, REG_IRQ_LOWER, REG_IRQ_LEVEL, REG_SCRATCH, REG_RESET_COUNT = 0x00, 0x04, 0x08, 0x0C, 0x10, 0x14
@@ -30,15 +33,19 @@ class Resource:
 
 class PlatformDevice:
     """What the platform bus knows of a device: its resources, its interrupt lines (True is
-    level-triggered) and the bus flag the vfio driver reports for it."""
+    level-triggered), the bus flag the vfio driver reports for it, and `reset`, the reset
+    function vfio-platform finds for it (by compatible, or ACPI _RST); most devices have none."""
 
     resources: tuple[Resource, ...] = ()
     irq_levels: tuple[bool, ...] = ()
     device_flags = uapi.VFIO_DEVICE_FLAGS_PLATFORM
+    reset: Callable[[], None] | None = None
 
     def __init__(self) -> None:
-        # The interrupt controller: (line, asserted); set by the driver bound to the device.
+        # The interrupt controller: (line, asserted); and the machine's timers (QEMU's timer_mod:
+        # (seconds, callback) -> a Timer to cancel). Both set by the driver bound to the device.
         self.irq_sink: Callable[[int, bool], None] = lambda line, level: None
+        self.call_later: Callable[[float, Callable[[], None]], Timer] | None = None
 
     def mmio_read(self, region: int, offset: int, size: int) -> int:
         return 0
@@ -48,9 +55,6 @@ class PlatformDevice:
 
     def line(self, index: int) -> bool:
         return False
-
-    def reset(self) -> None:
-        pass
 
 
 class PlatformTest(PlatformDevice):
