@@ -25,6 +25,15 @@ if TYPE_CHECKING:
 class Container(IOMMUBackend):
     """A /dev/vfio/vfio fd with its type1 IOMMU and the memory listener that fills it."""
 
+    # The IOMMU models SET_IOMMU is tried with, best first; the first the kernel offers is used.
+    iommu_types = (uapi.VFIO_TYPE1v2_IOMMU, uapi.VFIO_TYPE1_IOMMU)
+    # Whether guest RAM is mapped for DMA as the machine adds it.
+    listens = True
+
+    @staticmethod
+    def group_path(groupid: int) -> str:
+        return f"/dev/vfio/{groupid}"
+
     def __init__(self, space: "AddressSpace", fd: int):
         self.space = space
         self.host = space.host
@@ -59,11 +68,12 @@ class Container(IOMMUBackend):
             raise
         container.groups.append(group)
         space.containers.append(container)
-        try:
-            space.machine.register_listener(container)
-        except VFIOError:
-            container.disconnect(group)
-            raise
+        if cls.listens:
+            try:
+                space.machine.register_listener(container)
+            except VFIOError:
+                container.disconnect(group)
+                raise
         trace("vfio_connect_new_container", group=group.groupid, container=fd)
         return container
 
@@ -76,7 +86,7 @@ class Container(IOMMUBackend):
         if version != uapi.VFIO_API_VERSION:
             raise VFIOError(f"vfio: supported vfio version: {uapi.VFIO_API_VERSION}, reported version: {version}",
                             code)
-        for iommu_type in (uapi.VFIO_TYPE1v2_IOMMU, uapi.VFIO_TYPE1_IOMMU):
+        for iommu_type in self.iommu_types:
             if self._check_extension(iommu_type):
                 break
         else:
@@ -109,7 +119,7 @@ class Container(IOMMUBackend):
     def attach_device(cls, space: "AddressSpace", device: Device, devname: str, groupid: int) -> None:
         """vfio_legacy_attach_device: the group (opened and put in a container if new), then the
         device fd from it; a failure puts the group back."""
-        group = Group.get(space, groupid)
+        group = Group.get(space, groupid, cls)
         try:
             device.fd = group.get_device_fd(devname)
         except VFIOError:
@@ -133,7 +143,8 @@ class Container(IOMMUBackend):
             trace("warning", message=f"vfio: error disconnecting group {group.groupid} from container: {e}")
         self.groups.remove(group)
         if not self.groups:
-            self.space.machine.unregister_listener(self)
+            if self.listens:
+                self.space.machine.unregister_listener(self)
             for buf in [b for b in self.space.dma_buffers if self in b.containers]:
                 buf.containers.remove(self)      # the kernel drops the mapping with the container
                 if not buf.containers:
@@ -194,6 +205,21 @@ class Container(IOMMUBackend):
         return unmapped
 
 
+class NoIOMMUContainer(Container):
+    """VFIO's no-IOMMU mode (Linux's CONFIG_VFIO_NOIOMMU, loaded with enable_unsafe_noiommu_mode):
+    groups are /dev/vfio/noiommu-N and the container's only model is VFIO_NOIOMMU_IOMMU, which
+    translates nothing, so the kernel refuses every DMA ioctl and no memory is mapped. QEMU refuses
+    this mode; a test runner needs it for devices behind no IOMMU (vfio-platform on a board
+    without one), so it is used only when asked for: AddressSpace(host, machine, NoIOMMUContainer)."""
+
+    iommu_types = (uapi.VFIO_NOIOMMU_IOMMU,)
+    listens = False
+
+    @staticmethod
+    def group_path(groupid: int) -> str:
+        return f"/dev/vfio/noiommu-{groupid}"
+
+
 class Group:
     """An open /dev/vfio/N, shared by every device of that IOMMU group."""
 
@@ -205,13 +231,14 @@ class Group:
         self.devices: list = []
 
     @classmethod
-    def get(cls, space: "AddressSpace", groupid: int) -> "Group":
-        """vfio_get_group: the open group, or a new one in a container; it fails with an
-        IOMMUGroupError."""
+    def get(cls, space: "AddressSpace", groupid: int, backend: type[Container] | None = None) -> "Group":
+        """vfio_get_group: the open group, or a new one in a container of `backend` (the space's
+        by default); it fails with an IOMMUGroupError."""
         if groupid in space.groups:
             return space.groups[groupid]
         host = space.host
-        path = f"/dev/vfio/{groupid}"
+        backend = backend or space.iommu
+        path = backend.group_path(groupid)
         try:
             fd = host.open(path, os.O_RDWR)
         except OSError as e:
@@ -227,7 +254,7 @@ class Group:
                 raise IOMMUGroupError(f"vfio: error, group {groupid} is not viable, please ensure all devices "
                                       "within the iommu_group are bound to their vfio bus driver.", errno.EPERM)
             try:
-                group.container = Container.connect(group)
+                group.container = backend.connect(group)
             except VFIOError as e:
                 raise IOMMUGroupError(f"vfio: failed to setup container for group {groupid}: {e.message}",
                                       e.errno) from e
