@@ -12,16 +12,26 @@ from vfio_impl.core.errors import VFIOError
 from vfio_impl.core.host import Host, RealHost
 from vfio_impl.core.iommu import iommu_group
 from vfio_impl.core.pciaddr import PCI_DEVICES, sysfs_path
+from vfio_impl.flavours.platform import AMBA_DEVICES, PLATFORM_DEVICES
 
 # vendor:device -> the catalog name tests ask for.
 MODELS = {(0x1234, 0x11E8): "edu", (0x1AF4, 0x1110): "ivshmem", (0x8086, 0x10D3): "e1000e"}
+# A platform or AMBA device's first of_node compatible entry -> its catalog name.
+PLATFORM_MODELS = {"arm,pl031": "pl031", "arm,pl061": "pl061", "virtio,mmio": "virtio-mmio",
+                   "qemu,platform-test": "platform-test"}
+# Where each bus lists its devices, and the VFIO driver a device of that bus is bound to.
+BUS_DEVICES = {"pci": PCI_DEVICES, "platform": PLATFORM_DEVICES, "amba": AMBA_DEVICES}
+VFIO_DRIVERS = {"pci": "vfio-pci", "platform": "vfio-platform", "amba": "vfio-amba"}
 # Drivers that leave a group viable: vfio's own, pci-stub, and those that do no DMA (Linux's
 # driver_managed_dma), which is why a PCIe root port bound to pcieport may share a group.
-VIABLE_DRIVERS = ("vfio-pci", "pci-stub", "pcieport")
+VIABLE_DRIVERS = (*VFIO_DRIVERS.values(), "pci-stub", "pcieport")
 
 
 @dataclass(slots=True)
 class DeviceInfo:
+    """`bdf` is the kernel's name for the device: a PCI address, or a platform or AMBA device's
+    name (9010000.pl031). `noiommu`: its group is a no-IOMMU one, /dev/vfio/noiommu-N."""
+
     bdf: str
     sysfs: str
     vendor: int
@@ -29,10 +39,18 @@ class DeviceInfo:
     model: str
     group: int | None
     driver: str | None
+    bus: str = "pci"
+    noiommu: bool = False
 
     @property
     def label(self) -> str:
+        if self.bus != "pci":
+            return f"{self.bdf} {self.bus} ({self.model})"
         return f"{self.bdf} {self.vendor:04x}:{self.device:04x} ({self.model})"
+
+    @property
+    def group_path(self) -> str:
+        return f"/dev/vfio/{'noiommu-' if self.noiommu else ''}{self.group}"
 
 
 @dataclass
@@ -53,20 +71,74 @@ class Backend:
         return found
 
 
-def describe(host: Host, bdf_or_path: str) -> DeviceInfo:
-    sysfs = sysfs_path(bdf_or_path)
-    bdf = os.path.basename(sysfs)
-    vendor = int(host.read_text(f"{sysfs}/vendor"), 16)
-    device = int(host.read_text(f"{sysfs}/device"), 16)
+def device_sysfs(host: Host, name: str) -> str:
+    """A device's sysfs directory from a sysfs path, a PCI address, or a platform or AMBA device
+    name; ValueError for a name that is none of them."""
+    try:
+        return sysfs_path(name)
+    except ValueError:
+        pass
+    found = [f"{BUS_DEVICES[bus]}/{name}" for bus in ("platform", "amba")
+             if "/" not in name and host.exists(f"{BUS_DEVICES[bus]}/{name}")]
+    if not found:
+        raise ValueError(f"{name!r} is not a PCI address (DDDD:BB:SS.F or BB:SS.F), nor a device under "
+                         f"{PLATFORM_DEVICES} or {AMBA_DEVICES}")
+    return found[0]
+
+
+def device_exists(host: Host, name: str) -> bool:
+    try:
+        return host.exists(device_sysfs(host, name))
+    except ValueError:
+        return False
+
+
+def device_name(name: str) -> str:
+    """The kernel's name of a device named on the command line, as reports list it."""
+    try:
+        return os.path.basename(sysfs_path(name))
+    except ValueError:
+        return name
+
+
+def bus_of(host: Host, sysfs: str) -> str:
+    """The bus a device is on, from where its path lies or else its subsystem link."""
+    bus = next((bus for bus, devices in BUS_DEVICES.items() if sysfs.startswith(devices + "/")), None)
+    if bus is None:
+        try:
+            bus = host.readlink(f"{sysfs}/subsystem").rsplit("/", 1)[-1]
+        except OSError:
+            bus = "pci"
+    return bus if bus in BUS_DEVICES else "pci"
+
+
+def describe(host: Host, name_or_path: str) -> DeviceInfo:
+    sysfs = device_sysfs(host, name_or_path)
+    bus = bus_of(host, sysfs)
     try:
         group = iommu_group(host, sysfs)
     except VFIOError:
         group = None
     driver = driver_of(host, sysfs)
+    noiommu = group is not None and host.exists(f"/dev/vfio/noiommu-{group}")
+    if bus != "pci":
+        compatible = _compatible(host, sysfs)
+        model = PLATFORM_MODELS.get(compatible[0], "unknown") if compatible else "unknown"
+        return DeviceInfo(os.path.basename(sysfs), sysfs, 0, 0, model, group, driver, bus, noiommu)
+    vendor = int(host.read_text(f"{sysfs}/vendor"), 16)
+    device = int(host.read_text(f"{sysfs}/device"), 16)
     model = MODELS.get((vendor, device), "unknown")
     if model == "ivshmem" and _resource_size(host, sysfs, 1):
         model = "ivshmem-doorbell"
-    return DeviceInfo(bdf, sysfs, vendor, device, model, group, driver)
+    return DeviceInfo(os.path.basename(sysfs), sysfs, vendor, device, model, group, driver, bus, noiommu)
+
+
+def _compatible(host: Host, sysfs: str) -> list[str]:
+    """The of_node's compatible list, most specific first; empty for a device with no of_node."""
+    try:
+        return [c for c in host.read_text(f"{sysfs}/of_node/compatible").split("\0") if c]
+    except OSError:
+        return []
 
 
 def driver_of(host: Host, sysfs: str) -> str | None:
@@ -82,28 +154,32 @@ class DeviceError(Exception):
 
 
 def check_device(host: Host, name: str) -> DeviceInfo:
-    """What a named device must be before any test runs: present, bound to vfio-pci, and in a
-    viable group. The group's viability is the kernel's own answer (GROUP_GET_STATUS)."""
+    """What a named device must be before any test runs: present, bound to its bus's VFIO driver
+    (vfio-pci, vfio-platform, vfio-amba), and in a viable group. The group's viability is the
+    kernel's own answer (GROUP_GET_STATUS)."""
     try:
-        sysfs = sysfs_path(name)
+        sysfs = device_sysfs(host, name)
     except ValueError as e:
         raise DeviceError(f"--device {name}: {e}, nor a sysfs path") from None
     if not host.exists(sysfs):
         raise DeviceError(f"--device {name}: no such device: {sysfs} does not exist")
     info = describe(host, sysfs)
-    if info.driver != "vfio-pci":
+    want = VFIO_DRIVERS[info.bus]
+    if info.driver != want:
         bound = f"bound to {info.driver}" if info.driver else "bound to no driver"
-        raise DeviceError(f"--device {name}: {info.bdf} is {bound}, not vfio-pci; bind it with "
-                          f"'echo vfio-pci > {sysfs}/driver_override' and "
-                          f"'echo {info.bdf} > /sys/bus/pci/drivers_probe' (after unbinding it)")
+        probe = f"/sys/bus/{info.bus}/drivers_probe"
+        raise DeviceError(f"--device {name}: {info.bdf} is {bound}, not {want}; bind it with "
+                          f"'echo {want} > {sysfs}/driver_override' and "
+                          f"'echo {info.bdf} > {probe}' (after unbinding it)")
     if info.group is None:
-        raise DeviceError(f"--device {name}: {info.bdf} has no IOMMU group (is the IOMMU on?)")
+        raise DeviceError(f"--device {name}: {info.bdf} has no IOMMU group (is the IOMMU on, or "
+                          "vfio loaded with enable_unsafe_noiommu_mode=1?)")
     _check_viable(host, info)
     return info
 
 
 def _check_viable(host: Host, info: DeviceInfo) -> None:
-    path = f"/dev/vfio/{info.group}"
+    path = info.group_path
     try:
         fd = host.open(path, os.O_RDWR)
     except OSError as e:
@@ -118,10 +194,11 @@ def _check_viable(host: Host, info: DeviceInfo) -> None:
     if viable:
         return
     members = host.listdir(f"/sys/kernel/iommu_groups/{info.group}/devices")
+    devices = BUS_DEVICES[info.bus]
     culprits = [f"{m} (bound to {d})" for m in sorted(members)
-                if (d := driver_of(host, f"{PCI_DEVICES}/{m}")) and d not in VIABLE_DRIVERS]
+                if (d := driver_of(host, f"{devices}/{m}")) and d not in VIABLE_DRIVERS]
     raise DeviceError(f"--device {info.bdf}: IOMMU group {info.group} is not viable: "
-                      f"{', '.join(culprits) or 'a member'} must be bound to vfio-pci or unbound")
+                      f"{', '.join(culprits) or 'a member'} must be bound to {VFIO_DRIVERS[info.bus]} or unbound")
 
 
 def _resource_size(host: Host, sysfs: str, index: int) -> int:
@@ -135,11 +212,15 @@ def _resource_size(host: Host, sysfs: str, index: int) -> int:
 
 
 def vfio_bound(host: Host) -> list[DeviceInfo]:
-    """Every PCI device bound to vfio-pci: what a real backend offers when no device is named."""
-    if not host.exists(PCI_DEVICES):
-        return []
-    found = [describe(host, bdf) for bdf in host.listdir(PCI_DEVICES)]
-    return [d for d in found if d.driver == "vfio-pci"]
+    """Every device bound to its bus's VFIO driver: what a real backend offers when no device is
+    named."""
+    found = []
+    for bus, devices in BUS_DEVICES.items():
+        if host.exists(devices):
+            found += [d for name in host.listdir(devices)
+                      if driver_of(host, f"{devices}/{name}") == VFIO_DRIVERS[bus]
+                      for d in [describe(host, f"{devices}/{name}")]]
+    return found
 
 
 REAL_MISSING = "real backend: /dev/vfio/vfio is absent, this kernel has no VFIO (load vfio-pci or use the ci/ VM runner)"
@@ -153,13 +234,24 @@ def check_named(kind: str, names: list[str]) -> list[DeviceInfo]:
             raise DeviceError(REAL_MISSING)
         host = RealHost()
         return [check_device(host, name) for name in names]
+    return [_check_on_fake(name) for name in names]
+
+
+def _check_on_fake(name: str) -> DeviceInfo:
+    """A name is checked on the fake topology that mirrors a CI guest with such a device: the
+    x86 VM's for PCI devices, the arm64 guest's for platform and AMBA ones."""
     from fakekernel.topology import DEFAULT_TOPOLOGY
 
-    with fake_kernel() as kernel:
+    try:
+        pci = not sysfs_path(name).startswith((PLATFORM_DEVICES, AMBA_DEVICES))
+    except ValueError:
+        pci = False
+    topology = DEFAULT_TOPOLOGY if pci else "platform"
+    with fake_kernel(topology) as kernel:
         try:
-            return [check_device(kernel, name) for name in names]
+            return check_device(kernel, name)
         except DeviceError as e:
-            raise DeviceError(f"{e} (on the fake's {DEFAULT_TOPOLOGY!r} topology)") from None
+            raise DeviceError(f"{e} (on the fake's {topology!r} topology)") from None
 
 
 @contextmanager

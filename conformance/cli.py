@@ -170,19 +170,23 @@ def cmd_devices(args) -> int:
             raise CommandError(str(e), BAD_DEVICE) from None
         print(f"backend: real ({kernel_label('real')})")
     else:
-        from .backends import check_device, describe, fake_kernel
+        from .backends import check_device, describe, fake_kernel, vfio_bound
 
         _check_topology(args.topology)
         with fake_kernel(args.topology) as kernel:
             try:
                 devices = ([check_device(kernel, d) for d in args.device] if args.device
-                           else [describe(kernel, spec.bdf) for spec in kernel.topology.devices])
+                           else [describe(kernel, spec.bdf) for spec in kernel.topology.devices]
+                           + [d for d in vfio_bound(kernel) if d.bus != "pci"])
             except DeviceError as e:
                 raise CommandError(f"{e} (on the fake's {args.topology!r} topology)", BAD_DEVICE) from None
         print(f"backend: fake ({kernel_label('fake')}), topology {args.topology}")
-    print(f"{'device':<14}{'id':<11}{'model':<18}{'group':<7}driver")
+    width = max([14, *(len(d.bdf) + 2 for d in devices)])
+    print(f"{'device':<{width}}{'id':<11}{'model':<18}{'group':<12}driver")
     for d in devices:
-        print(f"{d.bdf:<14}{d.vendor:04x}:{d.device:04x}  {d.model:<18}{str(d.group):<7}{d.driver}")
+        ident = f"{d.vendor:04x}:{d.device:04x}" if d.bus == "pci" else d.bus
+        group = f"noiommu-{d.group}" if d.noiommu else str(d.group)
+        print(f"{d.bdf:<{width}}{ident:<11}{d.model:<18}{group:<12}{d.driver}")
     return OK
 
 

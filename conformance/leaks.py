@@ -50,7 +50,7 @@ def _vfio_file(kernel, f) -> str:
     if isinstance(f, ContainerFile):
         return "/dev/vfio/vfio, a container"
     if isinstance(f, GroupFile):
-        return f"/dev/vfio/{f.group.number}, group {f.group.number}"
+        return f"{f.group.node}, group {f.group.number}"
     device = f"the device fd of {_device_name(kernel, f.device)}"
     wired = _irqs_wired(f.device)
     return f"{device}, IRQs wired to eventfds: {', '.join(wired)}" if wired else device

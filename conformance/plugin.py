@@ -151,9 +151,9 @@ def vfio(request):
     fails with each leftover named (conformance.leaks).
     """
     from fakekernel.topology import DEFAULT_TOPOLOGY
-    from vfio_impl.core.pciaddr import sysfs_path
 
-    from .backends import REAL_MISSING, Backend, describe, fake_kernel, real_available, real_backend
+    from .backends import (REAL_MISSING, Backend, describe, device_exists, fake_kernel, real_available,
+                           real_backend, vfio_bound)
     from .leaks import fds_opened_since, kernel_leftovers, report
     from .reliability import process_fds
 
@@ -161,21 +161,19 @@ def vfio(request):
     kind = request.config.getoption("--vfio-backend")
     if kind == "real":
         if not real_available():
-            _skip(request, "backend", REAL_MISSING)
-        if need.get("platform"):
-            _skip(request, "runner", "real backend: no vfio-platform device")
+            skip_test(request, "backend", REAL_MISSING)
         if need.get("ccw"):
-            _skip(request, "runner", "real backend: no vfio-ccw device")
+            skip_test(request, "runner", "real backend: no vfio-ccw device")
         if need.get("fake_only"):
-            _skip(request, "runner", f"real backend: needs {need['fake_only']}")
+            skip_test(request, "runner", f"real backend: needs {need['fake_only']}")
         if need.get("faults"):
-            _skip(request, "runner", "real backend: needs the fake kernel's fault injection")
+            skip_test(request, "runner", "real backend: needs the fake kernel's fault injection")
         if need.get("topology"):
-            _skip(request, "runner", f"real backend: needs the fake kernel's {need['topology']!r} topology")
+            skip_test(request, "runner", f"real backend: needs the fake kernel's {need['topology']!r} topology")
         backend = real_backend(request.config.getoption("--vfio-device"),
                                request.config.getoption("--vfio-destructive"))
         if need.get("destructive") and not backend.destructive:
-            _skip(request, "destructive",
+            skip_test(request, "destructive",
                   "real backend: destructive test (reset/DMA); pass --vfio-destructive to allow it")
         _require_device(request, backend, need)
         yield backend
@@ -187,9 +185,10 @@ def vfio(request):
         backend = Backend("fake", kernel, f"fake {kernel.profile.name}", destructive=True, profile=kernel.profile)
         named = request.config.getoption("--vfio-device")
         if named and not need.get("topology"):
-            backend.devices = [describe(kernel, name) for name in named if kernel.exists(sysfs_path(name))]
+            backend.devices = [describe(kernel, name) for name in named if device_exists(kernel, name)]
         else:
             backend.devices = [describe(kernel, spec.bdf) for spec in kernel.topology.devices]
+            backend.devices += [d for d in vfio_bound(kernel) if d.bus != "pci"]
         _require_device(request, backend, need)
         kernel.faults.add(*_fault_rules([*request.config.getoption("--vfio-fault"), *need.get("faults", ())]))
         yield backend
@@ -203,10 +202,12 @@ def vfio(request):
 def _require_device(request, backend, need: dict) -> None:
     model = need.get("device")
     if model and not any(d.model == model for d in backend.devices):
-        _skip(request, "device", f"{backend.kind} backend: no {model} device bound to vfio-pci")
+        skip_test(request, "device", f"{backend.kind} backend: no {model} device bound to vfio-pci")
+    if need.get("platform") and not any(d.bus != "pci" for d in backend.devices):
+        skip_test(request, "device", f"{backend.kind} backend: no device bound to vfio-platform or vfio-amba")
 
 
-def _skip(request, kind: str, reason: str) -> None:
+def skip_test(request, kind: str, reason: str) -> None:
     """Skips, remembering why in a word the report can judge by: "runner" (the real runner
     cannot build what the test needs: a fake topology, fake internals, a bus it lacks),
     "backend" (no VFIO at all), "device" (no such device bound) or "destructive"."""
@@ -269,7 +270,7 @@ def ivshmem_peer(vfio):
 def fake_kernel(request, vfio):
     """The FakeKernel itself, for tests that inspect fake state; skipped on real backends."""
     if vfio.kind != "fake":
-        _skip(request, "runner", "real backend: needs the fake kernel's internal state")
+        skip_test(request, "runner", "real backend: needs the fake kernel's internal state")
     return vfio.host
 
 
@@ -374,10 +375,10 @@ class RunReport:
             reasons = Counter(t["reason"] for t in ran if t["outcome"] == "skipped")
             why = f"; {reasons.most_common(1)[0][1]} skipped because: {reasons.most_common(1)[0][0]}" if reasons else ""
             return f"nothing tested: none of {len(ran)} VFIO tests passed{why}"
-        from vfio_impl.core.pciaddr import sysfs_path
+        from .backends import device_name
 
         for name in self.config.getoption("--vfio-device"):
-            bdf = os.path.basename(sysfs_path(name))
+            bdf = device_name(name)
             if not any(bdf in t["devices"] for t in passed):
                 return f"nothing tested on --vfio-device {name}: no test that uses it passed"
         return ""

@@ -26,8 +26,11 @@ from typing import TYPE_CHECKING
 
 from vfio_impl import uapi
 from vfio_impl.core import irq
+from vfio_impl.core.pciaddr import parse_host
 
 from .backends import describe, fake_kernel, vfio_bound
+from .probe_platform import PlatformScript
+from .probe_platform import known as known_platform
 from .raw import RawSession
 
 if TYPE_CHECKING:
@@ -205,30 +208,38 @@ class Probe:
     def run(self) -> dict:
         try:
             self.answers["devices"] = {"ok": {d.bdf: d.model for d in self.devices}}
-            edu = self.find("edu")
-            if edu is None:
-                raise SystemExit("probe: needs an edu device bound to vfio-pci")
-            c, g, d = self.container_and_group(edu)
-            fds = {edu.bdf: d}
-            groups = {edu.bdf: g}
-            for dev in self.devices:
-                if dev is not edu:
-                    groups[dev.bdf], fds[dev.bdf] = self.join(c, dev)
-            for dev in self.devices:
-                self.device_regions(dev.bdf, fds[dev.bdf])
-            self.edu_set_irqs(d)
-            self.edu_interrupts(d)
-            self.type1(c)
-            self.edu_dma(c, d)
-            self.resets(fds)
-            self.teardown(c, g, fds, groups)
-            self.type1_v1(g, edu)
-            e1000e = self.find("e1000e")
-            if e1000e:
-                self.e1000e_msix(groups[e1000e.bdf], e1000e.bdf)
+            platform = known_platform(self.devices)
+            if platform:
+                PlatformScript(self, platform).run()
+            if not platform or any(d.bus == "pci" for d in self.devices):
+                self.pci_script()
         finally:
             self.close()
         return self.answers
+
+    def pci_script(self) -> None:
+        """The vfio-pci and type1 script, around an edu device."""
+        edu = self.find("edu")
+        if edu is None:
+            raise SystemExit("probe: needs an edu device bound to vfio-pci")
+        c, g, d = self.container_and_group(edu)
+        fds = {edu.bdf: d}
+        groups = {edu.bdf: g}
+        for dev in self.devices:
+            if dev is not edu:
+                groups[dev.bdf], fds[dev.bdf] = self.join(c, dev)
+        for dev in self.devices:
+            self.device_regions(dev.bdf, fds[dev.bdf])
+        self.edu_set_irqs(d)
+        self.edu_interrupts(d)
+        self.type1(c)
+        self.edu_dma(c, d)
+        self.resets(fds)
+        self.teardown(c, g, fds, groups)
+        self.type1_v1(g, edu)
+        e1000e = self.find("e1000e")
+        if e1000e:
+            self.e1000e_msix(groups[e1000e.bdf], e1000e.bdf)
 
     def container_and_group(self, edu):
         rec, ioctl = self.rec, self.ioctl
@@ -687,11 +698,21 @@ def record(host, bdfs: list[str], settle: float = 0.5) -> dict:
 
 
 def replay_on_fake(bdfs: list[str] | None = None, profile: Profile | str | None = None) -> dict:
-    """The same script on FakeKernel('vm'), the fake's mirror of the CI VM, modelling `profile`'s
-    kernel (the fake's default when None)."""
-    with fake_kernel("vm", profile) as kernel:
+    """The same script on the fake's mirror of the CI guest the names come from (the x86 VM's
+    'vm' topology, or the arm64 guest's 'platform' one), modelling `profile`'s kernel (the
+    fake's default when None)."""
+    topology = "vm" if all(_is_pci(name) for name in bdfs or ()) else "platform"
+    with fake_kernel(topology, profile) as kernel:
         names = bdfs or [spec.bdf for spec in kernel.topology.devices]
         return record(kernel, names, settle=0.0)
+
+
+def _is_pci(name: str) -> bool:
+    try:
+        parse_host(name)
+    except ValueError:
+        return False
+    return True
 
 
 def disagreements(recorded: dict, replayed: dict) -> list[tuple[str, object, object]]:

@@ -77,7 +77,8 @@ class RawSession:
         return self.track(self.host.open("/dev/vfio/vfio", os.O_RDWR))
 
     def group(self, number: int | None = None) -> int:
-        return self.track(self.host.open(f"/dev/vfio/{self.dev.group if number is None else number}", os.O_RDWR))
+        path = self.dev.group_path if number is None else f"/dev/vfio/{number}"
+        return self.track(self.host.open(path, os.O_RDWR))
 
     def set_container(self, group: int, container: int) -> None:
         self.host.ioctl(group, uapi.VFIO_GROUP_SET_CONTAINER, bytearray(struct.pack("=i", container)))

@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from conformance import cli
-from conformance.backends import DeviceError, check_device
+from conformance.backends import DeviceError, check_device, check_named
 from fakekernel import FakeKernel, Topology
 from vfio_impl import info
 
@@ -66,8 +66,23 @@ def test_devices_lists_the_topology(capsys):
     assert cli.main(["devices", "--topology", "nonviable"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("backend: fake (fake 6.1), topology nonviable\n")
-    assert "0000:01:00.0  1234:11e8  edu               5      vfio-pci" in out
+    assert "0000:01:00.0  1234:11e8  edu               5           vfio-pci" in out
     assert "edu-host-driver" in out
+
+
+def test_devices_lists_platform_and_amba_devices_with_their_no_iommu_groups(capsys):
+    assert cli.main(["devices", "--topology", "platform"]) == 0
+    out = capsys.readouterr().out
+    assert "9010000.pl031           amba       pl031             noiommu-0   vfio-amba" in out
+    assert "a000000.virtio_mmio     platform   virtio-mmio       noiommu-2   vfio-platform" in out
+
+
+def test_a_platform_device_is_checked_on_the_fakes_platform_topology(capsys):
+    assert cli.main(["devices", "--device", "9010000.pl031"]) == 3
+    assert "vfio-conformance devices: --device 9010000.pl031:" in capsys.readouterr().err
+    info = check_named("fake", ["9010000.pl031", "a000000.virtio_mmio"])
+    assert [(d.bus, d.model, d.group_path) for d in info] == [("amba", "pl031", "/dev/vfio/noiommu-0"),
+                                                             ("platform", "virtio-mmio", "/dev/vfio/noiommu-2")]
 
 
 @pytest.mark.parametrize("argv, status, why", [
