@@ -99,10 +99,10 @@ def trigger(k, fd, index):
 def test_platform_topology_is_platform_only():
     t = Topology.named("platform")
     assert t.devices == []
-    assert [d.name for d in t.platform[:5]] == [NAME, "c1000000.no-group", "c2000000.bad-group",
-                                                "c3000000.not-platform", "c4000000.no-of-node"]
-    assert [d.group for d in t.platform[:5]] == [20, None, None, 23, 24]
-    assert t.groups() == [0, 1, 2, 20, 23, 24] and t.platform_members(20) == t.platform[:1]
+    assert [d.name for d in t.platform[:4]] == [NAME, "c1000000.no-group", "c2000000.bad-group",
+                                                "c4000000.no-of-node"]
+    assert [d.group for d in t.platform[:4]] == [20, None, None, 24]
+    assert t.groups() == [0, 1, 2, 20, 24] and t.platform_members(20) == t.platform[:1]
     assert Topology.default().platform == [] and Topology.named("vm").platform == []
 
 
@@ -111,13 +111,13 @@ def test_sysfs_of_the_good_device(k):
     assert k.readlink(f"{DEV}/iommu_group") == "../../../kernel/iommu_groups/20"
     assert k.readlink(f"{DEV}/driver") == "../../../bus/platform/drivers/vfio-platform"
     assert k.listdir("/sys/bus/platform/drivers/vfio-platform") == [
-        "a000000.virtio_mmio", "bind", NAME, "c1000000.no-group", "c2000000.bad-group", "c3000000.not-platform",
+        "a000000.virtio_mmio", "bind", NAME, "c1000000.no-group", "c2000000.bad-group",
         "c4000000.no-of-node", "unbind"]
     assert k.read_text(f"{DEV}/driver_override") == "(null)\n"
     assert k.read_text(f"{DEV}/of_node/compatible") == "qemu,platform-test\0vfio,test-device\0"
     assert k.listdir("/sys/kernel/iommu_groups/20/devices") == [NAME]
     assert k.exists(f"/sys/kernel/iommu_groups/20/devices/{NAME}/of_node/compatible")
-    assert sorted(k.listdir("/dev/vfio")) == ["20", "23", "24", "noiommu-0", "noiommu-1", "noiommu-2", "vfio"]
+    assert sorted(k.listdir("/dev/vfio")) == ["20", "24", "noiommu-0", "noiommu-1", "noiommu-2", "vfio"]
     assert k.listdir("/sys/bus/pci/devices") == []
 
 
@@ -127,17 +127,16 @@ def test_sysfs_of_the_broken_devices(k):
     assert k.exists(f"{base}/c1000000.no-group/of_node/compatible")
     link = k.readlink(f"{base}/c2000000.bad-group/iommu_group")
     assert link.rsplit("/", 1)[1] == "bogus"
-    assert k.readlink(f"{base}/c3000000.not-platform/iommu_group").endswith("/23")
     assert k.readlink(f"{base}/c4000000.no-of-node/iommu_group").endswith("/24")
     assert not k.exists(f"{base}/c4000000.no-of-node/of_node")
     assert not k.exists(f"{base}/no-such-device")
-    assert sorted(k.listdir("/sys/kernel/iommu_groups")) == ["0", "1", "2", "20", "23", "24"]
+    assert sorted(k.listdir("/sys/kernel/iommu_groups")) == ["0", "1", "2", "20", "24"]
     assert not k.exists("/sys/kernel/iommu_groups/20/name"), "only a no-IOMMU group has a name"
 
 
 def test_get_device_fd_by_platform_name(k):
     g = attach(k)
-    for wrong in ("no-such-device", "c3000000.not-platform", "0000:00:03.0"):
+    for wrong in ("no-such-device", "c4000000.no-of-node", "0000:00:03.0"):
         assert errno_of(get_device, k, g, wrong) == errno.ENODEV
     fd = get_device(k, g)
     assert k.open_files() == {"container": 1, "group": 1, "device": 1}
@@ -153,13 +152,6 @@ def test_device_info(k, dev):
     assert info.cap_offset == 0x5A5A, "platform copies back only up to num_irqs"
     assert device_info(k, dev, argsz=16).num_irqs == 3
     assert errno_of(device_info, k, dev, 15) == errno.EINVAL
-
-
-def test_not_platform_device_reports_amba(k):
-    info = device_info(k, open_device(k, 23, "c3000000.not-platform"))
-    assert not info.flags & uapi.VFIO_DEVICE_FLAGS_PLATFORM
-    assert info.flags & uapi.VFIO_DEVICE_FLAGS_AMBA
-    assert (info.num_regions, info.num_irqs) == (2, 3)
 
 
 def test_region_info(k, dev):

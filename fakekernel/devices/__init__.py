@@ -6,10 +6,10 @@ from .edu import Edu
 from .ivshmem import Ivshmem, IvshmemDoorbell
 from .pl031 import PL031
 from .pl061 import PL061
-from .platform_test import AmbaTest, PlatformTest
+from .platform_test import PlatformTest
 from .virtio_mmio import VirtioMMIO
 
 CATALOG = {"edu": Edu, "ivshmem": Ivshmem, "ivshmem-doorbell": IvshmemDoorbell, "e1000e": E1000e,
-           "platform-test": PlatformTest, "amba-test": AmbaTest, "pl031": PL031, "pl061": PL061,
+           "platform-test": PlatformTest, "pl031": PL031, "pl061": PL061,
            "virtio-mmio": VirtioMMIO,
            "ccw-block": CcwBlock}

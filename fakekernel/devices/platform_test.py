@@ -109,10 +109,3 @@ class PlatformTest(PlatformDevice):
         self._set_lines((1 << len(self.lines)) - 1, False)
         self.scratch = 0
         self.reset_count += 1
-
-
-class AmbaTest(PlatformTest):
-    """The same block as an AMBA primecell reports itself: the driver's flags say AMBA."""
-
-    device_flags = uapi.VFIO_DEVICE_FLAGS_AMBA
-    model = "amba-test"
