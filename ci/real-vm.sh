@@ -1,22 +1,31 @@
 #!/bin/bash
-# Run a command against real vfio-pci devices: boot a Linux kernel (Debian bookworm's 6.1 or
-# 6.12, or one you built) in a QEMU q35 VM with a virtual Intel IOMMU, bind four emulated
-# PCI devices to vfio-pci, and run COMMAND inside a chroot of this machine's root (shared
-# read-only over 9p), so the host's Python and this clone run unchanged.
+# Run a command against real VFIO devices, in a QEMU VM booting a Linux kernel:
 #
-#   ci/real-vm.sh [--kernel 6.1|6.12|FILE.deb|IMAGE [--modules DIR]] [--timeout SECONDS]
-#                 [--results DIR] [--env NAME=VALUE]... [--] [COMMAND ...]
+#   ci/real-vm.sh [--arch amd64|arm64] [--kernel 6.1|6.12|FILE.deb|IMAGE [--modules DIR]]
+#                 [--timeout SECONDS] [--results DIR] [--env NAME=VALUE]... [--] [COMMAND ...]
 #
-# --kernel: 6.1 (the default) or 6.12, fetched with apt; a linux-image .deb; or a bzImage
-# or ELF vmlinux, with --modules its lib/modules/RELEASE, an INSTALL_MOD_PATH or its build
-# tree (none if vfio-pci, virtio-pci and 9p are built in). Results: --results, default
-# results/real-6.1/, results/real-6.12/, results/real-RELEASE/ for a kernel file.
+# --arch amd64 (the default, ci/vm/amd64.sh): Debian bookworm's 6.1 or 6.12, or a kernel you
+# built, in a q35 VM with a virtual Intel IOMMU; four emulated PCI devices bound to vfio-pci;
+# COMMAND runs in a chroot of this machine's root (shared read-only over 9p), so the host's
+# Python and this clone run unchanged.
+# --arch arm64 (ci/vm/arm64.sh): Debian bookworm's arm64 6.12 (the default) or 6.1 on QEMU's
+# virt board under TCG, with vfio (no-IOMMU mode), vfio-platform and vfio-amba built from
+# Debian's source; the PL031, the PL061 and a virtio-mmio slot bound to them in no-IOMMU
+# groups; COMMAND runs in a chroot of Debian's arm64 Python with the project's dependencies,
+# this clone at its path.
+#
+# --kernel: 6.1 or 6.12, fetched with apt; for amd64 also a linux-image .deb, or a bzImage or
+# ELF vmlinux, with --modules its lib/modules/RELEASE, an INSTALL_MOD_PATH or its build tree
+# (none if vfio-pci, virtio-pci and 9p are built in). Results: --results, default
+# results/real-6.1/, results/real-6.12/, results/real-RELEASE/ for a kernel file;
+# results/real-arm64-6.12/, results/real-arm64-6.1/.
 #
 # Exit status: the guest command's. 124 on timeout; 125 when the VM ended without reporting
-# a status (see RESULTS/console.log); 2 for a bad argument. See ci/README.md.
+# a status (see RESULTS/console.log); 2 for a bad argument; 241-250 when the guest's set-up
+# failed (RESULTS/exit-reason says how). See ci/README.md.
 #
 # Environment: VFIO_CI_WORK (cache dir, default ~/.cache/vfio-harness/ci), VFIO_CI_ACCEL
-# (auto|kvm|tcg, default auto), VFIO_CI_MEM (default 1G), VFIO_CI_APPEND
+# (auto|kvm|tcg, default auto; arm64 runs under TCG), VFIO_CI_MEM (default 1G), VFIO_CI_APPEND
 # (extra guest kernel arguments).
 set -euo pipefail
 
@@ -32,20 +41,23 @@ mem=${VFIO_CI_MEM:-1G}
 say() { echo "real-vm: $*" >&2; }
 fail() { say "$*"; exit 1; }
 bad_arg() { say "$*"; exit 2; }
-usage() { sed -n '7,8p' "${BASH_SOURCE[0]}" | sed 's/^#   //' >&2; exit 2; }
+usage() { sed -n '4,5p' "${BASH_SOURCE[0]}" | sed 's/^#   //' >&2; exit 2; }
 
 case $accel_mode in
     auto | kvm | tcg) ;;
     *) bad_arg "VFIO_CI_ACCEL must be auto, kvm or tcg, not '$accel_mode'" ;;
 esac
 
-timeout_s=300
-kernel_arg=6.1
+arch=amd64
+timeout_s=
+kernel_arg=
 modules_arg=
 results=
 extra_env=()
 while [ $# -gt 0 ]; do
     case $1 in
+        --arch) [ $# -ge 2 ] || usage; arch=$2; shift 2 ;;
+        --arch=*) arch=${1#*=}; shift ;;
         --kernel) [ $# -ge 2 ] || usage; kernel_arg=$2; shift 2 ;;
         --kernel=*) kernel_arg=${1#*=}; shift ;;
         --modules) [ $# -ge 2 ] || usage; modules_arg=$2; shift 2 ;;
@@ -62,22 +74,27 @@ while [ $# -gt 0 ]; do
         *) break ;;
     esac
 done
-[[ $timeout_s =~ ^[0-9]+$ ]] && [ "$timeout_s" -gt 0 ] || bad_arg "--timeout wants a positive number of seconds"
+if [ -n "$timeout_s" ]; then
+    [[ $timeout_s =~ ^[0-9]+$ ]] && [ "$timeout_s" -gt 0 ] || bad_arg "--timeout wants a positive number of seconds"
+fi
 for kv in "${extra_env[@]}"; do
     [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || bad_arg "--env wants NAME=VALUE, got '$kv'"
 done
-kernel_spec "$kernel_arg" "$modules_arg" || bad_arg "$kernel_error"
-
-# Devices given to the guest, at fixed addresses (see ci/README.md).
-#   00:03.0 edu (1234:11e8), 00:04.0 ivshmem-plain (1af4:1110) and
-#   00:06.0 ivshmem-doorbell (1af4:1110, a peer of our ivshmem-server) on the
-#   q35 root bus; 01:00.0 e1000e (8086:10d3) behind a pcie-root-port at 00:05.0.
-devices=(0000:00:03.0 0000:00:04.0 0000:00:06.0 0000:01:00.0)
+kernel_arg=${kernel_arg:-${default_kernel[$arch]:-}}
+kernel_spec "$arch" "$kernel_arg" "$modules_arg" || bad_arg "$kernel_error"
+# The apt state the guest kernel's packages come from (none: the host's), where its lists are,
+# and what refreshes them; the arch may name its own.
+apt_opts=()
+apt_lists=/var/lib/apt/lists
+index_update() { apt_update; }
+# The guest's architecture: its packages, devices, kernel, modules, root, peers and QEMU.
+# shellcheck source-path=SCRIPTDIR source=vm/amd64.sh
+. "$here/vm/$arch.sh"
+timeout_s=${timeout_s:-$default_timeout}
 
 # --- 1. host packages -------------------------------------------------------
-need_pkgs=(qemu-system-x86 busybox-static kmod cpio xz-utils zstd binutils)
 missing=()
-for p in "${need_pkgs[@]}"; do
+for p in "${arch_packages[@]}"; do
     st=$(dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null || true)
     [[ $st == ii* ]] || missing+=("$p")
 done
@@ -94,243 +111,168 @@ apt_update() {
 if [ ${#missing[@]} -gt 0 ]; then
     [ "$(id -u)" = 0 ] || fail "need root to install: ${missing[*]}"
     say "installing ${missing[*]}"
+    t_install=$SECONDS
     export DEBIAN_FRONTEND=noninteractive
     if ! apt-get install -y -q --no-install-recommends "${missing[@]}" >> "$apt_log" 2>&1; then
         apt_update
         apt-get install -y -q --no-install-recommends "${missing[@]}" >> "$apt_log" 2>&1 \
             || apt_fail "apt-get install ${missing[*]} failed"
     fi
+    say "installed in $((SECONDS - t_install)) s"
+fi
+
+# This run's scratch space (downloads, the ctl share), removed at exit; in $work, so what is
+# made there is moved into the cache in one rename.
+run=$(mktemp -d "$work/run.XXXXXX")
+qpid=
+cleanup() {
+    [ -n "$qpid" ] && kill "$qpid" 2>/dev/null || true
+    stop_peers
+    rm -rf "$run"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# The host's real interpreter (not a pyenv shim).
+real_py=
+if py=$(command -v python3 2>/dev/null); then
+    real_py=$(python3 -c 'import sys; print(sys.executable)' 2>/dev/null || readlink -f "$py")
 fi
 
 # --- 2. guest kernel (never installed on the host) --------------------------
-# Sets kernel (the file QEMU boots), moddir (its modules; empty: all built in),
-# kernel_release, and kernel_name (the default results are results/real-NAME).
+# The arch's guest_kernel sets kernel (the file QEMU boots), moddir (its modules; empty: all
+# built in), kernel_release, and kernel_name (the default results are
+# results/real-PREFIXNAME). A track's packages come through track_kernel, from the apt state
+# apt_opts names.
 mkdir -p "$work/kernel"
 mb() { awk -v b="$1" 'BEGIN {printf "%.1f MB", b / 1e6}'; }
 
-# QEMU boots the ELF vmlinux inside a bzImage directly through its PVH entry, so the guest
-# does not decompress itself (seconds under TCG); cut out once, next to the bzImage's other
-# cached files. Where that cannot be (a kernel without CONFIG_PVH, an lz4 payload, ...),
-# no-vmlinux says why and the bzImage itself boots.
-prepare_vmlinux() { # prepare_vmlinux BZIMAGE DIR: DIR/vmlinux, or DIR/no-vmlinux
-    vmlinux_from_bzimage "$1" "$2/vmlinux" || echo "$extract_why" > "$2/no-vmlinux"
-}
-boot_file() { # boot_file BZIMAGE DIR: sets kernel
-    if [ -f "$2/vmlinux" ]; then
-        kernel=$2/vmlinux
-    else
-        kernel=$1
-        say "booting the bzImage, which decompresses itself in the guest: $(cat "$2/no-vmlinux")"
-    fi
+# apt_download DIR WHAT PKG=VERSION...: the packages' .deb files into DIR, saying WHAT they are,
+# their size (apt-cache show) and how long the download took.
+apt_download() {
+    local dir=$1 what=$2 size t0=$SECONDS
+    shift 2
+    size=$(apt-cache "${apt_opts[@]}" show "$@" 2>/dev/null | awk '$1 == "Size:" {s += $2} END {print s + 0}')
+    say "fetching $what ($(mb "$size"))"
+    (cd "$dir" && apt-get download -q "${apt_opts[@]}" -o APT::Sandbox::User=root "$@" >> "$apt_log" 2>&1) \
+        || apt_fail "apt-get download $* failed"
+    say "downloaded $what in $((SECONDS - t0)) s"
 }
 
-unpack_deb() { # unpack_deb DEB KDIR: the package's files and the vmlinux into KDIR
+unpack_deb() { # unpack_deb DEB KDIR: the package's files into KDIR, and the arch's boot file
     local tmp vmlinuz
     tmp=$(mktemp -d "$work/kernel/.unpack.XXXXXX")
     dpkg -x "$1" "$tmp" || { rm -rf "$tmp"; fail "dpkg -x $1 failed"; }
     vmlinuz=("$tmp"/boot/vmlinuz-*)
     [ -f "${vmlinuz[0]}" ] || { rm -rf "$tmp"; bad_arg "$1 has no boot/vmlinuz-*: not a linux-image package"; }
-    prepare_vmlinux "${vmlinuz[0]}" "$tmp"
+    unpacked_kernel "${vmlinuz[0]}" "$tmp"
     rm -rf "$2"
     mv "$tmp" "$2"
     touch "$2/.done"
 }
 
-# Debian's tracks: the package the metapackage depends on. apt-cache is slow here (no
-# binary cache), so the answer is remembered until the package lists change.
-lists_stamp() { stat -c '%n %Y %s' /var/lib/apt/lists/*Packages* 2>/dev/null | md5sum | cut -c1-32; }
-track_lookup() { # sets kpkg, kver
-    local memo=$work/kernel/lookup-$kernel_arg stamp s
-    stamp=$(lists_stamp)
-    if [ -f "$memo" ] && read -r s kpkg kver < "$memo" && [ "$s" = "$stamp" ]; then
-        return 0
-    fi
-    track_query || return 1
-    echo "$stamp $kpkg $kver" > "$memo"
-}
+# Debian's tracks: the package the metapackage depends on, remembered until the lists change.
 track_query() {
-    kpkg=$(apt-cache depends "$kernel_meta" 2>/dev/null \
+    local pkg ver=
+    pkg=$(apt-cache "${apt_opts[@]}" depends "$kernel_meta" 2>/dev/null \
         | awk '$1 == "Depends:" && $2 ~ /^linux-image-/ && !found {print $2; found = 1}')
-    kver=
-    [ -n "$kpkg" ] && kver=$(apt-cache policy "$kpkg" 2>/dev/null | awk '$1 == "Candidate:" && !found {print $2; found = 1}')
-    [ -n "$kver" ] && [ "$kver" != "(none)" ]
+    [ -n "$pkg" ] && ver=$(apt-cache "${apt_opts[@]}" policy "$pkg" 2>/dev/null | awk '$1 == "Candidate:" && !found {print $2; found = 1}')
+    [ -n "$ver" ] && [ "$ver" != "(none)" ] && echo "$pkg $ver"
+}
+track_lookup() { # sets kpkg, kver
+    local found
+    found=$(apt_memo "$apt_lists" "$kernel_meta" track_query) || return 1
+    read -r kpkg kver <<< "$found"
 }
 track_kernel() { # sets kdir: the track's kernel, fetched and unpacked if not cached
-    local tmp ksize deb t_fetch
+    local tmp deb t_fetch
     kpkg='' kver=''
     if ! track_lookup; then
-        apt_update
+        index_update
         track_lookup || kver=
     fi
     if [ -n "$kver" ]; then
-        [[ $kpkg == linux-image-"$kernel_arg".* ]] \
+        [[ $kpkg == linux-image-"$kernel_arg".*-"$arch" ]] \
             || fail "$kernel_meta depends on $kpkg, not a $kernel_arg kernel (Debian bookworm's apt sources are needed)"
         kdir=$work/kernel/${kpkg}_$kver
     else
         # No package index: fall back to whatever kernel of the track is already cached.
-        kdir=$(ls -d "$work"/kernel/linux-image-"$kernel_arg".*/ 2>/dev/null | sort -V | tail -n1) || true
+        kdir=$(ls -d "$work"/kernel/linux-image-"$kernel_arg".*-"$arch"_*/ 2>/dev/null | sort -V | tail -n1) || true
         kdir=${kdir%/}
         [ -n "$kdir" ] && [ -f "$kdir/.done" ] \
             || fail "cannot find the $kernel_meta dependency with apt-cache (bookworm-security in the apt sources?)"
         say "apt-cache lookup failed; using cached kernel $(basename "$kdir")"
     fi
     [ -f "$kdir/.done" ] && return 0
-    ksize=$(apt-cache show "$kpkg=$kver" 2>/dev/null | awk '$1 == "Size:" {print $2; exit}')
-    say "fetching guest kernel $kpkg $kver${ksize:+ ($(mb "$ksize"))} into $kdir"
     t_fetch=$SECONDS
-    tmp=$(mktemp -d "$work/kernel/.fetch.XXXXXX")
-    (cd "$tmp" && apt-get download -q -o APT::Sandbox::User=root "$kpkg=$kver" >> "$apt_log" 2>&1) \
-        || { rm -rf "$tmp"; apt_fail "apt-get download $kpkg=$kver failed"; }
+    tmp=$(mktemp -d "$run/fetch.XXXXXX")
+    apt_download "$tmp" "guest kernel $kpkg $kver" "$kpkg=$kver"
     deb=$(ls "$tmp"/*.deb)
-    say "downloaded ${deb##*/} ($(mb "$(stat -c %s "$deb")")) in $((SECONDS - t_fetch)) s; unpacking"
+    say "unpacking ${deb##*/} into $kdir"
     unpack_deb "$deb" "$kdir"
     rm -rf "$tmp"
     say "guest kernel ready in $((SECONDS - t_fetch)) s"
 }
 
-deb_kernel() { # sets kdir: the .deb unpacked, cached by package, version and the file's hash
-    local pkg ver t0
-    pkg=$(dpkg-deb -f "$kernel_file" Package) ver=$(dpkg-deb -f "$kernel_file" Version)
-    kdir=$work/kernel/deb-${pkg}_${ver}-$(sha256sum < "$kernel_file" | cut -c1-16)
-    [ -f "$kdir/.done" ] && return 0
-    say "unpacking $pkg $ver ($(mb "$(stat -c %s "$kernel_file")")) into $kdir"
-    t0=$SECONDS
-    unpack_deb "$kernel_file" "$kdir"
-    say "guest kernel ready in $((SECONDS - t0)) s"
-}
-
-moddir=
-case $kernel_kind in
-    track | deb)
-        if [ "$kernel_kind" = track ]; then track_kernel; else deb_kernel; fi
-        vmlinuz=("$kdir"/boot/vmlinuz-*)
-        boot_file "${vmlinuz[0]}" "$kdir"
-        kernel_release=$(kernel_release_of "${vmlinuz[0]}")
-        if ! find_moddir "$kdir" && [ "$kernel_kind" = track ]; then
-            fail "the $kernel_arg kernel in $kdir has no modules: $moddir_why"
-        fi ;;
-    bzimage)
-        kdir=$work/kernel/image-$(sha256sum < "$kernel_file" | cut -c1-16)
-        if [ ! -f "$kdir/.done" ]; then
-            mkdir -p "$kdir"
-            prepare_vmlinux "$kernel_file" "$kdir"
-            touch "$kdir/.done"
-        fi
-        boot_file "$kernel_file" "$kdir"
-        kernel_release=$(kernel_release_of "$kernel_file") ;;
-    elf)
-        has_pvh_entry "$kernel_file" \
-            || bad_arg "--kernel $kernel_file: this vmlinux has no PVH entry (CONFIG_PVH); give its bzImage"
-        kernel=$kernel_file
-        kernel_release=$(kernel_release_of "$kernel_file") ;;
-esac
-if [ -n "$kernel_modules" ]; then
-    find_moddir "$kernel_modules" || bad_arg "--modules $kernel_modules: $moddir_why"
-fi
-[ -n "$moddir" ] || say "no modules for $kernel_release: vfio-pci, virtio-pci and 9p must be built in"
-kernel_name=$kernel_release
-if [ "$kernel_kind" = track ]; then kernel_name=$kernel_arg; fi
+guest_kernel
 
 # --- 3. initramfs, cached by the hash of its inputs -------------------------
 # The modules are named with their sizes and times: a rebuilt module at the same path is
 # a new input.
 key=$( {
-    sha256sum "$here/vm/init" "$here/vm/build-initramfs.sh" "$here/vm/lib.sh" /bin/busybox | cut -d' ' -f1
-    if [ -n "$moddir" ]; then
-        { module_files "$moddir" | xargs -0r stat -c '%n %s %Y'; } | LC_ALL=C sort
-        cat "$moddir/modules.builtin" 2>/dev/null || true
-    fi
+    sha256sum "$here/vm/init" "$here/vm/build-initramfs.sh" "$here/vm/lib.sh" "$initrd_busybox" | cut -d' ' -f1
+    printf '%s\n' "${initrd_modules[@]}"
+    for d in "$moddir" ${own_moddir:+"$own_moddir"}; do
+        [ -n "$d" ] || continue
+        { module_files "$d" | xargs -0r stat -c '%n %s %Y'; } | LC_ALL=C sort
+        cat "$d/modules.builtin" 2>/dev/null || true
+    done
 } | sha256sum | cut -c1-16)
 initrd=$work/initramfs-$key.cpio
 if [ ! -f "$initrd" ]; then
     say "building initramfs"
-    "$here/vm/build-initramfs.sh" "$moddir" "$initrd"
+    "$here/vm/build-initramfs.sh" --busybox "$initrd_busybox" ${own_moddir:+--own "$own_moddir"} \
+        "$moddir" "$initrd" "${initrd_modules[@]}"
 fi
 
-# --- 4. the run: results dir, guest command ---------------------------------
-results=${results:-$root/results/real-$kernel_name}
+# --- 4. the run: results dir, the guest's root, guest command ---------------
+results=${results:-$root/results/real-$results_prefix$kernel_name}
 mkdir -p "$results"
 results=$(cd "$results" && pwd -P)
 rm -f "$results/exit-status" "$results/exit-reason" "$results/console.log"
 [ $# -gt 0 ] || set -- sh ci/vm/guest-suite.sh
 
-# The host's real interpreter (not a pyenv shim) goes first on the guest PATH;
-# byte-compile the project now, since imports under TCG are slow and the
-# guest sees the tree read-only.
-pybin=
-if py=$(command -v python3 2>/dev/null); then
-    real_py=$(python3 -c 'import sys; print(sys.executable)' 2>/dev/null || readlink -f "$py")
-    pybin=$(dirname "$real_py")
-    "$real_py" -m compileall -q -x '/(\.git|\.work|results|node_modules)/' "$root" >/dev/null 2>&1 || true
-fi
-
 q() { local s=$1; printf "'%s'" "${s//\'/\'\\\'\'}"; }   # POSIX sh quoting
-run=$(mktemp -d "$work/run.XXXXXX")
-ivsock=$run/ivshmem.sock ivshm=vfio-ci-$$ ivmailbox=$results/ivshmem-mailbox
-qpid=
-ivpids=()
-cleanup() {
-    [ -n "$qpid" ] && kill "$qpid" 2>/dev/null || true
-    stop_ivshmem
-    rm -rf "$run"
+# Byte-compile the project, since imports under TCG are slow and the guest sees the tree
+# read-only (PYTHON: the host's interpreter of the guest's Python version).
+compile_repo() {
+    "$1" -m compileall -q -x '/(\.git|\.work|results|node_modules)/' "$root" >/dev/null 2>&1 || true
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+guest_root   # the arch's: guest_config and guest_env, lines for ctl/config and cmd.sh
 {
     echo "RESULTS_PATH=$(q "$results")"
     echo "DEVICES=$(q "${devices[*]}")"
-    echo "KEEP_PATHS=$(q "$root${pybin:+ $(dirname "$pybin")}")"
+    printf '%s\n' "${guest_config[@]}"
 } > "$run/config"
 {
     echo "cd $(q "$root") || exit 126"
-    echo "export PATH=$(q "${pybin:+$pybin:}$PATH")"
+    printf 'export %s\n' "${guest_env[@]}"
     # TERM=dumb: the serial console is a tty, but nobody reads colours there.
     echo "export HOME=/root LANG=C.UTF-8 TERM=dumb PYTHONDONTWRITEBYTECODE=1 PYTEST_DISABLE_PLUGIN_AUTOLOAD=1"
-    echo "export VFIO_REAL_RESULTS=$(q "$results") VFIO_IVSHMEM_MAILBOX=$(q "$ivmailbox")"
+    echo "export VFIO_REAL_RESULTS=$(q "$results")"
     for kv in "${extra_env[@]}"; do echo "export ${kv%%=*}=$(q "${kv#*=}")"; done
     printf 'exec'
     for a in "$@"; do printf ' %s' "$(q "$a")"; done
     echo
 } > "$run/cmd.sh"
 
-# --- 5. the ivshmem-doorbell's peers on the host ----------------------------
-# QEMU reads the server's set-up messages while it creates the device, so the
-# server must be listening first: our server binds a temporary name and links
-# it into place, so the socket existing means it is ready. The responder is the
-# second peer, which the guest's tests drive through a mailbox directory in the
-# results share (conformance/ivshmem_mailbox.py). The shm size becomes BAR2's:
-# a power of two.
-start_ivshmem() {
-    "${pybin:+$pybin/}python3" -m vfio_impl.ivshmem.server -F -v -S "$ivsock" -M "$ivshm" -l 1M -n 2 \
-        > "$results/ivshmem-server.log" 2>&1 &
-    ivpids+=($!)
-    local i
-    for i in $(seq 100); do [ -S "$ivsock" ] && break; sleep 0.05; done
-    [ -S "$ivsock" ] || fail "ivshmem-server did not start (log: $results/ivshmem-server.log)"
-    rm -rf "$ivmailbox"
-    "${pybin:+$pybin/}python3" -m conformance.ivshmem_mailbox -S "$ivsock" --mailbox "$ivmailbox" \
-        --ready "$run/responder.ready" \
-        > "$results/ivshmem-responder.log" 2>&1 &
-    ivpids+=($!)
-    for i in $(seq 200); do [ -f "$run/responder.ready" ] && break; sleep 0.05; done
-    [ -f "$run/responder.ready" ] || fail "the ivshmem responder did not start (log: $results/ivshmem-responder.log)"
-}
-stop_ivshmem() { # responder first, so the server sees a peer leave before it stops
-    local i p
-    for ((i = ${#ivpids[@]} - 1; i >= 0; i--)); do
-        p=${ivpids[i]}
-        kill "$p" 2>/dev/null && wait "$p" 2>/dev/null || true
-    done
-    ivpids=()
-}
-
-# --- 6. accelerator (choose_accel in ci/vm/lib.sh) --------------------------
+# --- 5. accelerator ---------------------------------------------------------
 t_accel=$(now_us)
-choose_accel "$accel_mode" || fail "VFIO_CI_ACCEL must be auto, kvm or tcg"
+pick_accel
 say "accel: $accel, chosen in $(secs_since "$t_accel") s ($accel_why)"
 
-# --- 7. boot ----------------------------------------------------------------
+# --- 6. boot ----------------------------------------------------------------
 log=$results/console.log
 progress_s=15   # a line on stderr when the console has been silent this long
 boot_console() { tail -c +$((boot_from + 1)) "$log"; }   # this boot's part of the log
@@ -339,28 +281,7 @@ boot_console() { tail -c +$((boot_from + 1)) "$log"; }   # this boot's part of t
 boot_grep() { grep -m1 -- "$1" < <(boot_console); }
 run_vm() { # run_vm ACCEL -> sets vm_rc, vm_why, boot_from (where its console starts in the log)
     local acc=$1
-    # QEMU option values escape a comma by doubling it.
-    local res_opt=${results//,/,,} run_opt=${run//,/,,}
-    qemu_accel_args "$acc"
-    local cmd=(qemu-system-x86_64 -nodefaults -no-user-config -display none -no-reboot
-        "${accel_args[@]}" -smp 1 -m "$mem"
-        -device intel-iommu,intremap=on
-        -kernel "$kernel" -initrd "$initrd"
-        -append "$(guest_cmdline)"
-        -chardev stdio,id=con,signal=off -serial chardev:con
-        -device edu,addr=0x3
-        -object memory-backend-memfd,id=shm0,size=1M,share=on
-        -device ivshmem-plain,memdev=shm0,addr=0x4
-        -device pcie-root-port,id=rp1,chassis=1,slot=1,addr=0x5
-        -device e1000e,romfile=,bus=rp1,addr=0x0
-        -chardev socket,path="${ivsock//,/,,}",id=ivsh
-        -device ivshmem-doorbell,chardev=ivsh,vectors=2,addr=0x6
-        -fsdev local,id=fsroot,path=/,security_model=none,readonly=on,multidevs=remap
-        -device virtio-9p-pci,fsdev=fsroot,mount_tag=hostroot,addr=0x10
-        -fsdev local,id=fsres,path="$res_opt",security_model=none
-        -device virtio-9p-pci,fsdev=fsres,mount_tag=results,addr=0x11
-        -fsdev local,id=fsctl,path="$run_opt",security_model=none,readonly=on
-        -device virtio-9p-pci,fsdev=fsctl,mount_tag=ctl,addr=0x12)
+    qemu_command "$acc"
     say "booting $kernel_release ($acc, timeout ${timeout_s}s)"
     boot_from=$(stat -c %s "$log")
     local fifo=$run/console.fifo
@@ -368,7 +289,7 @@ run_vm() { # run_vm ACCEL -> sets vm_rc, vm_why, boot_from (where its console st
     # Console: strip the serial line's CRs, stream to stdout, keep a copy.
     sed -u 's/\r$//' < "$fifo" | tee -a "$log" &
     local teepid=$!
-    "${cmd[@]}" < /dev/null > "$fifo" 2>&1 &
+    "${qemu_cmd[@]}" < /dev/null > "$fifo" 2>&1 &
     qpid=$!
     local t0=$SECONDS size seen=$boot_from quiet_from=$SECONDS
     vm_why=
@@ -402,7 +323,7 @@ run_vm() { # run_vm ACCEL -> sets vm_rc, vm_why, boot_from (where its console st
 
 t_start=$(date +%s%N)
 : > "$log"
-start_ivshmem
+start_peers
 run_vm "$accel"
 if [ "$vm_why" = kvm-error ] && [ "$accel_mode" = auto ]; then
     remember_kvm_failure "a real guest: $(boot_grep 'KVM internal error')"
@@ -417,11 +338,9 @@ if [ -z "$vm_why" ] && [ ! -s "$results/exit-status" ] && panic=$(boot_console |
     say "the guest kernel panicked before the command started ($panic); booting once more"
     run_vm "$accel"
 fi
-stop_ivshmem
+stop_peers
 ms=$(( ($(date +%s%N) - t_start) / 1000000 ))
-for left in "$ivsock" "/dev/shm/$ivshm"; do
-    [ -e "$left" ] && fail "ivshmem-server did not remove $left on exit (log: $results/ivshmem-server.log)"
-done
+check_peers_gone
 elapsed=$((ms / 1000)).$(printf %03d $((ms % 1000)))
 
 if [ "$vm_why" = timeout ]; then

@@ -1,6 +1,7 @@
-"""ci/vm/lib.sh, the host-side logic of ci/real-vm.sh, called with fake inputs: what --kernel names,
-a kernel's module directory and load order, the vmlinux inside a bzImage, the guest kernel command
-line, the auto-mode choice of accelerator and its memo, and reading a boot's console. No VM boots;
+"""ci/vm/lib.sh, the host-side logic of ci/real-vm.sh, called with fake inputs: what --arch and --kernel
+name, a kernel's module directory and load order, the vmlinux inside a bzImage, the arm64 Image, the
+guest kernel command line, the auto-mode choice of accelerator and its memo, the arm64 guest's private
+apt state and package lists, and reading a boot's console; and ci/vm/guest_wheels.py. No VM boots;
 one test runs the tiny KVM probe guest under TCG when QEMU and binutils are here."""
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import lzma
 import shlex
 import struct
 import subprocess
+import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -104,19 +107,40 @@ def bzimage(payload: bytes, release: str = "6.99.0-test") -> bytes:
     return bytes(head) + payload + b"code after the payload" * 8
 
 
-def spec(work: Path, *args: str) -> dict[str, str]:
-    """kernel_spec ARGS: its status and the variables it sets."""
+def spec(work: Path, *args: str, arch: str = "amd64") -> dict[str, str]:
+    """kernel_spec ARCH ARGS: its status and the variables it sets."""
     names = ["kernel_kind", "kernel_meta", "kernel_file", "kernel_modules", "kernel_error"]
-    r = bash(f"rc=0\nkernel_spec {shlex.join(args)} || rc=$?\n"
+    r = bash(f"rc=0\nkernel_spec {shlex.join([arch, *args])} || rc=$?\n"
              + "".join(f'echo "{n}=${n}"\n' for n in ["rc", *names]), work)
     assert r.returncode == 0, r.stderr
     return dict(line.split("=", 1) for line in r.stdout.splitlines())
 
 
-@pytest.mark.parametrize("track, meta", [("6.1", "linux-image-amd64"), ("6.12", "linux-image-6.12-amd64")])
-def test_a_track_names_its_metapackage(tmp_path, track, meta):
-    assert spec(tmp_path, track) == {"rc": "0", "kernel_kind": "track", "kernel_meta": meta, "kernel_file": "",
-                                     "kernel_modules": "", "kernel_error": ""}
+@pytest.mark.parametrize("arch, track, meta", [
+    ("amd64", "6.1", "linux-image-amd64"), ("amd64", "6.12", "linux-image-6.12-amd64"),
+    ("arm64", "6.1", "linux-image-arm64"), ("arm64", "6.12", "linux-image-6.12-arm64"),
+])
+def test_a_track_names_its_metapackage(tmp_path, arch, track, meta):
+    assert spec(tmp_path, track, arch=arch) == {"rc": "0", "kernel_kind": "track", "kernel_meta": meta,
+                                                "kernel_file": "", "kernel_modules": "", "kernel_error": ""}
+
+
+def test_each_arch_has_a_default_track(tmp_path):
+    r = bash('echo "${default_kernel[amd64]} ${default_kernel[arm64]}"', tmp_path)
+    assert r.stdout == "6.1 6.12\n"
+
+
+@pytest.mark.parametrize("arch, args, error", [
+    ("sparc", ["6.1"], "--arch wants amd64 or arm64, not 'sparc'"),
+    ("arm64", ["6.13"], "--kernel wants 6.1 or 6.12 with --arch arm64, not '6.13'"),
+    ("arm64", ["vmlinux"], "--kernel wants 6.1 or 6.12 with --arch arm64, not 'vmlinux'"),  # no kernel files
+    ("arm64", ["6.12", "mods"], "--modules goes with a bzImage or vmlinux; --kernel 6.12 brings its own"),
+])
+def test_arm64_takes_only_its_tracks(tmp_path, arch, args, error):
+    (tmp_path / "vmlinux").write_bytes(VMLINUX)
+    (tmp_path / "mods").mkdir()
+    got = spec(tmp_path, *args, arch=arch)
+    assert got["rc"] == "1" and got["kernel_error"] == error
 
 
 def test_kernel_files_are_told_apart_by_their_first_bytes_not_their_names(tmp_path):
@@ -152,13 +176,25 @@ def test_a_bad_kernel_argument_is_said_in_one_line(tmp_path, args, error):
 
 
 @pytest.mark.parametrize("args", [["--kernel", "/nonexistent/bzImage"], ["--kernel", "6.13"],
-                                  ["--kernel", "/etc/hostname"], ["--kernel", "6.12", "--modules", "/"]])
-def test_real_vm_refuses_a_bad_kernel_with_one_line_and_status_2_before_doing_anything(tmp_path, args):
+                                  ["--kernel", "/etc/hostname"], ["--kernel", "6.12", "--modules", "/"],
+                                  ["--arch", "sparc"], ["--arch", "arm64", "--kernel", "6.13"],
+                                  ["--arch", "arm64", "--kernel", "/etc/hostname"], ["--timeout", "0"]])
+def test_real_vm_refuses_a_bad_argument_with_one_line_and_status_2_before_doing_anything(tmp_path, args):
     work = tmp_path / "work"
     r = subprocess.run(["bash", str(CI / "real-vm.sh"), *args, "--", "true"], capture_output=True, text=True,
                        env={"PATH": "/usr/bin:/bin", "VFIO_CI_WORK": str(work)}, timeout=60)
     assert r.returncode == 2 and r.stdout == ""
     assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("real-vm: --")
+    assert not work.exists()
+
+
+def test_the_arm64_guest_refuses_kvm_before_doing_anything(tmp_path):
+    work = tmp_path / "work"
+    r = subprocess.run(["bash", str(CI / "real-vm.sh"), "--arch", "arm64", "--", "true"], capture_output=True,
+                       text=True, env={"PATH": "/usr/bin:/bin", "VFIO_CI_WORK": str(work), "VFIO_CI_ACCEL": "kvm"},
+                       timeout=60)
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr == "real-vm: VFIO_CI_ACCEL=kvm: the arm64 guest runs under TCG (auto or tcg)\n"
     assert not work.exists()
 
 
@@ -240,6 +276,39 @@ def test_module_order_puts_dependencies_first_and_leaves_out_built_in_modules(tm
     assert dict(got)["vfio_pci"] == f"{mods}/kernel/drivers/vfio/pci/vfio-pci.ko.xz"
 
 
+# Linux 6.1 on arm64, by file: Debian's modules (vfio without no-IOMMU mode, no vfio-platform), and
+# those our build makes (ci/vm/arm64.sh), which vfio_virqfd is one of.
+MODULES_61_ARM64 = {
+    "kernel/drivers/vfio/vfio.ko": "",
+    "kernel/drivers/vfio/vfio_virqfd.ko": "",
+    "kernel/drivers/vfio/vfio_iommu_type1.ko": "vfio",
+    "kernel/drivers/virtio/virtio_mmio.ko": "",
+    "kernel/net/9p/9pnet.ko": "",
+    "kernel/net/9p/9pnet_virtio.ko": "9pnet",
+    "kernel/fs/9p/9p.ko": "9pnet",
+}
+OWN_61_ARM64 = {
+    "vfio.ko": "",
+    "vfio_virqfd.ko": "",
+    "vfio-platform-base.ko": "vfio,vfio_virqfd",
+    "vfio-platform.ko": "vfio-platform-base,vfio",
+    "vfio-amba.ko": "vfio-platform-base,vfio",
+}
+WANTED_ARM64 = "vfio vfio_iommu_type1 vfio-platform vfio-amba virtio_mmio 9pnet_virtio 9p"
+
+
+def test_our_own_modules_are_taken_instead_of_the_kernels_of_the_same_name(tmp_path):
+    mods = module_tree(tmp_path / "6.1", MODULES_61_ARM64, "")
+    own = module_tree(tmp_path / "own", OWN_61_ARM64, None)
+    r = bash(FAKE_MODINFO + f"module_order --own {own} {mods} {WANTED_ARM64}", tmp_path)
+    assert r.returncode == 0, r.stderr
+    got = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+    assert list(got) == ["vfio", "vfio_iommu_type1", "vfio_virqfd", "vfio_platform_base", "vfio_platform",
+                         "vfio_amba", "virtio_mmio", "9pnet", "9pnet_virtio", "9p"]
+    assert got["vfio"] == f"{own}/vfio.ko" and got["vfio_virqfd"] == f"{own}/vfio_virqfd.ko"
+    assert got["vfio_iommu_type1"] == f"{mods}/kernel/drivers/vfio/vfio_iommu_type1.ko"
+
+
 def test_a_module_neither_there_nor_built_in_fails_naming_it(tmp_path):
     mods = module_tree(tmp_path / "6.12", MODULES_612, None)  # no modules.builtin
     r = bash(FAKE_MODINFO + f"module_order {shlex.quote(str(mods))} {WANTED}", tmp_path)
@@ -247,25 +316,55 @@ def test_a_module_neither_there_nor_built_in_fails_naming_it(tmp_path):
     assert r.stderr == f"module virtio_pci is neither under {mods} nor in its modules.builtin\n"
 
 
-def test_build_initramfs_loads_the_modules_that_are_not_built_in_decompressed(tmp_path, debian_package):
+def cpio_member(archive: Path, name: str) -> str:
+    return subprocess.run(["cpio", "-i", "--quiet", "--to-stdout", name], stdin=archive.open("rb"),
+                          capture_output=True, check=True).stdout.decode()
+
+
+@pytest.fixture
+def initramfs_tools(tmp_path, debian_package) -> Path:
+    """What build-initramfs.sh needs, and a modinfo that reads our fake modules (xz or plain text)."""
     for package, provides in (("busybox-static", "/bin/busybox"), ("cpio", "cpio"), ("xz-utils", "xz")):
         debian_package(package, provides)
-    mods = module_tree(tmp_path / "6.12", MODULES_612, BUILTIN_612, pack=lambda text: lzma.compress(text.encode()))
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "modinfo").write_text('#!/bin/sh\nxz -dc "$3" | sed -n "s/^depends=//p"\n')
+    (fake / "modinfo").write_text('#!/bin/sh\n{ xz -dc "$3" 2>/dev/null || cat "$3"; } | sed -n "s/^depends=//p"\n')
     (fake / "modinfo").chmod(0o755)
+    return fake
+
+
+def build_initramfs(fake: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(CI / "vm" / "build-initramfs.sh"), *args], capture_output=True, text=True,
+                          env={"PATH": f"{fake}:/usr/bin:/bin:/usr/sbin:/sbin"}, timeout=60)
+
+
+def test_build_initramfs_loads_the_modules_that_are_not_built_in_decompressed(tmp_path, initramfs_tools):
+    mods = module_tree(tmp_path / "6.12", MODULES_612, BUILTIN_612, pack=lambda text: lzma.compress(text.encode()))
     out = tmp_path / "initrd.cpio"
-    r = subprocess.run(["bash", str(CI / "vm" / "build-initramfs.sh"), str(mods), str(out)], capture_output=True,
-                       text=True, env={"PATH": f"{fake}:/usr/bin:/bin:/usr/sbin:/sbin"}, timeout=60)
+    r = build_initramfs(initramfs_tools, str(mods), str(out), *WANTED.split())
     assert r.returncode == 0, r.stderr
     assert r.stderr.endswith(f"modules: {' '.join(ORDER_612)})\n")
+    assert cpio_member(out, "lib/modules/load-order").split() == ORDER_612
+    assert cpio_member(out, "lib/modules/vfio_pci.ko") == "depends=vfio-pci-core,vfio\n"
 
-    def member(name: str) -> str:
-        return subprocess.run(["cpio", "-i", "--quiet", "--to-stdout", name], stdin=out.open("rb"),
-                              capture_output=True, check=True).stdout.decode()
-    assert member("lib/modules/load-order").split() == ORDER_612
-    assert member("lib/modules/vfio_pci.ko") == "depends=vfio-pci-core,vfio\n"
+
+def test_build_initramfs_takes_our_modules_their_parameters_and_another_busybox(tmp_path, initramfs_tools):
+    mods = module_tree(tmp_path / "6.1", MODULES_61_ARM64, "")
+    own = module_tree(tmp_path / "own", OWN_61_ARM64, None)
+    busybox = tmp_path / "arm64" / "busybox"
+    busybox.parent.mkdir()
+    busybox.write_bytes(b"an arm64 busybox")
+    busybox.chmod(0o755)
+    out = tmp_path / "initrd.cpio"
+    wanted = ["vfio enable_unsafe_noiommu_mode=1", "vfio_iommu_type1", "vfio-platform reset_required=0",
+              "vfio-amba", "virtio_mmio", "9pnet_virtio", "9p"]
+    r = build_initramfs(initramfs_tools, "--busybox", str(busybox), "--own", str(own), str(mods), str(out), *wanted)
+    assert r.returncode == 0, r.stderr
+    assert cpio_member(out, "lib/modules/load-order").splitlines() == [
+        "vfio enable_unsafe_noiommu_mode=1", "vfio_iommu_type1", "vfio_virqfd", "vfio_platform_base",
+        "vfio_platform reset_required=0", "vfio_amba", "virtio_mmio", "9pnet", "9pnet_virtio", "9p"]
+    assert cpio_member(out, "lib/modules/vfio_amba.ko") == "depends=vfio-platform-base,vfio\n"  # ours
+    assert cpio_member(out, "bin/busybox") == "an arm64 busybox"
 
 
 # --- the vmlinux inside a bzImage -------------------------------------------------------------
@@ -327,6 +426,20 @@ def test_cmdline_appends_vfio_ci_append_last(tmp_path):
     line = bash("guest_cmdline", tmp_path, env={"VFIO_CI_APPEND": "loglevel=7 foo=1"}).stdout
     assert line.endswith("no_timer_check quiet loglevel=7 foo=1\n")
     assert bash("guest_cmdline", tmp_path, env={}).stdout.endswith("quiet\n")
+
+
+def test_the_arm64_cmdline_keeps_the_pl061_gpio_driver_off_and_appends_vfio_ci_append_last(tmp_path):
+    line = bash("guest_cmdline arm64", tmp_path, env={"VFIO_CI_APPEND": "loglevel=7"}).stdout
+    assert line == "console=ttyAMA0 panic=-1 quiet initcall_blacklist=pl061_gpio_driver_init loglevel=7\n"
+
+
+def test_an_arm64_image_is_told_by_its_magic(tmp_path):
+    image = bytearray(0x40)
+    image[0x38:0x3c] = b"ARMd"
+    (tmp_path / "Image").write_bytes(bytes(image))
+    (tmp_path / "bzImage").write_bytes(bzimage(compress(VMLINUX, "gzip")))
+    r = bash("for f in Image bzImage; do arm64_image $f && echo yes || echo no; done", tmp_path)
+    assert r.stdout.split() == ["yes", "no"]
 
 
 @pytest.mark.parametrize("accel, args", [
@@ -454,6 +567,85 @@ def test_the_real_probe_guest_reaches_its_end_under_tcg(tmp_path, debian_package
     assert r.stdout == f"{elf}\n" and elf.parent == tmp_path and elf.is_file()
     assert b"\xf0\x48\x0f\xc7" in elf.read_bytes()  # lock cmpxchg16b
     assert bash("probe_image", tmp_path).stdout == f"{elf}\n"  # cached
+
+
+# --- the arm64 guest's packages ----------------------------------------------------------------
+
+def test_the_private_apt_state_lives_under_its_directory_with_arm64_native(tmp_path):
+    r = bash('private_apt_opts /state amd64\nprintf "%s\\n" "${apt_opts[@]}"', tmp_path)
+    opts = r.stdout.splitlines()
+    values = [o for o in opts if o != "-o"]
+    assert len(opts) == 2 * len(values)
+    dirs = {k: v for k, v in (o.split("=", 1) for o in values) if k.startswith("Dir::") and "pkgcache" not in k}
+    assert dirs == {"Dir::Etc::SourceList": "/state/sources.list", "Dir::Etc::SourceParts": "/state/sources.list.d",
+                    "Dir::State::Lists": "/state/lists", "Dir::State::status": "/state/status",
+                    "Dir::Cache": "/state/cache"}
+    assert values.index("APT::Architecture=arm64") < values.index("APT::Architectures::=arm64")
+    assert "APT::Architectures::=amd64" in values
+
+
+def test_apt_memo_remembers_an_answer_until_the_lists_change(tmp_path):
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "deb.debian.org_dists_bookworm_main_binary-arm64_Packages.lz4").write_text("one")
+    script = 'ask() { echo asked >> "$work/calls"; echo "answer $1"; }\napt_memo lists q ask 1'
+    assert [bash(script, tmp_path).stdout for _ in range(2)] == ["answer 1\n"] * 2
+    assert (tmp_path / "calls").read_text() == "asked\n"
+    time.sleep(1.1)  # the stamp has whole seconds
+    (lists / "deb.debian.org_dists_bookworm_main_binary-arm64_Packages.lz4").write_text("two!")
+    assert bash(script, tmp_path).stdout == "answer 1\n"
+    assert (tmp_path / "calls").read_text() == "asked\n" * 2
+    assert bash(script.replace("ask 1", "false"), tmp_path).returncode == 0  # still remembered
+    r = bash("apt_memo lists other false", tmp_path)
+    assert r.returncode == 1 and not (tmp_path / "lookup" / "other").exists()
+
+
+def test_simulated_installs_are_package_and_version(tmp_path):
+    sim = ("NOTE: This is only a simulation!\n"
+           "Inst libc6 (2.36-9+deb12u14 Debian:12.13/stable, Debian-Security:12/stable-security [arm64])\n"
+           "Inst python3.11 (3.11.2-6+deb12u9 Debian-Security:12/stable-security [arm64])\n"
+           "Conf libc6 (2.36-9+deb12u14 Debian:12.13/stable [arm64])\n")
+    assert bash("simulated_installs", tmp_path, stdin=sim).stdout == (
+        "libc6=2.36-9+deb12u14\npython3.11=3.11.2-6+deb12u9\n")
+
+
+def test_dep_names_takes_each_first_alternative(tmp_path):
+    depends = ("linux-base (>= 4.12~), linux-headers-6.12.118+deb12-common (= 6.12.118-1~deb12u1), "
+               "linux-image-6.12.118+deb12-arm64 (= 6.12.118-1~deb12u1) | linux-image-6.12.118+deb12-arm64-unsigned "
+               "(= 6.12.118-1~deb12u1), linux-kbuild-6.12.118+deb12, gcc-12")
+    assert bash("dep_names", tmp_path, stdin=depends).stdout.split() == [
+        "linux-base", "linux-headers-6.12.118+deb12-common", "linux-image-6.12.118+deb12-arm64",
+        "linux-kbuild-6.12.118+deb12", "gcc-12"]
+
+
+def test_wheel_platforms_are_every_manylinux_the_glibc_runs(tmp_path):
+    got = bash("wheel_platforms 2.36 aarch64", tmp_path).stdout.split()
+    assert got[0] == "manylinux_2_36_aarch64" and got[-2:] == ["manylinux_2_17_aarch64", "manylinux2014_aarch64"]
+    assert len(got) == 36 - 17 + 2
+
+
+def guest_wheels(tmp_path: Path, pyproject: str) -> list[str]:
+    (tmp_path / "pyproject.toml").write_text(pyproject)
+    r = subprocess.run([sys.executable, str(CI / "vm" / "guest_wheels.py"), str(tmp_path / "pyproject.toml"),
+                        "3.11.2"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.splitlines()
+
+
+def test_guest_wheels_pins_what_this_host_has_with_what_it_depends_on(tmp_path):
+    got = guest_wheels(tmp_path, '[project]\nname = "x"\ndependencies = ["cffi>=1.15"]\n'
+                                 '[project.optional-dependencies]\ntest = ["pytest>=7.4"]\n')
+    pinned = {line.split("==")[0]: line.split("==")[1] for line in got}
+    for name in ["cffi", "pycparser", "pytest", "pluggy", "iniconfig", "packaging"]:
+        assert pinned[name] == metadata.version(name)
+
+
+def test_guest_wheels_follows_the_guests_markers_and_leaves_the_unknown_to_pip(tmp_path):
+    got = guest_wheels(tmp_path, '[project]\nname = "x"\ndependencies = ['
+                                 '"colorama; sys_platform == \'win32\'", "tomli; python_version < \'3.11\'",'
+                                 '"no-such-dist-here>=1.0; platform_machine == \'aarch64\'",'
+                                 '"iniconfig; platform_machine == \'x86_64\'"]\n')
+    assert got == ["no-such-dist-here>=1.0"]
 
 
 # --- one boot's console ---------------------------------------------------------------------

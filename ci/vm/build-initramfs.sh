@@ -1,25 +1,42 @@
 #!/bin/bash
-# Build the real-VM initramfs: static busybox, ci/vm/init as /init, and the guest kernel's
-# vfio + virtio-9p modules that are not built in, in the load order module_order
+# Build the real-VM initramfs: a static busybox, ci/vm/init as /init, and the guest kernel's
+# modules for the MODULEs that are not built in, in the load order module_order
 # (ci/vm/lib.sh) computes from their modinfo "depends=" fields.
 #
-#   ci/vm/build-initramfs.sh MODULES_DIR OUTPUT.cpio
+#   ci/vm/build-initramfs.sh [--busybox FILE] [--own DIR] MODULES_DIR OUTPUT 'MODULE [PARAM=VALUE...]'...
 #
 # MODULES_DIR is the kernel's lib/modules/<release> (or a build tree), or empty for a kernel
-# with all of them built in. The output is an uncompressed newc cpio (decompressing under
-# TCG costs more than reading it).
+# with all of them built in; modules under --own DIR (built by ci/vm/arm64.sh) are taken
+# instead of MODULES_DIR's of the same name. A MODULE's PARAMs go to its insmod. --busybox:
+# the guest's (default /bin/busybox, from busybox-static). The output is an uncompressed newc
+# cpio (decompressing under TCG costs more than reading it).
 set -euo pipefail
 
-moddir=${1?usage: build-initramfs.sh MODULES_DIR OUTPUT}
-out=${2:?usage: build-initramfs.sh MODULES_DIR OUTPUT}
+busybox=/bin/busybox
+own=()
+while [ $# -gt 0 ]; do
+    case $1 in
+        --busybox) busybox=$2; shift 2 ;;
+        --own) own=(--own "$2"); shift 2 ;;
+        *) break ;;
+    esac
+done
+usage="usage: build-initramfs.sh [--busybox FILE] [--own DIR] MODULES_DIR OUTPUT MODULE..."
+moddir=${1?$usage}
+out=${2:?$usage}
+shift 2
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source-path=SCRIPTDIR
 . "$here/lib.sh"
 
-# What the guest needs; their dependencies are added automatically.
-wanted=(vfio vfio_iommu_type1 vfio-pci virtio_pci 9pnet_virtio 9p)
+wanted=()
+declare -A params=()
+for w in "$@"; do
+    name=${w%% *}
+    wanted+=("$name")
+    [ "$w" = "$name" ] || params[${name//-/_}]=${w#* }
+done
 
-busybox=/bin/busybox   # from busybox-static (statically linked)
 if ! [ -x "$busybox" ]; then
     echo "build-initramfs: $busybox missing (install busybox-static)" >&2
     exit 1
@@ -27,7 +44,7 @@ fi
 
 order=
 if [ -n "$moddir" ]; then
-    order=$(module_order "$moddir" "${wanted[@]}") || exit 1
+    order=$(module_order "${own[@]}" "$moddir" "${wanted[@]}") || exit 1
 fi
 
 stage=$(mktemp -d "${out}.stage.XXXXXX")
@@ -47,7 +64,7 @@ while read -r key f; do
         *.ko.gz)  gzip -dc "$f" > "$dst" ;;
         *)        cp "$f" "$dst" ;;
     esac
-    echo "$key" >> "$stage/lib/modules/load-order"
+    echo "$key${params[$key]:+ ${params[$key]}}" >> "$stage/lib/modules/load-order"
     loaded+=("$key")
 done <<< "$order"
 # A console node so the kernel can open /dev/console before devtmpfs is up.

@@ -1,31 +1,43 @@
 # shellcheck shell=bash
 # Host-side helpers of ci/real-vm.sh, sourced by it, by ci/vm/build-initramfs.sh and by
-# tests/test_ci_vm.py (which calls them with fake inputs): what --kernel names, a kernel's
-# module directory and module load order, the vmlinux inside a bzImage, the guest kernel
-# command line, QEMU's accelerator options, the auto-mode choice of accelerator, and reading
-# one boot's console. Reads $work, the cache directory (VFIO_CI_WORK); sets accel, accel_why,
+# tests/test_ci_vm.py (which calls them with fake inputs): what --arch and --kernel name, a
+# kernel's module directory and module load order, the vmlinux inside a bzImage, the arm64
+# Image, the guest kernel command line, QEMU's accelerator options, the auto-mode choice of
+# accelerator, the private apt state of another architecture's packages, and reading one
+# boot's console. Reads $work, the cache directory (VFIO_CI_WORK); sets accel, accel_why,
 # accel_args and probe_why for the caller, and the other outputs each function names.
 # shellcheck disable=SC2034,SC2054,SC2154  # outputs and inputs as said; QEMU options have commas
 
 vm_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 
 # --- the guest kernel -----------------------------------------------------------
-# --kernel names one of Debian bookworm's two kernel tracks, which ci/real-vm.sh fetches
-# with apt, or a kernel file: a linux-image .deb, or a bzImage or ELF vmlinux (with
-# --modules DIR, or none when vfio-pci, virtio-pci and 9p are built in).
+# --kernel names one of Debian bookworm's two kernel tracks of the guest's architecture,
+# which ci/real-vm.sh fetches with apt, or (amd64 only) a kernel file: a linux-image .deb,
+# or a bzImage or ELF vmlinux (with --modules DIR, or none when vfio-pci, virtio-pci and 9p
+# are built in).
 
-# The tracks: --kernel NAME -> the metapackage whose dependency is that kernel's package.
-declare -A kernel_tracks=([6.1]=linux-image-amd64 [6.12]=linux-image-6.12-amd64)
+# The tracks: ARCH:NAME -> the metapackage whose dependency is that kernel's package.
+declare -A kernel_tracks=([amd64:6.1]=linux-image-amd64 [amd64:6.12]=linux-image-6.12-amd64
+                          [arm64:6.1]=linux-image-arm64 [arm64:6.12]=linux-image-6.12-arm64)
+# arm64 defaults to 6.12: its vfio-platform binds as Debian's source has it, where 6.1's
+# needs a fix (ci/vm/patches/6.1/).
+declare -A default_kernel=([amd64]=6.1 [arm64]=6.12)
 
-# kernel_spec SPEC [MODULES]: what --kernel SPEC and --modules MODULES name. Sets
-# kernel_kind: track (kernel_meta: its metapackage), deb, bzimage or elf (kernel_file: the
-# file, absolute); and kernel_modules (the --modules directory as given, or empty). Fails
-# with kernel_error, one line.
+# kernel_spec ARCH SPEC [MODULES]: what --arch ARCH, --kernel SPEC and --modules MODULES
+# name. Sets kernel_kind: track (kernel_meta: its metapackage), deb, bzimage or elf
+# (kernel_file: the file, absolute); and kernel_modules (the --modules directory as given,
+# or empty). Fails with kernel_error, one line.
 kernel_spec() {
-    local spec=$1 mods=${2:-}
+    local arch=$1 spec=$2 mods=${3:-}
     kernel_kind='' kernel_file='' kernel_meta='' kernel_modules=$mods kernel_error=''
-    if [ -n "$spec" ] && [ -n "${kernel_tracks[$spec]:-}" ]; then
-        kernel_kind=track kernel_meta=${kernel_tracks[$spec]}
+    if [ -z "${default_kernel[$arch]:-}" ]; then
+        kernel_error="--arch wants amd64 or arm64, not '$arch'"
+        return 1
+    elif [ -n "$spec" ] && [ -n "${kernel_tracks[$arch:$spec]:-}" ]; then
+        kernel_kind=track kernel_meta=${kernel_tracks[$arch:$spec]}
+    elif [ "$arch" != amd64 ]; then
+        kernel_error="--kernel wants 6.1 or 6.12 with --arch $arch, not '$spec'"
+        return 1
     elif [ -f "$spec" ] && kernel_kind=$(file_kind "$spec"); then
         kernel_file=$(realpath "$spec")
     elif [ -f "$spec" ]; then
@@ -81,18 +93,23 @@ module_files() { # module_files MODDIR: the module files under MODDIR, NUL-termi
     find "$1" \( -name '*.ko' -o -name '*.ko.xz' -o -name '*.ko.zst' -o -name '*.ko.gz' \) -print0
 }
 
-# module_order MODDIR NAME...: the modules to load for the NAMEs, each after those it
-# depends on (modinfo -F depends; the packages ship no modules.dep), one "NAME PATH" a
-# line; dashes and underscores in names are one. A module in MODDIR/modules.builtin is
-# part of the kernel and left out (on 6.12, virtio_pci). Fails, with a line on stderr, for
-# a module that is neither under MODDIR nor built in.
+# module_order [--own DIR] MODDIR NAME...: the modules to load for the NAMEs, each after
+# those it depends on (modinfo -F depends; the packages ship no modules.dep), one "NAME PATH"
+# a line; dashes and underscores in names are one. A module under DIR (our own build) is
+# taken instead of MODDIR's of the same name. A module in MODDIR/modules.builtin is part of
+# the kernel and left out (on 6.12, virtio_pci). Fails, with a line on stderr, for a module
+# that is neither under MODDIR nor built in.
 module_order() {
-    local moddir=$1 f b m
+    local own=
+    if [ "$1" = --own ]; then own=$2; shift 2; fi
+    local moddir=$1 f b m d
     shift
     local -A path_of=() builtin=() state=()
-    while IFS= read -r -d '' f; do
-        b=${f##*/}; b=${b%%.ko*}; path_of[${b//-/_}]=$f
-    done < <(module_files "$moddir")
+    for d in "$moddir" ${own:+"$own"}; do
+        while IFS= read -r -d '' f; do
+            b=${f##*/}; b=${b%%.ko*}; path_of[${b//-/_}]=$f
+        done < <(module_files "$d")
+    done
     if [ -f "$moddir/modules.builtin" ]; then
         while IFS= read -r f; do
             b=${f##*/}; b=${b%.ko}; builtin[${b//-/_}]=1
@@ -191,12 +208,24 @@ kernel_release_of() { # kernel_release_of BZIMAGE|VMLINUX: the release it report
     echo "${release:-unknown}"
 }
 
-# Serial console; the IOMMU with interrupt remapping; a panic ends QEMU, which runs
-# with -no-reboot. no_timer_check: under TCG on a loaded host the kernel's check of
-# the IO-APIC timer can fail and panic ("timer doesn't work through
+# guest_cmdline [ARCH]: the guest kernel's command line, VFIO_CI_APPEND last. Both: the serial
+# console, and a panic ends QEMU, which runs with -no-reboot.
+# amd64: the IOMMU with interrupt remapping. no_timer_check: under TCG on a loaded host the
+# kernel's check of the IO-APIC timer can fail and panic ("timer doesn't work through
 # Interrupt-remapped IO-APIC").
+# arm64: the PL061's GPIO driver is kept from binding at boot: once it has held the IRQ,
+# vfio-amba cannot request it (SET_IRQS fails with EINVAL).
 guest_cmdline() {
-    echo "console=ttyS0 intel_iommu=on iommu=pt panic=-1 no_timer_check quiet${VFIO_CI_APPEND:+ $VFIO_CI_APPEND}"
+    local base
+    case ${1:-amd64} in
+        amd64) base="console=ttyS0 intel_iommu=on iommu=pt panic=-1 no_timer_check quiet" ;;
+        arm64) base="console=ttyAMA0 panic=-1 quiet initcall_blacklist=pl061_gpio_driver_init" ;;
+    esac
+    echo "$base${VFIO_CI_APPEND:+ $VFIO_CI_APPEND}"
+}
+
+arm64_image() { # arm64_image FILE: true if FILE is an uncompressed arm64 Image ("ARMd" at 0x38)
+    cmp -s -n 4 -i $((0x38)):0 "$1" <(printf ARMd)
 }
 
 qemu_accel_args() { # qemu_accel_args kvm|tcg: sets the array accel_args (-machine, -cpu)
@@ -303,6 +332,60 @@ choose_accel() {
             fi ;;
         *) return 1 ;;
     esac
+}
+
+# --- Debian's package lists ------------------------------------------------------
+# The amd64 guest's packages come through the host's apt; the arm64 guest's through a private
+# apt state (ci/vm/arm64.sh), which leaves the host's lists and dpkg's architectures alone.
+
+lists_stamp() { # lists_stamp LISTS_DIR: changes whenever the package lists in LISTS_DIR do
+    stat -c '%n %Y %s' "$1"/*Packages* 2>/dev/null | md5sum | cut -c1-32
+}
+
+# apt_memo LISTS_DIR NAME CMD...: CMD's output, remembered in $work/lookup/NAME until the
+# package lists in LISTS_DIR change (apt-cache reads every list on each call: seconds here).
+apt_memo() {
+    local stamp f=$work/lookup/$2 out
+    stamp=$(lists_stamp "$1")
+    shift 2
+    if [ -f "$f" ] && [ "$(head -n1 "$f")" = "$stamp" ]; then
+        tail -n +2 "$f"
+        return 0
+    fi
+    out=$("$@") || return 1
+    mkdir -p "${f%/*}"
+    printf '%s\n%s\n' "$stamp" "$out" > "$f.$$" && mv "$f.$$" "$f"
+    echo "$out"
+}
+
+# private_apt_opts DIR HOST_ARCH: sets apt_opts, the options that point apt-get and apt-cache
+# at the sources, lists, cache and (empty) dpkg status under DIR, with arm64 native and the
+# host's architecture (for the cross build's tools) beside it. The host's apt.conf.d (a proxy)
+# and keyrings still apply. The binary cache the host turns off (docker-clean) is turned on
+# again there: without it every apt-cache call reads all the lists.
+private_apt_opts() {
+    apt_opts=(-o "Dir::Etc::SourceList=$1/sources.list" -o "Dir::Etc::SourceParts=$1/sources.list.d"
+              -o "Dir::State::Lists=$1/lists" -o "Dir::State::status=$1/status" -o "Dir::Cache=$1/cache"
+              -o Dir::Cache::pkgcache=pkgcache.bin -o Dir::Cache::srcpkgcache=srcpkgcache.bin
+              -o APT::Architecture=arm64 -o APT::Architectures::=arm64 -o "APT::Architectures::=$2"
+              -o APT::Sandbox::User=root)
+}
+
+simulated_installs() { # the "PACKAGE=VERSION" of each Inst line of `apt-get -s install` (stdin)
+    awk '$1 == "Inst" {v = $3; sub(/^\(/, "", v); print $2 "=" v}'
+}
+
+# wheel_platforms GLIBC MACHINE: pip's --platform values for a Linux with that glibc (e.g.
+# 2.36), one a line: every manylinux tag it runs, newest first (pip does not widen a given
+# platform to the older ones).
+wheel_platforms() {
+    local major=${1%%.*} minor=${1#*.} m
+    for ((m = minor; m >= 17; m--)); do echo "manylinux_${major}_${m}_$2"; done
+    echo "manylinux2014_$2"
+}
+
+dep_names() { # a Depends field's value (stdin): each dependency's first alternative's name, a line
+    tr ',' '\n' | awk '{sub(/^[ \t]+/, ""); split($0, alt, /[ \t]*\|/); split(alt[1], w, /[ \t(]/); if (w[1] != "") print w[1]}'
 }
 
 # --- one boot's console (on stdin) ---------------------------------------------
