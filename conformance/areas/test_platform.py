@@ -120,14 +120,14 @@ class Target:
 
 @pytest.fixture
 def platform(request, vfio):
-    """`platform(role)`: the backend's best device for a role of platform_models.ROLES, or the
-    test skips naming what is missing. Everything realized is torn down after the test (each
+    """`platform(role)`: the backend's best device for a role of platform_models.ROLES (or
+    `platform(model=NAME)`: its device of that model), or the test skips naming what is missing. Everything realized is torn down after the test (each
     board line lowered first), must have put its group back, and must leave no fd open."""
     made = []
     before = set(process_fds())
 
-    def pick(role: str = "any") -> Target:
-        what, fits = ROLES[role]
+    def pick(role: str = "any", model: str | None = None) -> Target:
+        what, fits = (f"{model} device", lambda m: m.name == model) if model else ROLES[role]
         found = [(d, PLATFORM_MODELS[d.model]) for d in vfio.devices
                  if d.bus != "pci" and d.model in PLATFORM_MODELS and fits(PLATFORM_MODELS[d.model])]
         if not found:
@@ -190,8 +190,9 @@ def ident(t: Target, d) -> int:
 
 
 # -- realize ----------------------------------------------------------------------------------
-def test_realize_by_host_names_the_sysfs_device_and_reads_every_region_and_irq(platform):
-    t = platform()
+@pytest.mark.parametrize("model", PREFERENCE)
+def test_realize_by_host_names_the_sysfs_device_and_reads_every_region_and_irq(platform, model):
+    t = platform(model=model)
     d = t.realize()
     assert d.name == t.name and d.sysfsdev == f"{t.model.flavour.bus_devices}/{t.name}"
     assert [(r.info.flags, r.info.size) for r in d.regions] == [(f, s) for f, s in t.model.regions]
@@ -207,8 +208,9 @@ def test_sysfsdev_takes_precedence_over_host(platform):
     assert d.name == t.name and ident(t, d) == t.model.ident[2]
 
 
-def test_the_compatible_list_of_the_of_node_is_counted(platform):
-    t = platform()
+@pytest.mark.parametrize("model", PREFERENCE)
+def test_the_compatible_list_of_the_of_node_is_counted(platform, model):
+    t = platform(model=model)
     d = t.realize()
     assert d.compat == t.model.compatible and d.num_compat == t.model.compatible.count("\0")
 
