@@ -1,24 +1,30 @@
 #!/bin/bash
-# The whole real-kernel check, as CI runs it, for each kernel (6.1, 6.12): the suite on the
-# fake with that kernel's profile, the suite and the probe on that Linux in the CI VM; then
-# one side-by-side report over all the runs, and each kernel's probe replayed on the fake.
+# The whole real-kernel check, as CI runs it: for each kernel (6.1, 6.12), the suite on the fake
+# with that kernel's profile; the suite and the probe on that Linux in each CI guest (the x86 VM's
+# vfio-pci devices, the arm64 guest's vfio-platform and vfio-amba devices); then one side-by-side
+# report over all the runs, and each guest's probe replayed on the fake.
 #
 #   ci/fake-vs-real.sh [RESULTS_DIR]      (default: results/)
 #
-# Writes RESULTS/fake-K.json and .xml, RESULTS/real-K/ (ci/real-vm.sh's results: real.json,
-# probe.json, console.log, ...) for each kernel K, and RESULTS/report.html.
-# Fails if any step fails: a real test failing, a divergence between the backends, or a probe
-# answer the fake gives differently. Every step runs, so one run shows every problem.
+# Writes RESULTS/fake-K.json and .xml for each kernel K, RESULTS/real-K/ and
+# RESULTS/real-arm64-K/ (ci/real-vm.sh's results: real.json, probe.json, console.log, ...), and
+# RESULTS/report.html. Fails if any step fails: a real test failing, a divergence between the
+# backends, or a probe answer the fake gives differently. Every step runs, so one run shows
+# every problem.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 results=${1:-results}
 kernels=(6.1 6.12)
+# Each guest: the name of its results directory for kernel K (real-$prefixK) and its arch.
+guests=(":amd64" "arm64-:arm64")
 mkdir -p "$results"
-# A file an earlier run left must not stand in for one this run failed to write.
+real_dirs=()
 for k in "${kernels[@]}"; do
-    rm -f "$results/fake-$k.json" "$results/fake-$k.xml" "$results/real-$k/real.json" \
-        "$results/real-$k/real.xml" "$results/real-$k/probe.json"
+    for g in "${guests[@]}"; do real_dirs+=("$results/real-${g%%:*}$k"); done
 done
+# A file an earlier run left must not stand in for one this run failed to write.
+for k in "${kernels[@]}"; do rm -f "$results/fake-$k.json" "$results/fake-$k.xml"; done
+for d in "${real_dirs[@]}"; do rm -f "$d/real.json" "$d/real.xml" "$d/probe.json"; done
 failed=()
 step() {
     local name=$1
@@ -30,12 +36,17 @@ for k in "${kernels[@]}"; do
     step "fake $k" python3 -m conformance.cli run --backend fake --kernel "$k" -n 2 \
         --json "$results/fake-$k.json" --junit "$results/fake-$k.xml"
 done
-for k in "${kernels[@]}"; do
-    step "real-vm $k" bash ci/real-vm.sh --kernel "$k" --results "$results/real-$k"
+for g in "${guests[@]}"; do
+    for k in "${kernels[@]}"; do
+        step "real-vm ${g#*:} $k" bash ci/real-vm.sh --arch "${g#*:}" --kernel "$k" \
+            --results "$results/real-${g%%:*}$k"
+    done
 done
 runs=() missing=()
 for k in "${kernels[@]}"; do
-    for f in "$results/fake-$k.json" "$results/real-$k/real.json"; do
+    files=("$results/fake-$k.json")
+    for g in "${guests[@]}"; do files+=("$results/real-${g%%:*}$k/real.json"); done
+    for f in "${files[@]}"; do
         if [ -f "$f" ]; then runs+=("$f"); else missing+=("$f"); fi
     done
 done
@@ -44,11 +55,11 @@ if [ ${#missing[@]} -eq 0 ]; then
 else
     failed+=("report (no ${missing[*]})")
 fi
-for k in "${kernels[@]}"; do
-    if [ -f "$results/real-$k/probe.json" ]; then
-        step "probe $k" python3 -m conformance.probe compare "$results/real-$k/probe.json"
+for d in "${real_dirs[@]}"; do
+    if [ -f "$d/probe.json" ]; then
+        step "probe ${d##*/}" python3 -m conformance.probe compare "$d/probe.json"
     else
-        failed+=("probe $k (the VM recorded no probe)")
+        failed+=("probe ${d##*/} (the guest recorded no probe)")
     fi
 done
 if [ ${#failed[@]} -gt 0 ]; then
