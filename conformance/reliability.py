@@ -53,6 +53,7 @@ from vfio_impl.vmm.machine import Machine, VirtualClock
 # device goes away. Retries on EINTR, EAGAIN and EBUSY are proven separately, by their own faults.
 ERRNOS = {"open": errno.EMFILE, "eventfd": errno.EMFILE, "mmap": errno.ENOMEM, "readlink": errno.ENOENT,
           "listdir": errno.ENOENT, "read_text": errno.ENOENT, "write_text": errno.ENOENT, "exists": errno.ENOENT,
+          "stat": errno.ENOENT,
           "socket.socket": errno.EMFILE, "socket.connect": errno.ECONNREFUSED, "socket.recv_fds": errno.ECONNRESET,
           "mmap.mmap": errno.ENOMEM, "_posixshmem.shm_open": errno.EACCES, "os.ftruncate": errno.ENOSPC,
           "os.stat": errno.ENOENT}

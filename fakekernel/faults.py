@@ -31,9 +31,9 @@ if TYPE_CHECKING:
     from .kernel import FakeKernel
 
 # The Host methods, each one a syscall a fault can hit.
-SYSCALLS = ("open", "close", "ioctl", "pread", "pwrite", "mmap", "readlink", "exists", "listdir", "read_text",
-            "write_text", "eventfd", "eventfd_read", "eventfd_write")
-_PATH_CALLS = frozenset({"open", "readlink", "exists", "listdir", "read_text", "write_text"})
+SYSCALLS = ("open", "close", "ioctl", "pread", "pwrite", "mmap", "readlink", "exists", "stat", "listdir",
+            "read_text", "write_text", "eventfd", "eventfd_read", "eventfd_write")
+_PATH_CALLS = frozenset({"open", "readlink", "exists", "stat", "listdir", "read_text", "write_text"})
 _FD_CALLS = frozenset({"close", "ioctl", "pread", "pwrite", "mmap", "eventfd_read", "eventfd_write"})
 
 

@@ -188,6 +188,9 @@ class FakeKernel(EventfdMixin):
     def exists(self, path: str) -> bool:
         return self._os.path.exists(path)
 
+    def stat(self, path: str) -> os.stat_result:
+        return self._os.stat(path)
+
     def listdir(self, path: str) -> list[str]:
         return sorted(self._os.listdir(path))
 
