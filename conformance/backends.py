@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -12,6 +13,7 @@ from vfio_impl.core.errors import VFIOError
 from vfio_impl.core.host import Host, RealHost
 from vfio_impl.core.iommu import iommu_group
 from vfio_impl.core.pciaddr import PCI_DEVICES, sysfs_path
+from vfio_impl.flavours.ccw import realpath
 from vfio_impl.flavours.platform import AMBA_DEVICES, PLATFORM_DEVICES
 
 # vendor:device -> the catalog name tests ask for.
@@ -19,9 +21,13 @@ MODELS = {(0x1234, 0x11E8): "edu", (0x1AF4, 0x1110): "ivshmem", (0x8086, 0x10D3)
 # A platform or AMBA device's first of_node compatible entry -> its catalog name.
 PLATFORM_MODELS = {"arm,pl031": "pl031", "arm,pl061": "pl061", "virtio,mmio": "virtio-mmio",
                    "qemu,platform-test": "platform-test"}
-# Where each bus lists its devices, and the VFIO driver a device of that bus is bound to.
-BUS_DEVICES = {"pci": PCI_DEVICES, "platform": PLATFORM_DEVICES, "amba": AMBA_DEVICES}
-VFIO_DRIVERS = {"pci": "vfio-pci", "platform": "vfio-platform", "amba": "vfio-amba"}
+# Where each bus lists its devices, and the VFIO driver a device of that bus is bound to. A
+# vfio-ccw device is the mdev vfio_ccw's mdev driver drives, created on an I/O subchannel bound to
+# vfio_ccw; it is listed with the other mdevs.
+MDEV_DEVICES = "/sys/bus/mdev/devices"
+BUS_DEVICES = {"pci": PCI_DEVICES, "platform": PLATFORM_DEVICES, "amba": AMBA_DEVICES, "ccw": MDEV_DEVICES}
+VFIO_DRIVERS = {"pci": "vfio-pci", "platform": "vfio-platform", "amba": "vfio-amba", "ccw": "vfio_ccw_mdev"}
+_UUID = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", re.IGNORECASE)
 # Drivers that leave a group viable: vfio's own, pci-stub, and those that do no DMA (Linux's
 # driver_managed_dma), which is why a PCIe root port bound to pcieport may share a group.
 VIABLE_DRIVERS = (*VFIO_DRIVERS.values(), "pci-stub", "pcieport")
@@ -29,8 +35,10 @@ VIABLE_DRIVERS = (*VFIO_DRIVERS.values(), "pci-stub", "pcieport")
 
 @dataclass(slots=True)
 class DeviceInfo:
-    """`bdf` is the kernel's name for the device: a PCI address, or a platform or AMBA device's
-    name (9010000.pl031). `noiommu`: its group is a no-IOMMU one, /dev/vfio/noiommu-N."""
+    """`bdf` is the kernel's name for the device: a PCI address, a platform or AMBA device's name
+    (9010000.pl031), or a vfio-ccw mdev's UUID, whose `model` is its mdev type (what is behind
+    the subchannel only SENSE ID tells: conformance.ccw_models). `noiommu`: its group is a
+    no-IOMMU one, /dev/vfio/noiommu-N."""
 
     bdf: str
     sysfs: str
@@ -72,17 +80,17 @@ class Backend:
 
 
 def device_sysfs(host: Host, name: str) -> str:
-    """A device's sysfs directory from a sysfs path, a PCI address, or a platform or AMBA device
-    name; ValueError for a name that is none of them."""
+    """A device's sysfs directory from a sysfs path, a PCI address, a platform or AMBA device
+    name or an mdev's UUID; ValueError for a name that is none of them."""
     try:
         return sysfs_path(name)
     except ValueError:
         pass
-    found = [f"{BUS_DEVICES[bus]}/{name}" for bus in ("platform", "amba")
+    found = [f"{BUS_DEVICES[bus]}/{name}" for bus in ("platform", "amba", "ccw")
              if "/" not in name and host.exists(f"{BUS_DEVICES[bus]}/{name}")]
     if not found:
         raise ValueError(f"{name!r} is not a PCI address (DDDD:BB:SS.F or BB:SS.F), nor a device under "
-                         f"{PLATFORM_DEVICES} or {AMBA_DEVICES}")
+                         f"{PLATFORM_DEVICES}, {AMBA_DEVICES} or {MDEV_DEVICES}")
     return found[0]
 
 
@@ -102,8 +110,11 @@ def device_name(name: str) -> str:
 
 
 def bus_of(host: Host, sysfs: str) -> str:
-    """The bus a device is on, from where its path lies or else its subsystem link."""
+    """The bus a device is on, from where its path lies or else its subsystem link; an mdev
+    counts as ccw when its subchannel parent is (vfio_ccw's mdev type says vfio-ccw)."""
     bus = next((bus for bus, devices in BUS_DEVICES.items() if sysfs.startswith(devices + "/")), None)
+    if bus is None and _mdev_api(host, sysfs) == "vfio-ccw":
+        bus = "ccw"
     if bus is None:
         try:
             bus = host.readlink(f"{sysfs}/subsystem").rsplit("/", 1)[-1]
@@ -121,6 +132,8 @@ def describe(host: Host, name_or_path: str) -> DeviceInfo:
         group = None
     driver = driver_of(host, sysfs)
     noiommu = group is not None and host.exists(f"/dev/vfio/noiommu-{group}")
+    if bus == "ccw":
+        return DeviceInfo(os.path.basename(sysfs), sysfs, 0, 0, _mdev_type(host, sysfs), group, driver, bus)
     if bus != "pci":
         compatible = _compatible(host, sysfs)
         model = PLATFORM_MODELS.get(compatible[0], "unknown") if compatible else "unknown"
@@ -139,6 +152,25 @@ def _compatible(host: Host, sysfs: str) -> list[str]:
         return [c for c in host.read_text(f"{sysfs}/of_node/compatible").split("\0") if c]
     except OSError:
         return []
+
+
+def _mdev_type(host: Host, sysfs: str) -> str:
+    try:
+        return host.readlink(f"{sysfs}/mdev_type").rsplit("/", 1)[-1]
+    except OSError:
+        return "unknown"
+
+
+def _mdev_api(host: Host, sysfs: str) -> str | None:
+    try:
+        return host.read_text(f"{sysfs}/mdev_type/device_api").strip()
+    except OSError:
+        return None
+
+
+def subchannel_of(host: Host, sysfs: str) -> str:
+    """The directory of the I/O subchannel a vfio-ccw mdev was created on: its parent."""
+    return os.path.dirname(realpath(host, sysfs))
 
 
 def driver_of(host: Host, sysfs: str) -> str | None:
@@ -163,7 +195,13 @@ def check_device(host: Host, name: str) -> DeviceInfo:
         raise DeviceError(f"--device {name}: {e}, nor a sysfs path") from None
     if not host.exists(sysfs):
         raise DeviceError(f"--device {name}: no such device: {sysfs} does not exist")
+    if host.exists(f"{sysfs}/pimpampom"):
+        mdevs = [m for m in host.listdir(sysfs) if _UUID.fullmatch(m)]
+        raise DeviceError(f"--device {name}: an I/O subchannel, which VFIO does not open; name the vfio-ccw mdev "
+                          f"created on it ({', '.join(f'{MDEV_DEVICES}/{m}' for m in mdevs) or 'none yet'})")
     info = describe(host, sysfs)
+    if info.bus == "ccw":
+        _check_subchannel(host, name, info)
     want = VFIO_DRIVERS[info.bus]
     if info.driver != want:
         bound = f"bound to {info.driver}" if info.driver else "bound to no driver"
@@ -176,6 +214,19 @@ def check_device(host: Host, name: str) -> DeviceInfo:
                           "vfio loaded with enable_unsafe_noiommu_mode=1?)")
     _check_viable(host, info)
     return info
+
+
+def _check_subchannel(host: Host, name: str, info: DeviceInfo) -> None:
+    """A vfio-ccw mdev's subchannel must be bound to vfio_ccw, which alone makes such mdevs."""
+    sch = subchannel_of(host, info.sysfs)
+    driver = driver_of(host, sch)
+    if driver != "vfio_ccw":
+        schid = os.path.basename(sch)
+        raise DeviceError(f"--device {name}: {info.bdf} is not an mdev of an I/O subchannel bound to vfio_ccw "
+                          f"({schid} is bound to {driver or 'no driver'}); bind the subchannel with "
+                          f"'echo vfio_ccw > /sys/bus/css/devices/{schid}/driver_override' and "
+                          f"'echo {schid} > /sys/bus/css/drivers/vfio_ccw/bind', then write a UUID to its "
+                          "mdev_supported_types/vfio_ccw-io/create")
 
 
 def _check_viable(host: Host, info: DeviceInfo) -> None:
@@ -237,16 +288,22 @@ def check_named(kind: str, names: list[str]) -> list[DeviceInfo]:
     return [_check_on_fake(name) for name in names]
 
 
+def is_ccw_name(name: str) -> bool:
+    """A vfio-ccw mdev's name on a command line: its UUID, or a path among mdevs or subchannels."""
+    return bool(_UUID.fullmatch(name)) or name.startswith((MDEV_DEVICES, "/sys/bus/css/", "/sys/devices/css"))
+
+
 def _check_on_fake(name: str) -> DeviceInfo:
     """A name is checked on the fake topology that mirrors a CI guest with such a device: the
-    x86 VM's for PCI devices, the arm64 guest's for platform and AMBA ones."""
+    x86 VM's for PCI devices, the arm64 guest's for platform and AMBA ones, the s390x guest's for
+    vfio-ccw mdevs."""
     from fakekernel.topology import DEFAULT_TOPOLOGY
 
     try:
         pci = not sysfs_path(name).startswith((PLATFORM_DEVICES, AMBA_DEVICES))
     except ValueError:
         pci = False
-    topology = DEFAULT_TOPOLOGY if pci else "platform"
+    topology = "ccw" if is_ccw_name(name) else DEFAULT_TOPOLOGY if pci else "platform"
     with fake_kernel(topology) as kernel:
         try:
             return check_device(kernel, name)

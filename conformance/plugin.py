@@ -162,8 +162,6 @@ def vfio(request):
     if kind == "real":
         if not real_available():
             skip_test(request, "backend", REAL_MISSING)
-        if need.get("ccw"):
-            skip_test(request, "runner", "real backend: no vfio-ccw device")
         if need.get("fake_only"):
             skip_test(request, "runner", f"real backend: needs {need['fake_only']}")
         if need.get("faults"):
@@ -203,8 +201,11 @@ def _require_device(request, backend, need: dict) -> None:
     model = need.get("device")
     if model and not any(d.model == model for d in backend.devices):
         skip_test(request, "device", f"{backend.kind} backend: no {model} device bound to vfio-pci")
-    if need.get("platform") and not any(d.bus != "pci" for d in backend.devices):
+    if need.get("platform") and not any(d.bus in ("platform", "amba") for d in backend.devices):
         skip_test(request, "device", f"{backend.kind} backend: no device bound to vfio-platform or vfio-amba")
+    if need.get("ccw") and not any(d.bus == "ccw" for d in backend.devices):
+        skip_test(request, "device", f"{backend.kind} backend: no vfio-ccw mdev (an I/O subchannel bound to "
+                                     "vfio_ccw, with an mdev of type vfio_ccw-io)")
 
 
 def skip_test(request, kind: str, reason: str) -> None:

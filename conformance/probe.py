@@ -20,6 +20,7 @@ import json
 import mmap
 import os
 import select
+import struct
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -28,7 +29,9 @@ from vfio_impl import uapi
 from vfio_impl.core import irq
 from vfio_impl.core.pciaddr import parse_host
 
-from .backends import describe, fake_kernel, vfio_bound
+from .backends import describe, fake_kernel, is_ccw_name, vfio_bound
+from .probe_ccw import CcwScript, fake_topology
+from .probe_ccw import known as known_ccw
 from .probe_platform import PlatformScript
 from .probe_platform import known as known_platform
 from .raw import RawSession
@@ -109,7 +112,7 @@ class Probe:
         return uapi.vfio_group_status.unpack(buf).flags
 
     def set_container(self, group: int, container: int):
-        return self.ioctl(group, uapi.VFIO_GROUP_SET_CONTAINER, bytearray(container.to_bytes(4, "little", signed=True)))
+        return self.ioctl(group, uapi.VFIO_GROUP_SET_CONTAINER, bytearray(struct.pack("=i", container)))
 
     def get_device(self, group: int, name: str) -> int:
         return self.track(self.ioctl(group, uapi.VFIO_GROUP_GET_DEVICE_FD, bytearray(name.encode() + b"\0")))
@@ -208,10 +211,12 @@ class Probe:
     def run(self) -> dict:
         try:
             self.answers["devices"] = {"ok": {d.bdf: d.model for d in self.devices}}
-            platform = known_platform(self.devices)
+            platform, ccw = known_platform(self.devices), known_ccw(self.devices)
             if platform:
                 PlatformScript(self, platform).run()
-            if not platform or any(d.bus == "pci" for d in self.devices):
+            if ccw:
+                CcwScript(self, ccw).run()
+            if not (platform or ccw) or any(d.bus == "pci" for d in self.devices):
                 self.pci_script()
         finally:
             self.close()
@@ -699,10 +704,15 @@ def record(host, bdfs: list[str], settle: float = 0.5) -> dict:
 
 def replay_on_fake(bdfs: list[str] | None = None, profile: Profile | str | None = None) -> dict:
     """The same script on the fake's mirror of the CI guest the names come from (the x86 VM's
-    'vm' topology, or the arm64 guest's 'platform' one), modelling `profile`'s kernel (the
-    fake's default when None)."""
-    topology = "vm" if all(_is_pci(name) for name in bdfs or ()) else "platform"
-    with fake_kernel(topology, profile) as kernel:
+    'vm' topology, the arm64 guest's 'platform' one, or the s390x guest's 'ccw' one, its mdev
+    under the UUID recorded), modelling `profile`'s kernel (the fake's default when None)."""
+    if any(is_ccw_name(name) for name in bdfs or ()):
+        from fakekernel import FakeKernel
+
+        mirror = FakeKernel(fake_topology(bdfs), profile)
+    else:
+        mirror = fake_kernel("vm" if all(_is_pci(name) for name in bdfs or ()) else "platform", profile)
+    with mirror as kernel:
         names = bdfs or [spec.bdf for spec in kernel.topology.devices]
         return record(kernel, names, settle=0.0)
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from vfio_impl import uapi
 
 from .err import error
-from .iommu import Type1IOMMU
+from .iommu import PAGE_SIZE, Type1IOMMU
 from .uaccess import buf_arg, copy_from_user, copy_to_user, int_arg
 from .vfio_main import File, info_cap_chain
 
@@ -61,10 +61,17 @@ class ContainerFile(File):
             return 1
         if self.iommu is not None:
             if arg == uapi.VFIO_UPDATE_VADDR:
-                return 1
+                # Not with an mdev attached, which could not pin while vaddrs change.
+                return int(not any(g.emulated for g in self.groups))
             if arg == uapi.VFIO_DMA_CC_IOMMU:
-                return int(p.dma_cc_iommu)
+                # Every domain must enforce coherency; with no domain, none fails to.
+                return int(p.dma_cc_iommu or not self.domains)
         return 0
+
+    @property
+    def domains(self) -> bool:
+        """Whether type1 has an IOMMU domain: it makes none for an mdev's emulated group."""
+        return any(not g.emulated for g in self.groups)
 
     def check_extension(self, arg: int) -> int:
         """The chosen driver's answer, or the first positive one of the drivers allowed."""
@@ -113,9 +120,13 @@ class ContainerFile(File):
         if info.argsz < minsz:
             raise error(errno.EINVAL, "argsz below vfio_iommu_type1_info's minimum")
         p = self.kernel.profile
-        caps = [uapi.MigrationCap(0, p.iova_pgsizes & -p.iova_pgsizes, p.max_dirty_bitmap_size),
-                uapi.DmaAvailCap(self.iommu.dma_avail),
-                uapi.IovaRangeCap(p.iova_ranges)]
+        # With no domain, the page sizes stay the PAGE_MASK type1 starts with, and there is no
+        # IOVA range list to report (vfio_iommu_iova_build_caps adds nothing).
+        pgsizes = p.iova_pgsizes if self.domains else ~(PAGE_SIZE - 1) & U64_MAX
+        caps = [uapi.MigrationCap(0, pgsizes & -pgsizes, p.max_dirty_bitmap_size),
+                uapi.DmaAvailCap(self.iommu.dma_avail)]
+        if self.domains:
+            caps.append(uapi.IovaRangeCap(p.iova_ranges))
         flags = uapi.VFIO_IOMMU_INFO_PGSIZES | uapi.VFIO_IOMMU_INFO_CAPS
         argsz, cap_offset = info.argsz, 0
         chain = info_cap_chain(caps, layout.size, "iommu", p.info_cap_align)
@@ -124,7 +135,7 @@ class ContainerFile(File):
         else:
             buf[layout.size:layout.size + len(chain)] = chain
             cap_offset = layout.size
-        out = layout.pack(argsz=argsz, flags=flags, iova_pgsizes=p.iova_pgsizes, cap_offset=cap_offset)
+        out = layout.pack(argsz=argsz, flags=flags, iova_pgsizes=pgsizes, cap_offset=cap_offset)
         copy_to_user(buf, out, layout, info.argsz, minsz)
         return 0
 
@@ -150,10 +161,11 @@ class ContainerFile(File):
             raise error(errno.EEXIST, "DMA mapping overlaps an existing one")
         if not self.iommu.dma_avail:
             raise error(errno.ENOSPC, "dma_entry_limit reached")
-        if not self.kernel.profile.iova_valid(m.iova, m.iova + m.size - 1):
+        if self.domains and not self.kernel.profile.iova_valid(m.iova, m.iova + m.size - 1):
             raise error(errno.EINVAL, "iova range outside the valid IOVA ranges")
+        # Only a domain pins at once; an mdev driver pins what it uses, when it uses it.
         self.iommu.map(m.iova, m.size, m.vaddr, bool(m.flags & uapi.VFIO_DMA_MAP_FLAG_READ),
-                       bool(m.flags & uapi.VFIO_DMA_MAP_FLAG_WRITE))
+                       bool(m.flags & uapi.VFIO_DMA_MAP_FLAG_WRITE), pin=self.domains)
         return 0
 
     def unmap_dma(self, buf: bytearray) -> int:

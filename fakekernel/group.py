@@ -42,6 +42,11 @@ class IommuGroup:
     def node(self) -> str:
         return group_node(self.number, self.noiommu)
 
+    @property
+    def emulated(self) -> bool:
+        """A group VFIO made for an mdev (VFIO_EMULATED_IOMMU): no IOMMU domain behind it."""
+        return any(d.emulated_iommu for d in self.devices)
+
 
 class GroupFile(File):
     kind = "group"

@@ -174,13 +174,14 @@ class Type1IOMMU:
         m = self._maps.floor(iova + size - 1)
         return m is not None and m.end > iova
 
-    def map(self, iova: int, size: int, vaddr: int, readable: bool, writable: bool) -> None:
-        """Checks come in type1's order: overlap, then the entry limit, then pinning."""
+    def map(self, iova: int, size: int, vaddr: int, readable: bool, writable: bool, pin: bool = True) -> None:
+        """Checks come in type1's order: overlap, then the entry limit, then pinning (which only
+        a container with an IOMMU domain does at map time)."""
         if self.overlaps(iova, size):
             raise error(errno.EEXIST, "DMA mapping overlaps an existing one")
         if not self.dma_avail:
             raise error(errno.ENOSPC, "dma_entry_limit reached")
-        if not user_range_mapped(vaddr, size) or (writable and not user_range_writable(vaddr, size)):
+        if pin and (not user_range_mapped(vaddr, size) or (writable and not user_range_writable(vaddr, size))):
             raise error(errno.EFAULT, "vaddr is not mapped in the process, or not writable for a WRITE mapping")
         self._maps.insert(DMAMapping(iova, size, vaddr, readable, writable))
 

@@ -41,7 +41,8 @@ def validate_and_prepare(hdr, buf: bytearray, num_irqs: int, max_irq_type: int) 
     raw = bytes(buf[base:base + hdr.count * size])
     if len(raw) < hdr.count * size:
         raise error(errno.EFAULT, "data beyond the buffer")
-    data = (list(struct.unpack(f"<{hdr.count}i", raw)) if size == 4 else list(raw)) if size else None
+    # The eventfds are ints in the caller's byte order, as the kernel's copy_from_user reads them.
+    data = (list(struct.unpack(f"={hdr.count}i", raw)) if size == 4 else list(raw)) if size else None
     return data_type, data
 
 

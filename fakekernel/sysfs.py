@@ -25,8 +25,8 @@ DEVICETREE = "/sys/firmware/devicetree/base"
 CSS_DEVICES = "/sys/bus/css/devices"
 MDEV_DEVICES = "/sys/bus/mdev/devices"
 CSS0 = "/sys/devices/css0"
-# The type a channel path reports in /sys/devices/css0/chp0.XX/type (FICON).
-CHP_TYPE = 0x1B
+# The one mdev type vfio_ccw offers on an I/O subchannel.
+MDEV_TYPE = "vfio_ccw-io"
 
 
 def device_dir(bdf: str) -> str:
@@ -140,22 +140,33 @@ class Sysfs:
         self.set_driver(spec, spec.driver)
 
     def _add_ccw_device(self, spec: CcwDeviceSpec) -> None:
-        """An I/O subchannel bound to vfio_ccw, its channel paths as cio shows them (chpids,
-        pimpampom, each chp0.XX), and the mdev created under it, which is what VFIO opens."""
+        """An I/O subchannel bound to vfio_ccw (through driver_override, as the CI guest binds it),
+        its channel paths as cio shows them (chpids, pimpampom, each chp0.XX), and the one mdev of
+        type vfio_ccw-io created under it, which is what VFIO opens. The subchannel has no ccw
+        device under it any more: io_subchannel unregistered it when it let the subchannel go."""
         fs, sch = self.fs, f"{CSS0}/{spec.schid}"
         fs.create_file(f"{sch}/type", contents="0\n")
+        fs.create_file(f"{sch}/modalias", contents="css:t0\n")
+        fs.create_file(f"{sch}/driver_override", contents="vfio_ccw\n")
+        fs.create_file(f"{sch}/dev_busid", contents=f"0.{spec.schid.split('.')[1]}.{spec.devno:04x}\n")
         if spec.chpids is not None:
             ids = list(spec.chpids) + [0] * (8 - len(spec.chpids))
             fs.create_file(f"{sch}/chpids", contents="".join(f"{c:02x} " for c in ids) + "\n")
-            for chpid in filter(None, ids):
+            for chpid in spec.chpids:
                 if not fs.exists(f"{CSS0}/chp0.{chpid:02x}/type"):
-                    fs.create_file(f"{CSS0}/chp0.{chpid:02x}/type", contents=f"{CHP_TYPE:x}\n")
+                    fs.create_file(f"{CSS0}/chp0.{chpid:02x}/type", contents=f"{spec.chp_type:x}\n")
         pim = path_mask(spec.chpids or ())
         fs.create_file(f"{sch}/pimpampom", contents=f"{pim:02x} {pim:02x} ff\n")
         fs.create_symlink(f"{sch}/driver", "../../../bus/css/drivers/vfio_ccw")
         fs.create_symlink(f"{CSS_DEVICES}/{spec.schid}", f"../../../devices/css0/{spec.schid}")
+        mdev_type = f"{sch}/mdev_supported_types/{MDEV_TYPE}"
+        for name, value in (("name", "I/O subchannel (Non-QDIO)"), ("device_api", "vfio-ccw"),
+                            ("available_instances", "0")):
+            fs.create_file(f"{mdev_type}/{name}", contents=value + "\n")
+        fs.create_symlink(f"{mdev_type}/devices/{spec.uuid}", f"../../../{spec.uuid}")
         mdev = f"{sch}/{spec.uuid}"
-        fs.create_file(f"{mdev}/uevent", contents="MDEV_TYPE=vfio_ccw-io\n")
+        fs.create_file(f"{mdev}/uevent", contents=f"MDEV_TYPE={MDEV_TYPE}\n")
+        fs.create_symlink(f"{mdev}/mdev_type", f"../mdev_supported_types/{MDEV_TYPE}")
         fs.create_symlink(f"{MDEV_DEVICES}/{spec.uuid}", f"../../../devices/css0/{spec.schid}/{spec.uuid}")
         if spec.driver:
             fs.create_symlink(f"{mdev}/driver", f"../../../../bus/mdev/drivers/{spec.driver}")
@@ -200,5 +211,6 @@ class Sysfs:
 
 
 def path_mask(chpids) -> int:
-    """One bit per installed channel path, the first path the leftmost bit."""
-    return sum(0x80 >> i for i, chpid in enumerate(chpids) if chpid)
+    """One bit per installed channel path, the first path the leftmost bit; a path's chpid may
+    be 00, as QEMU's virtio-ccw devices have it."""
+    return sum(0x80 >> i for i in range(len(chpids)))

@@ -50,9 +50,10 @@ class PlatformDeviceSpec:
 @dataclass(slots=True)
 class CcwDeviceSpec:
     """An I/O subchannel /sys/bus/css/devices/SCHID bound to vfio_ccw, with one mdev UUID under it:
-    the device VFIO opens, in its own IOMMU group. `devno` is the device number behind the
-    subchannel, `chpids` its channel paths (None: no chpids attribute at all), `regions` the
-    optional regions vfio_ccw registers after the I/O region, in the driver's order.
+    the device VFIO opens, in its own IOMMU group. `model` is the device behind the subchannel (a
+    fakekernel.devices name), `devno` its device number, `chpids` its installed channel paths in
+    order (None: no chpids attribute at all) and `chp_type` theirs, `regions` the optional regions
+    vfio_ccw registers after the I/O region, in the driver's order.
 
     The rest describe a broken driver, one per check QEMU's realize makes: `sizes` overrides a
     region's size by name ("io", "async", "schib", "crw"); `flags`, `num_regions`, `num_irqs`
@@ -65,6 +66,7 @@ class CcwDeviceSpec:
     driver: str | None = "vfio_ccw_mdev"
     devno: int = 0xE000
     chpids: tuple[int, ...] | None = (0x11,)
+    chp_type: int = 0x1B  # FICON
     regions: tuple[str, ...] = ("async", "schib", "crw")
     group_link: str | None = None
     sizes: dict[str, int] = field(default_factory=dict)
@@ -144,6 +146,21 @@ def _mdev(schid: str, group: int | None, **kwargs) -> CcwDeviceSpec:
     return CcwDeviceSpec(schid, f"8a1c0bd0-7e7a-4f6a-9c3e-{int(schid[-4:], 16):012x}", group=group, **kwargs)
 
 
+# The mdev the s390x CI guest creates on its virtio-blk-ccw subchannel: its runner writes this
+# UUID to the subchannel's mdev_supported_types/vfio_ccw-io/create, so a recording names the
+# device the fake has (a recording under another UUID replays with the mirror renamed to it).
+GUEST_MDEV_UUID = "9a8b1f6e-2c3d-4e5f-8a9b-0c1d2e3f4a5b"
+
+
+def _guest_mdev() -> CcwDeviceSpec:
+    """QEMU's virtio-blk-ccw at devno fe.0.0001 (-device virtio-blk-ccw,devno=fe.0.0001): the guest
+    sees it on subchannel 0.0.0001 with device number 0001, behind QEMU's one virtual channel
+    path, chpid 00 of type 0x32 (css_sch_build_virtual_schib); its mdev is the guest's only
+    IOMMU group, 0."""
+    return CcwDeviceSpec("0.0.0001", GUEST_MDEV_UUID, "virtio-blk-ccw", 0, devno=0x0001, chpids=(0x00,),
+                         chp_type=0x32)
+
+
 NAMED = {
     "default": lambda: [PciDeviceSpec("0000:00:03.0", "edu", 3)],
     "shared-group": lambda: [PciDeviceSpec("0000:01:00.0", "edu", 5), PciDeviceSpec("0000:01:01.0", "edu", 5)],
@@ -169,9 +186,11 @@ NAMED = {
                            group_link="../../../kernel/iommu_groups/bogus"),
         PlatformDeviceSpec("c4000000.no-of-node", "platform-test", 24, compatible=None),
         *_virt_board()],
-    # vfio-ccw as QEMU's hw/vfio/ccw.c meets it: a block device on a subchannel with every
-    # optional region, one with only the I/O region, and one broken mdev per realize check.
+    # vfio-ccw as the s390x CI guest has it, then as QEMU's hw/vfio/ccw.c meets it: the fake's
+    # block store on a subchannel with every optional region, one with only the I/O region, and
+    # one broken mdev per realize check.
     "ccw": lambda: [
+        _guest_mdev(),
         _mdev("0.0.0313", 30),
         _mdev("0.0.0314", 31, regions=()),
         _mdev("0.0.0315", None),

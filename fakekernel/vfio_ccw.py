@@ -1,12 +1,12 @@
 """vfio-ccw in the fake kernel: what drivers/s390/cio/vfio_ccw_*.c do for one subchannel's mdev.
 
 The I/O region (index 0) carries ORB, SCSW, IRB and ret_code; a write runs the driver's state
-machine, which checks and pins the channel program through the container's IOMMU and issues
-start subchannel. A non-zero ret_code comes back as the write's errno. The optional regions
-follow, each found through its type capability: async command (halt, clear), schib (a store
-subchannel) and CRW (one queued channel report per read). Region N starts at N << 10. The I/O
-interrupt copies the IRB into the I/O region and signals the I/O eventfd; a channel-path event
-queues a CRW and signals the CRW eventfd.
+machine, which translates the channel program (vfio_ccw_cp.py: copied to kernel memory, its data
+pinned through the container's IOMMU) and issues start subchannel. A non-zero ret_code comes back
+as the write's errno. The optional regions follow, each found through its type capability: async
+command (halt, clear), schib (a store subchannel) and CRW (one queued channel report per read).
+Region N starts at N << 10. The I/O interrupt copies the IRB into the I/O region and signals the
+I/O eventfd; a channel-path event queues a CRW and signals the CRW eventfd.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from vfio_impl import uapi
 from vfio_impl.uapi import css
 from vfio_impl.uapi.css import CRW, IRB, ORB, SCSW
 
-from .devices.ccw_block import CC_NOT_OPERATIONAL, CC_OK, CCW_SIZE, MAX_CCWS, CcwBlock, Subchannel, \
-    does_data_transfer, fetch_ccw
+from .devices.ccw_subchannel import CC_BUSY, CC_NOT_OPERATIONAL, CC_OK, CC_STATUS_PENDING, CcwDevice, Subchannel
 from .err import MAX_ERRNO, error
 from .irq import IRQContext, validate_and_prepare
 from .sysfs import path_mask
+from .vfio_ccw_cp import ChannelProgram
 from .vfio_main import VfioDevice
 
 if TYPE_CHECKING:
@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 
 VFIO_CCW_OFFSET_SHIFT = 10
 VFIO_CCW_OFFSET_MASK = (1 << VFIO_CCW_OFFSET_SHIFT) - 1
-# The interruption subclass vfio_ccw enables its subchannels with.
-VFIO_CCW_ISC = 6
+# The interruption subclass vfio_ccw enables its subchannels with (asm/isc.h: IO_SCH_ISC).
+VFIO_CCW_ISC = 3
 RW = uapi.VFIO_REGION_INFO_FLAG_READ | uapi.VFIO_REGION_INFO_FLAG_WRITE
 RET_CODE = struct.Struct("=i")
 IO_RET_CODE = uapi.ccw_io_region.offsetof("ret_code")
@@ -104,7 +104,10 @@ class VfioCcwDevice(VfioDevice):
     offset_shift = VFIO_CCW_OFFSET_SHIFT
     echoes_cap_offset = True
 
-    def __init__(self, kernel: "FakeKernel", spec: "CcwDeviceSpec", model: CcwBlock):
+    # vfio_register_emulated_iommu_dev: the mdev's group has no IOMMU domain behind it.
+    emulated_iommu = True
+
+    def __init__(self, kernel: "FakeKernel", spec: "CcwDeviceSpec", model: CcwDevice):
         super().__init__(kernel, spec, spec.uuid)
         self.model = model
         pim = path_mask(spec.chpids or ())
@@ -120,6 +123,9 @@ class VfioCcwDevice(VfioDevice):
         self.planned: dict[str, collections.deque[Planned]] = collections.defaultdict(collections.deque)
         self.set_irqs_log: list[tuple[int, int, int, int]] = []
         self.requests: list[ORB] = []
+        self.cp: ChannelProgram | None = None
+        # The interruption parameter: the kernel's subchannel pointer; any unique word will do.
+        self.intparm = id(self) & 0xFFFFFFFF
         self._in_fsm = False
 
     # -- failure injection ----------------------------------------------------------------------
@@ -186,8 +192,7 @@ class VfioCcwDevice(VfioDevice):
     def _fsm_open(self) -> None:
         """fsm_open enables the subchannel from STANDBY; OPEN in any other state, or an enable
         that fails, leaves it not operational."""
-        # The interruption parameter is the kernel's subchannel pointer; any unique word will do.
-        if self.state is State.STANDBY and self.subchannel.enable(VFIO_CCW_ISC, id(self) & 0xFFFFFFFF) == CC_OK:
+        if self.state is State.STANDBY and self.subchannel.enable(VFIO_CCW_ISC, self.intparm) == CC_OK:
             self.state = State.IDLE
         else:
             self.state = State.NOT_OPER
@@ -198,11 +203,12 @@ class VfioCcwDevice(VfioDevice):
             self.state = State.NOT_OPER
             return
         cc = self.subchannel.disable()
-        if cc not in (CC_OK, CC_NOT_OPERATIONAL):
+        if cc in (CC_STATUS_PENDING, CC_BUSY):
+            # The clear's interrupt is taken at once (_sch_irq), which makes way for the disable.
             self.subchannel.csch()
-            self.subchannel.status.clear()
             cc = self.subchannel.disable()
         self.state = State.STANDBY if cc == CC_OK else State.NOT_OPER
+        self._cp_free()
 
     def _register_regions(self) -> None:
         known = {
@@ -338,17 +344,14 @@ class VfioCcwDevice(VfioDevice):
         self._set_io_ret_code(-errno.EBUSY)
 
     def _io_request(self) -> None:
-        """fsm_io_request: only a start function; the channel program is checked and pinned
-        (cp_init, cp_prefetch) before start subchannel."""
+        """fsm_io_request: only a start function; the channel program is translated (cp_init,
+        cp_prefetch) before start subchannel."""
         self.state = State.CP_PROCESSING
         scsw = SCSW.unpack(self.io_region, uapi.ccw_io_region.offsetof("scsw_area"))
         if scsw.ctrl & css.SCSW_FCTL_START_FUNC:
             orb = ORB.unpack(self.io_region, uapi.ccw_io_region.offsetof("orb_area"))
             self.requests.append(orb)
-            if orb.ctrl0 & css.ORB_CTRL0_MASK_INVALID:
-                ret = -errno.EOPNOTSUPP
-            else:
-                ret = self._cp_prefetch(orb) or self._io_helper(orb)
+            ret = -errno.EOPNOTSUPP if orb.ctrl0 & css.ORB_CTRL0_MASK_INVALID else self._cp_start(orb)
             self._set_io_ret_code(ret)
             if not ret:
                 return
@@ -356,46 +359,32 @@ class VfioCcwDevice(VfioDevice):
             self._set_io_ret_code(-errno.EOPNOTSUPP)
         self.state = State.IDLE
 
-    def _cp_prefetch(self, orb: ORB) -> int:
-        """cp_init and cp_prefetch: every CCW readable through the IOMMU, every data area
-        pinned read-write. An unmapped address is EINVAL, a missing permission EPERM."""
+    def _cp_start(self, orb: ORB) -> int:
         iommu = self.iommu()
         if iommu is None:
             return -errno.EINVAL
-        format1 = bool(orb.ctrl0 & css.ORB_CTRL0_MASK_FMT)
-        addr, seen = orb.cpa, set()
-        for _ in range(MAX_CCWS):
-            err = iommu.pin(addr, CCW_SIZE, write=False)
-            if err:
-                return -err
-            ccw = fetch_ccw(iommu, addr, format1)
-            if ccw.cmd_code == css.CCW_CMD_TIC:
-                if ccw.cda in seen:
-                    return 0
-                seen.add(ccw.cda)
-                addr = ccw.cda
-                continue
-            if does_data_transfer(ccw) and not ccw.flags & css.CCW_FLAG_IDA:
-                err = iommu.pin(ccw.cda, ccw.count, write=True)
-                if err:
-                    return -err
-            if not ccw.flags & (css.CCW_FLAG_CC | css.CCW_FLAG_DC):
-                return 0
-            addr += CCW_SIZE
-        return -errno.EINVAL
+        self.cp = ChannelProgram(iommu)
+        ret = self.cp.init(orb) or self.cp.prefetch() or self._io_helper()
+        if ret:
+            self._cp_free()
+        return ret
 
-    def _io_helper(self, orb: ORB) -> int:
+    def _cp_free(self) -> None:
+        if self.cp is not None:
+            self.cp.free()
+            self.cp = None
+
+    def _io_helper(self) -> int:
         """fsm_io_helper: start subchannel; cc 3 takes the ORB's paths out of the logical path
         mask, and leaves EACCES while other paths remain, ENODEV otherwise."""
-        if not orb.lpm:
-            orb = ORB(orb.intparm, orb.ctrl0, self.lpm, orb.ctrl1, orb.cpa)
-        cc = self.subchannel.ssch(orb, self.iommu())
+        orb = self.cp.get_orb(self.intparm, self.lpm)
+        cc = self.subchannel.ssch(orb, self.cp)
         if cc == CC_OK:
             self.state = State.CP_PENDING
             return 0
         if cc != CC_NOT_OPERATIONAL:
             return -errno.EBUSY
-        self.lpm &= ~orb.lpm
+        self.lpm = self.lpm & ~orb.lpm if orb.lpm else 0
         if self.subchannel.stsch()[0] != CC_OK:
             return -errno.ENODEV
         return -errno.EACCES if self.lpm else -errno.ENODEV
@@ -411,9 +400,16 @@ class VfioCcwDevice(VfioDevice):
             self._io_todo(irb)
 
     def _io_todo(self, irb: IRB) -> None:
-        active = irb.scsw.ctrl & (css.SCSW_ACTL_DEVICE_ACTIVE | css.SCSW_ACTL_SUBCH_ACTIVE)
-        if not active and self.state is State.CP_PENDING:
-            self.state = State.IDLE
+        """vfio_ccw_sch_io_todo: a solicited status gets the guest's address back while its
+        program lives; a final one ends the program the driver is waiting on."""
+        scsw = irb.scsw
+        final = not scsw.ctrl & (css.SCSW_ACTL_DEVICE_ACTIVE | css.SCSW_ACTL_SUBCH_ACTIVE)
+        alert_only = scsw.ctrl & css.SCSW_CTRL_MASK_STCTL == css.SCSW_STCTL_STATUS_PEND | css.SCSW_STCTL_ALERT
+        if (scsw.cc or not alert_only) and self.cp is not None:
+            self.cp.update_scsw(scsw)
+            if final and self.state is State.CP_PENDING:
+                self._cp_free()
+                self.state = State.IDLE
         at = uapi.ccw_io_region.offsetof("irb_area")
         self.io_region[at:at + css.IRB.SIZE] = irb.pack()
         self.irqs[uapi.VFIO_CCW_IO_IRQ_INDEX].signal()

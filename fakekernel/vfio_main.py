@@ -96,6 +96,9 @@ class VfioDevice:
     # vfio-pci answers cap_offset 0 where it has no capability chain; vfio-platform and vfio-ccw
     # copy their reply over the caller's struct only up to minsz, so cap_offset stays as it came.
     echoes_cap_offset = False
+    # An mdev driver registers its device with vfio_register_emulated_iommu_dev: its group has
+    # no IOMMU domain, and type1 then answers as a container with no domain does.
+    emulated_iommu = False
 
     def __init__(self, kernel: "FakeKernel", spec, name: str):
         """vfio_register_group_dev: the device joins its group's list."""

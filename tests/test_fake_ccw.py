@@ -6,13 +6,14 @@ import ctypes
 import errno
 import mmap
 import os
+import struct
 
 import pytest
 
 from conformance.raw import RawSession, errno_of
 from fakekernel import FakeKernel, Topology
-from fakekernel.devices import ccw_block
-from fakekernel.topology import CcwDeviceSpec
+from fakekernel.devices import ccw_block, ccw_subchannel, ccw_virtio
+from fakekernel.topology import GUEST_MDEV_UUID, CcwDeviceSpec
 from fakekernel.vfio_ccw import ChpEvent, State
 from vfio_impl import uapi
 from vfio_impl.core import irq
@@ -28,6 +29,7 @@ FMT_PFCH = css.ORB_CTRL0_MASK_FMT | css.ORB_CTRL0_MASK_PFCH
 START = css.SCSW_FCTL_START_FUNC
 CE_DE = css.SCSW_DSTAT_CHANNEL_END | css.SCSW_DSTAT_DEVICE_END
 TRIGGER_EVENTFD = uapi.VFIO_IRQ_SET_DATA_EVENTFD | uapi.VFIO_IRQ_SET_ACTION_TRIGGER
+RET_CODE = struct.Struct("=i")
 
 
 class Mdev:
@@ -73,7 +75,7 @@ class Mdev:
         return IRB.unpack(self.k.pread(self.fd, uapi.ccw_io_region.size, IO), 24)
 
     def ret_code(self) -> int:
-        return int.from_bytes(self.k.pread(self.fd, 4, IO + 120), "little", signed=True)
+        return RET_CODE.unpack(self.k.pread(self.fd, 4, IO + 120))[0]
 
     @staticmethod
     def signalled(fd: int) -> int:
@@ -236,7 +238,7 @@ def test_the_schib_region_is_a_store_subchannel(m):
     schib = SCHIB.unpack(m.k.pread(m.fd, SCHIB.SIZE, SCHIB_REGION))
     pmcw = schib.pmcw
     assert (pmcw.devno, pmcw.pim, pmcw.pam, pmcw.pom, pmcw.chpid[0]) == (0xE000, 0x80, 0x80, 0xFF, 0x11)
-    assert pmcw.flags & css.PMCW_FLAGS_MASK_ENA and pmcw.isc == 6 and pmcw.chars & css.PMCW_CHARS_MASK_CSENSE
+    assert pmcw.flags & css.PMCW_FLAGS_MASK_ENA and pmcw.isc == 3 and pmcw.chars & css.PMCW_CHARS_MASK_CSENSE
     m.fake.subchannel.operational = False
     assert errno_of(m.k.pread, m.fd, SCHIB.SIZE, SCHIB_REGION) == errno.ENODEV
 
@@ -247,8 +249,9 @@ def test_a_started_program_ends_in_an_irb_and_the_io_eventfd(m):
     m.program(CCW1(css.CCW_CMD_WRITE, 0, 4, IOVA + DATA))
     assert m.request() == 0 and m.fake.state is State.IDLE
     irb = m.irb()
-    assert (irb.scsw.ctrl, irb.scsw.dstat, irb.scsw.cpa) == (START | ccw_block.ENDED, CE_DE, IOVA + PROGRAM + 8)
-    assert irb.scsw.flags == FMT_PFCH and m.fake.model.store[:4] == b"data"
+    assert (irb.scsw.ctrl, irb.scsw.dstat, irb.scsw.cpa) == (START | ccw_subchannel.ENDED, CE_DE, IOVA + PROGRAM + 8)
+    assert irb.scsw.flags == css.SCSW_FLAGS_MASK_FMT and m.fake.model.store[:4] == b"data"
+    assert irb.esw == (ccw_subchannel.ESW_LPUM, 0, 0, 0, 0)
 
 
 def test_a_format_0_program_runs_too(m):
@@ -279,9 +282,9 @@ def test_transport_mode_and_halt_or_clear_in_the_io_region_are_not_supported(m):
 def test_a_write_with_no_function_leaves_the_ret_code_it_brought(m):
     """vfio_ccw returns a non-zero ret_code as it is: negative an errno, positive a byte count."""
     region = bytearray(uapi.ccw_io_region.size)
-    region[120:124] = (-errno.E2BIG).to_bytes(4, "little", signed=True)
+    RET_CODE.pack_into(region, 120, -errno.E2BIG)
     assert errno_of(m.k.pwrite, m.fd, bytes(region), IO) == errno.E2BIG
-    region[120:124] = (7).to_bytes(4, "little")
+    RET_CODE.pack_into(region, 120, 7)
     assert m.k.pwrite(m.fd, bytes(region), IO) == 7 and m.fake.requests == []
 
 
@@ -299,7 +302,8 @@ def test_halt_ends_a_held_program_and_clear_always_works(m):
     m.program(CCW1(css.CCW_CMD_NOOP, 0, 0, 0))
     m.request()
     assert m.command(uapi.VFIO_CCW_ASYNC_CMD_HSCH) == 0 and m.fake.state is State.IDLE
-    assert m.irb().scsw.ctrl == START | css.SCSW_FCTL_HALT_FUNC | css.SCSW_STCTL_STATUS_PEND
+    # css_do_hsch takes the start function off; the start stays pending in the activity control.
+    assert m.irb().scsw.ctrl == css.SCSW_FCTL_HALT_FUNC | css.SCSW_ACTL_START_PEND | css.SCSW_STCTL_STATUS_PEND
     assert m.command(uapi.VFIO_CCW_ASYNC_CMD_CSCH) == 0
     assert m.irb().scsw.ctrl == css.SCSW_FCTL_CLEAR_FUNC | css.SCSW_STCTL_STATUS_PEND
     assert m.command(0x80) == errno.EINVAL and m.fake.subchannel.programs == 0
@@ -321,7 +325,7 @@ def test_a_path_gone_with_another_left_is_eacces():
         assert dev.request(ORB(0, FMT_PFCH, 0x40, 0, IOVA + PROGRAM)) == errno.EACCES
         assert dev.fake.lpm == 0x80
         assert dev.request(ORB(0, FMT_PFCH, 0x80, 0, IOVA + PROGRAM)) == 0
-        assert dev.fake.subchannel.schib.pmcw.lpum == 0x80
+        assert dev.irb().scsw.dstat == CE_DE
         dev.fake.subchannel.schib.pmcw.pam = 0
         assert dev.request(ORB(0, FMT_PFCH, 0, 0, IOVA + PROGRAM)) == errno.ENODEV and dev.fake.lpm == 0
         dev.close()
@@ -334,7 +338,7 @@ def test_reading_past_the_end_is_an_equipment_check(m):
               CCW1(css.CCW_CMD_READ, 0, 0x1001, IOVA + DATA))
     assert m.request() == 0
     irb = m.irb()
-    assert irb.scsw.dstat == CE_DE | css.SCSW_DSTAT_UNIT_CHECK and irb.scsw.count == 0x1001
+    assert irb.scsw.dstat == css.SCSW_DSTAT_UNIT_CHECK and irb.scsw.ctrl & css.SCSW_STCTL_ALERT
     assert irb.scsw.cpa == IOVA + PROGRAM + 16 and irb.ecw[0] == ccw_block.SENSE_EQUIPMENT_CHECK
 
 
@@ -342,9 +346,10 @@ def test_a_rejected_command_is_a_unit_check_with_concurrent_sense(m):
     m.program(CCW1(0x17, 0, 4, IOVA + DATA))
     m.request()
     irb = m.irb()
-    assert irb.scsw.dstat == CE_DE | css.SCSW_DSTAT_UNIT_CHECK and irb.scsw.count == 4
-    assert irb.scsw.flags & css.SCSW_FLAGS_MASK_ESWF and irb.ecw[0] == ccw_block.SENSE_CMD_REJECT
-    assert irb.esw[1] == ccw_block.ERW_CONS | css.SENSE_DATA_SIZE << ccw_block.ERW_SCNT_SHIFT
+    assert irb.scsw.dstat == css.SCSW_DSTAT_UNIT_CHECK and irb.scsw.cpa == IOVA + PROGRAM + 8
+    assert irb.scsw.flags & css.SCSW_FLAGS_MASK_ESWF and irb.ecw[0] == ccw_subchannel.SENSE_CMD_REJECT
+    # build_irb_virtual's ERW: concurrent sense, and the sense size where QEMU puts it.
+    assert irb.esw[:2] == (ccw_subchannel.ESW_LPUM, css.ERW_CONS | css.SENSE_DATA_SIZE << 8)
 
 
 def test_without_concurrent_sense_the_guest_asks_with_basic_sense(m):
@@ -354,14 +359,15 @@ def test_without_concurrent_sense_the_guest_asks_with_basic_sense(m):
     assert not any(m.irb().ecw)
     m.program(CCW1(css.CCW_CMD_BASIC_SENSE, 0, css.SENSE_DATA_SIZE, IOVA + DATA))
     m.request()
-    assert m.irb().scsw.dstat == CE_DE and m.mem[DATA] == ccw_block.SENSE_CMD_REJECT
+    assert m.irb().scsw.dstat == CE_DE and m.mem[DATA] == ccw_subchannel.SENSE_CMD_REJECT
 
 
 @pytest.mark.parametrize("ccws", [
     [CCW1(css.CCW_CMD_TIC, 0, 0, IOVA + PROGRAM + 8), CCW1(css.CCW_CMD_TIC, 0, 0, IOVA + PROGRAM)],
-    [CCW1(css.CCW_CMD_WRITE, css.CCW_FLAG_IDA, 4, IOVA + DATA)],
     [CCW1(css.CCW_CMD_NOOP, css.CCW_FLAG_CC, 0, 0), CCW1(css.CCW_CMD_TIC, 0, 0, IOVA + PROGRAM)],
-], ids=["tic-to-tic", "ida", "endless-loop"])
+    [CCW1(0x10, 0, 0, 0)],
+    [CCW1(css.CCW_CMD_NOOP, css.CCW_FLAG_MIDA, 0, 0)],
+], ids=["tic-to-tic", "endless-loop", "invalid-command", "mida"])
 def test_programs_the_channel_refuses_end_in_a_program_check(m, ccws):
     m.program(*ccws)
     assert m.request() == 0
@@ -436,3 +442,118 @@ def test_pinning_asks_the_mapping_for_its_permissions(k):
     assert iommu.pin(IOVA + SIZE - 4, 8, write=False) == errno.EINVAL
     assert iommu.faults == []
     dev.close()
+
+
+# -- IDALs ------------------------------------------------------------------------------------
+def test_an_idal_needs_64_bit_idaws_of_4k(m):
+    m.program(CCW1(css.CCW_CMD_WRITE, css.CCW_FLAG_IDA, 4, IOVA + DATA))
+    assert m.request() == errno.EOPNOTSUPP
+    c64 = FMT_PFCH | css.ORB_CTRL0_MASK_C64
+    assert m.request(ORB(0, c64 | css.ORB_CTRL0_MASK_I2K, 0, 0, IOVA + PROGRAM)) == errno.EOPNOTSUPP
+
+
+def test_an_idal_moves_data_through_the_pages_it_lists(m):
+    """Two IDAWs: the block's first half at the end of one page, the second at another page."""
+    first, second = IOVA + 0x3000 - 3, IOVA + 0x5000
+    m.mem[first - IOVA:first - IOVA + 3] = b"abc"
+    m.mem[second - IOVA:second - IOVA + 3] = b"def"
+    m.mem[DATA:DATA + 16] = first.to_bytes(8, "big") + second.to_bytes(8, "big")
+    m.program(CCW1(css.CCW_CMD_WRITE, css.CCW_FLAG_IDA, 6, IOVA + DATA))
+    assert m.request(ORB(0, FMT_PFCH | css.ORB_CTRL0_MASK_C64, 0, 0, IOVA + PROGRAM)) == 0
+    assert m.irb().scsw.dstat == CE_DE and m.fake.model.store[:6] == b"abcdef"
+
+
+# -- the CI guest's virtio-blk-ccw ------------------------------------------------------------
+@pytest.fixture
+def guest(k):
+    dev = Mdev(k, "0.0.0001")
+    yield dev
+    dev.close()
+
+
+def test_the_guest_subchannel_in_sysfs(k):
+    sch = "/sys/bus/css/devices/0.0.0001"
+    assert (k.read_text(f"{sch}/chpids"), k.read_text(f"{sch}/pimpampom")) == ("00 " * 8 + "\n", "80 80 ff\n")
+    assert k.read_text("/sys/devices/css0/chp0.00/type") == "32\n" and k.read_text(f"{sch}/dev_busid") == "0.0.0001\n"
+    mdev = f"/sys/bus/mdev/devices/{GUEST_MDEV_UUID}"
+    assert k.readlink(f"{mdev}/mdev_type") == "../mdev_supported_types/vfio_ccw-io"
+    assert k.read_text(f"{sch}/mdev_supported_types/vfio_ccw-io/device_api") == "vfio-ccw\n"
+    assert k.readlink(f"{mdev}/iommu_group").endswith("/iommu_groups/0") and not k.exists(f"{sch}/0.0.0001")
+
+
+def test_the_guest_schib_is_the_one_it_showed(guest):
+    """00e0a2a0 18810001 80000080 0000ff80: ISC 3, enabled, devno 0001, one path, chpid 00."""
+    pmcw = SCHIB.unpack(guest.k.pread(guest.fd, SCHIB.SIZE, SCHIB_REGION)).pmcw
+    assert (pmcw.flags, pmcw.devno, pmcw.lpm, pmcw.pnom, pmcw.lpum, pmcw.pim) == (0x1881, 1, 0x80, 0, 0, 0x80)
+    assert (pmcw.mbi, pmcw.pom, pmcw.pam, pmcw.chpid) == (0, 0xFF, 0x80, bytes(8))
+
+
+def run(dev: Mdev, *ccws, ctrl0: int = FMT_PFCH | css.ORB_CTRL0_MASK_C64) -> IRB:
+    dev.program(*ccws)
+    assert dev.request(ORB(0, ctrl0, 0x80, 0, IOVA + PROGRAM)) == 0
+    return dev.irb()
+
+
+def test_sense_id_names_virtio_ccw_and_the_block_device(guest):
+    irb = run(guest, CCW1(css.CCW_CMD_SENSE_ID, css.CCW_FLAG_SLI, 0x100, IOVA + DATA))
+    assert (irb.scsw.flags, irb.scsw.ctrl, irb.scsw.cpa, irb.scsw.dstat, irb.scsw.count) == \
+        (0x0080, 0x4007, IOVA + PROGRAM + 8, CE_DE, 0)
+    assert guest.mem[DATA:DATA + 8] == bytes.fromhex("ff38320200000000")
+
+
+def test_a_chained_program_reads_the_capacity_big_endian(guest):
+    guest.program(CCW1(css.CCW_CMD_NOOP, css.CCW_FLAG_CC, 0, 0), CCW1(css.CCW_CMD_TIC, 0, 0, IOVA + 0x200))
+    guest.mem[0x200:0x208] = CCW1(css.CCW_CMD_READ_CONF, 0, 8, IOVA + DATA).pack()
+    assert guest.request(ORB(0, FMT_PFCH, 0x80, 0, IOVA + PROGRAM)) == 0
+    irb = guest.irb()
+    assert (irb.scsw.dstat, irb.scsw.cpa) == (CE_DE, IOVA + 0x208)
+    assert guest.mem[DATA:DATA + 8] == (ccw_virtio.DISK_SIZE // 512).to_bytes(8, "big")
+
+
+def test_after_a_clear_the_irb_keeps_the_kernels_address(guest):
+    """The program is freed once it ends, so nothing translates the address the clear reports."""
+    run(guest, CCW1(css.CCW_CMD_NOOP, 0, 0, 0))
+    assert guest.command(uapi.VFIO_CCW_ASYNC_CMD_CSCH) == 0
+    irb = guest.irb()
+    assert (irb.scsw.flags, irb.scsw.ctrl) == (0x0080, css.SCSW_FCTL_CLEAR_FUNC | css.SCSW_STCTL_STATUS_PEND)
+    assert not IOVA <= irb.scsw.cpa < IOVA + SIZE and irb.scsw.cpa & 7 == 0 and irb.scsw.cpa < 1 << 31
+    schib = SCHIB.unpack(guest.k.pread(guest.fd, SCHIB.SIZE, SCHIB_REGION))
+    assert schib.scsw.cpa == irb.scsw.cpa and schib.pmcw.lpum == 0x80
+
+
+def test_read_feat_gives_the_legacy_bits_of_index_0_only(guest):
+    guest.mem[DATA + 4] = 0
+    irb = run(guest, CCW1(css.CCW_CMD_READ_FEAT, css.CCW_FLAG_SLI, 8, IOVA + DATA))
+    assert irb.scsw.dstat == CE_DE and irb.scsw.count == 3
+    assert int.from_bytes(guest.mem[DATA:DATA + 4], "little") == ccw_virtio.FEATURES_0_31
+    guest.mem[DATA + 4] = 1
+    run(guest, CCW1(css.CCW_CMD_READ_FEAT, 0, 5, IOVA + DATA))
+    assert guest.mem[DATA:DATA + 4] == bytes(4)
+
+
+@pytest.mark.parametrize("ccw, cstat, dstat", [
+    (CCW1(css.CCW_CMD_WRITE, 0, 8, IOVA + DATA), 0, css.SCSW_DSTAT_UNIT_CHECK),
+    (CCW1(css.CCW_CMD_READ, 0, 8, IOVA + DATA), 0, css.SCSW_DSTAT_UNIT_CHECK),
+    (CCW1(css.CCW_CMD_SENSE_ID, 0, 8, IOVA + DATA), css.SCSW_CSTAT_PROG_CHECK, 0),
+    (CCW1(css.CCW_CMD_READ_CONF, 0, 0x100, IOVA + DATA), css.SCSW_CSTAT_PROG_CHECK, 0),
+    (CCW1(css.CCW_CMD_READ_FEAT, 0, 8, IOVA + DATA), css.SCSW_CSTAT_PROG_CHECK, 0),
+], ids=["write", "read", "sense-id-short", "read-conf-long", "read-feat-long"])
+def test_what_virtio_ccw_refuses(guest, ccw, cstat, dstat):
+    irb = run(guest, ccw)
+    assert (irb.scsw.cstat, irb.scsw.dstat) == (cstat, dstat) and irb.scsw.ctrl & css.SCSW_STCTL_ALERT
+
+
+def test_type1_without_a_domain(guest):
+    """The mdev's group is an emulated one: no IOMMU domain, so PAGE_MASK page sizes, no IOVA
+    ranges, no vaddr updates, coherent DMA, and nothing pinned at map time."""
+    buf = bytearray(256)
+    uapi.vfio_iommu_type1_info.pack_into(buf, 0, argsz=256)
+    guest.k.ioctl(guest.container, uapi.VFIO_IOMMU_GET_INFO, buf)
+    info = uapi.vfio_iommu_type1_info.unpack(buf)
+    assert (info.flags, info.iova_pgsizes) == (3, 0xFFFFFFFFFFFFF000)
+    caps = uapi.parse_chain(buf, info.cap_offset, "iommu")
+    assert not [c for c in caps if isinstance(c, uapi.IovaRangeCap)] and len(caps) == 2
+    check = lambda ext: guest.k.ioctl(guest.container, uapi.VFIO_CHECK_EXTENSION, ext)
+    assert (check(uapi.VFIO_UPDATE_VADDR), check(uapi.VFIO_DMA_CC_IOMMU)) == (0, 1)
+    guest.k.ioctl(guest.container, uapi.VFIO_IOMMU_MAP_DMA, uapi.vfio_iommu_type1_dma_map.pack(
+        flags=3, vaddr=0x1000, iova=1 << 40, size=0x1000))

@@ -110,6 +110,7 @@ CCW_FLAG_SKIP = 0x10
 CCW_FLAG_PCI = 0x08
 CCW_FLAG_IDA = 0x04
 CCW_FLAG_SUSPEND = 0x02
+CCW_FLAG_MIDA = 0x01
 
 # The architecture's basic commands: the low bits 01 write, 10 read.
 CCW_CMD_WRITE = 0x01
@@ -118,6 +119,18 @@ CCW_CMD_NOOP = 0x03
 CCW_CMD_BASIC_SENSE = 0x04
 CCW_CMD_TIC = 0x08
 CCW_CMD_SENSE_ID = 0xE4
+
+# The commands of virtio's channel I/O transport (the virtio spec, "Virtio Over Channel I/O"):
+# the control unit type a virtio-ccw device's SENSE ID names, with the virtio device id as its
+# model, and the data-in commands that read its features and configuration.
+VIRTIO_CCW_CU_TYPE = 0x3832
+VIRTIO_ID_BLOCK = 2
+CCW_CMD_READ_FEAT = 0x12
+CCW_CMD_READ_CONF = 0x22
+
+# -- ESW: extended status word (format 0) -------------------------------------------------------
+# The ERW's concurrent-sense bit: the ECW holds sense data.
+ERW_CONS = 0x01000000
 
 # -- CRW: channel report word -------------------------------------------------------------------
 CRW_FLAGS_MASK_S = 0x4000
@@ -137,6 +150,9 @@ CRW_RSC_CHP = 0x4
 CRW_RSC_CSS = 0xB
 
 SENSE_DATA_SIZE = 32
+# SENSE ID stores up to 256 bytes (SA22-7204): 0xFF, the control unit's and the device's type and
+# model, then command information words.
+SENSE_ID_SIZE = 256
 
 
 class _Format:
@@ -276,6 +292,20 @@ class CCW0(_Format):
 
     def to_ccw1(self) -> CCW1:
         return CCW1(self.cmd_code, self.flags, self.count, self.cda0 << 16 | self.cda1)
+
+
+@dataclass(slots=True)
+class SenseID(_Format):
+    """The first 8 bytes SENSE ID stores; `reserved` is 0xFF when the device said enough."""
+
+    reserved: int = 0xFF
+    cu_type: int = 0
+    cu_model: int = 0
+    dev_type: int = 0
+    dev_model: int = 0
+    unused: int = 0
+
+    STRUCT: ClassVar[struct.Struct] = struct.Struct(">BHBHBB")
 
 
 @dataclass(slots=True)
