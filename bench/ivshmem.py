@@ -17,6 +17,7 @@ import mmap
 import os
 import socket
 import struct
+import sys
 import tempfile
 import time
 
@@ -111,7 +112,7 @@ def _raw_joins(path: str, shm_fd: int):
                         while len(got) < 24:
                             data, ancillary, _, _ = peer.recvmsg(24 - len(got), socket.CMSG_SPACE(4))
                             got += data
-                            received += [int.from_bytes(a[2][:4], "little") for a in ancillary]
+                            received += [int.from_bytes(a[2][:4], sys.byteorder) for a in ancillary]
                         with mmap.mmap(received[0], SHM_SIZE):
                             pass
                         os.close(received[0])

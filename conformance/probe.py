@@ -364,7 +364,7 @@ class Probe:
         rec, s, p = self.rec, self.set_irqs, "edu SET_IRQS "
 
         def efds(*fds):
-            return b"".join(fd.to_bytes(4, "little", signed=True) for fd in fds)
+            return b"".join(fd.to_bytes(4, sys.byteorder, signed=True) for fd in fds)
 
         rec(p + "argsz=16 (too small)", lambda: s(d, NONE | TRIGGER, INTX, 0, 0, argsz=16))
         rec(p + "unknown flag bit 6", lambda: s(d, NONE | TRIGGER | (1 << 6), INTX, 0, 0))
@@ -451,7 +451,7 @@ class Probe:
             return hex(int.from_bytes(host.pread(d, 2, coff + at), "little"))
 
         def efds(fd):
-            return fd.to_bytes(4, "little", signed=True)
+            return fd.to_bytes(4, sys.byteorder, signed=True)
 
         def edu_mmio_ident():
             m = host.mmap(d, PAGE, boff)
@@ -655,7 +655,7 @@ class Probe:
         xe = [self.eventfd() for _ in range(6)]
 
         def efds(*fds):
-            return b"".join(fd.to_bytes(4, "little", signed=True) for fd in fds)
+            return b"".join(fd.to_bytes(4, sys.byteorder, signed=True) for fd in fds)
 
         def fired_all():
             return [self.fired(e) for e in xe[:5]]

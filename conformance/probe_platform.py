@@ -6,6 +6,7 @@ recorded: the PL031's count is never read, only whether its match interrupt came
 from __future__ import annotations
 
 import mmap
+import sys
 from typing import TYPE_CHECKING
 
 from vfio_impl import uapi
@@ -107,7 +108,7 @@ class PlatformScript:
         loopback with no trigger set: Linux's handler would signal a NULL eventfd."""
         p, s, pre = self.probe, self.probe.set_irqs, f"{dev.bdf} SET_IRQS "
         efd = p.eventfd()
-        data = efd.to_bytes(4, "little", signed=True)
+        data = efd.to_bytes(4, sys.byteorder, signed=True)
         p.rec(pre + "TRIGGER eventfd", lambda: s(fd, EVENTFD | TRIGGER, 0, 0, 1, data))
         p.rec(pre + "TRIGGER none (loopback)", lambda: s(fd, NONE | TRIGGER, 0, 0, 1))
         p.rec(pre + "loopback signalled the eventfd", lambda: p.fired(efd, wait=True))
@@ -117,14 +118,14 @@ class PlatformScript:
         p.rec(pre + "MASK none", lambda: s(fd, NONE | MASK, 0, 0, 1))
         p.rec(pre + "loopback while masked", lambda: (s(fd, NONE | TRIGGER, 0, 0, 1), p.fired(efd, wait=True))[1])
         p.rec(pre + "UNMASK none after MASK", lambda: s(fd, NONE | UNMASK, 0, 0, 1))
-        unmask = p.eventfd().to_bytes(4, "little", signed=True)
+        unmask = p.eventfd().to_bytes(4, sys.byteorder, signed=True)
         p.rec(pre + "UNMASK eventfd", lambda: s(fd, EVENTFD | UNMASK, 0, 0, 1, unmask))
-        p.rec(pre + "UNMASK eventfd -1", lambda: s(fd, EVENTFD | UNMASK, 0, 0, 1, (-1).to_bytes(4, "little", signed=True)))
+        p.rec(pre + "UNMASK eventfd -1", lambda: s(fd, EVENTFD | UNMASK, 0, 0, 1, (-1).to_bytes(4, sys.byteorder, signed=True)))
         p.rec(pre + "index 1", lambda: s(fd, NONE | TRIGGER, 1, 0, 1))
         p.rec(pre + "TRIGGER count 2", lambda: s(fd, NONE | TRIGGER, 0, 0, 2))
         p.rec(pre + "TRIGGER start 1", lambda: s(fd, NONE | TRIGGER, 0, 1, 1))
         p.rec(pre + "two actions", lambda: s(fd, NONE | TRIGGER | MASK, 0, 0, 1))
-        p.rec(pre + "TRIGGER eventfd -1 (off)", lambda: s(fd, EVENTFD | TRIGGER, 0, 0, 1, (-1).to_bytes(4, "little", signed=True)))
+        p.rec(pre + "TRIGGER eventfd -1 (off)", lambda: s(fd, EVENTFD | TRIGGER, 0, 0, 1, (-1).to_bytes(4, sys.byteorder, signed=True)))
         p.rec(pre + "TRIGGER none count 0 (off)", lambda: s(fd, NONE | TRIGGER, 0, 0, 0))
 
     def pl031_match(self, fd: int, name: str) -> None:
@@ -139,7 +140,7 @@ class PlatformScript:
                 return int.from_bytes(host.pread(fd, 4, offset + at), "little")
             return host.pwrite(fd, value.to_bytes(4, "little"), offset + at)
 
-        p.set_irqs(fd, EVENTFD | TRIGGER, 0, 0, 1, efd.to_bytes(4, "little", signed=True))
+        p.set_irqs(fd, EVENTFD | TRIGGER, 0, 0, 1, efd.to_bytes(4, sys.byteorder, signed=True))
         p.rec(pre + "match now: interrupts", lambda: (reg(RTCIMSC, 1), reg(RTCMR, 0x10000), reg(RTCLR, 0x10000),
                                                        p.fired(efd, wait=True))[3])
         p.rec(pre + "masked status after the match", lambda: reg(RTCMIS))

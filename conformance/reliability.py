@@ -569,7 +569,7 @@ def realize_ivshmem_server(rig: Rig) -> None:
     deadline = time.monotonic() + 5
     while dev.server is not None and time.monotonic() < deadline:
         fcntl.ioctl(dev.server.fileno(), termios.FIONREAD, pending)
-        if int.from_bytes(pending, "little") >= IVSHMEM_SETUP:
+        if int.from_bytes(pending, sys.byteorder) >= IVSHMEM_SETUP:
             break
         time.sleep(0.001)
     rig.machine.poll(0)

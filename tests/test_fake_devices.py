@@ -65,7 +65,7 @@ def nic(kernel):
 
 
 def set_irqs(s, fd, index, flags, start, count, fds=()):
-    data = struct.pack(f"<{len(fds)}i", *fds)
+    data = struct.pack(f"={len(fds)}i", *fds)
     buf = uapi.vfio_irq_set.pack(argsz=uapi.vfio_irq_set.size + len(data), flags=flags, index=index,
                                  start=start, count=count) + data
     s.host.ioctl(fd, uapi.VFIO_DEVICE_SET_IRQS, buf)

@@ -2,6 +2,7 @@
 
 import errno
 import os
+import sys
 
 import pytest
 
@@ -71,7 +72,7 @@ def test_get_device_fd_asks_the_groups_bound_devices_by_their_drivers_rule():
     with FakeKernel("shared-group") as k:
         k.write_text("/sys/bus/pci/drivers/vfio-pci/unbind", "0000:01:01.0")
         group, container = k.open("/dev/vfio/5"), k.open("/dev/vfio/vfio")
-        k.ioctl(group, uapi.VFIO_GROUP_SET_CONTAINER, container.to_bytes(4, "little"))
+        k.ioctl(group, uapi.VFIO_GROUP_SET_CONTAINER, container.to_bytes(4, sys.byteorder))
         k.ioctl(container, uapi.VFIO_SET_IOMMU, uapi.VFIO_TYPE1v2_IOMMU)
         for name, code in (("0000:01:01.0", errno.ENODEV), ("0000:01:00.0 vf_token=0", errno.EINVAL),
                            ("0000:01:00.", errno.ENODEV)):

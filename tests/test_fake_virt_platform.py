@@ -79,7 +79,7 @@ def set_irqs(k, fd, flags, data=b""):
 
 def trigger(k, s, fd):
     efd = s.eventfd()
-    set_irqs(k, fd, EVENTFD | TRIGGER, struct.pack("<i", efd))
+    set_irqs(k, fd, EVENTFD | TRIGGER, struct.pack("=i", efd))
     return efd
 
 

@@ -184,7 +184,7 @@ def struct_arg(session: Session, layout, **fields):
         width = 8 if name in ("iova", "size", "vaddr", "offset") else 4
         if offset + width <= size:
             value = field(session, good, plausible, garbage)
-            struct.pack_into("<Q" if width == 8 else "<I", buf, offset, value)
+            struct.pack_into("=Q" if width == 8 else "=I", buf, offset, value)
     return bytes(buf) if shape == "bytes" else buf
 
 
@@ -272,7 +272,7 @@ def op_group_ioctl(session: Session, names: list[str]) -> None:
         uapi.VFIO_GROUP_GET_DEVICE_FD]), st.one_of(st.sampled_from(REQUESTS), u32)))
     if request == uapi.VFIO_GROUP_SET_CONTAINER:
         arg = session.draw(st.sampled_from(["fd", "fd", "short", "int"]))
-        arg = {"fd": bytearray(struct.pack("<i", session.any_fd())), "short": bytearray(2),
+        arg = {"fd": bytearray(struct.pack("=i", session.any_fd())), "short": bytearray(2),
                "int": session.any_fd()}[arg]
     elif request == uapi.VFIO_GROUP_GET_DEVICE_FD:
         name = session.draw(st.one_of(st.sampled_from(names), st.text(max_size=20)))
@@ -434,7 +434,7 @@ def _ready_device(session: Session, groups: list[int], names: dict[int, list[str
     session.opened(gfd)
     if container is None or gfd is None:
         return
-    session.syscall("ioctl", gfd, uapi.VFIO_GROUP_SET_CONTAINER, bytearray(struct.pack("<i", container)))
+    session.syscall("ioctl", gfd, uapi.VFIO_GROUP_SET_CONTAINER, bytearray(struct.pack("=i", container)))
     session.syscall("ioctl", container, uapi.VFIO_SET_IOMMU, _iommu_type(session.kernel, group))
     for name in names[group]:
         session.opened(session.syscall("ioctl", gfd, uapi.VFIO_GROUP_GET_DEVICE_FD, name.encode() + b"\0"))
@@ -521,7 +521,7 @@ def _warm_up(kernel: FakeKernel, names: dict[int, list[str]]) -> None:
     os.close(fd)
     for group, members in names.items():
         container, gfd = kernel.open("/dev/vfio/vfio"), kernel.open(kernel.groups[group].node)
-        kernel.ioctl(gfd, uapi.VFIO_GROUP_SET_CONTAINER, bytearray(struct.pack("<i", container)))
+        kernel.ioctl(gfd, uapi.VFIO_GROUP_SET_CONTAINER, bytearray(struct.pack("=i", container)))
         kernel.ioctl(container, uapi.VFIO_SET_IOMMU, _iommu_type(kernel, group))
         for name in members:
             try:
@@ -537,7 +537,7 @@ def _warm_up(kernel: FakeKernel, names: dict[int, list[str]]) -> None:
 def edu_fd():
     with FakeKernel() as kernel:
         container, group = kernel.open("/dev/vfio/vfio"), kernel.open("/dev/vfio/3")
-        kernel.ioctl(group, uapi.VFIO_GROUP_SET_CONTAINER, bytearray(struct.pack("<i", container)))
+        kernel.ioctl(group, uapi.VFIO_GROUP_SET_CONTAINER, bytearray(struct.pack("=i", container)))
         kernel.ioctl(container, uapi.VFIO_SET_IOMMU, uapi.VFIO_TYPE1v2_IOMMU)
         yield kernel, kernel.ioctl(group, uapi.VFIO_GROUP_GET_DEVICE_FD, b"0000:00:03.0\0")
 
@@ -565,14 +565,14 @@ def test_found_a_ret_code_past_the_errno_range_is_returned_not_raised():
     the write's result."""
     with FakeKernel("ccw") as kernel:
         container, group = kernel.open("/dev/vfio/vfio"), kernel.open("/dev/vfio/30")
-        kernel.ioctl(group, uapi.VFIO_GROUP_SET_CONTAINER, bytearray(struct.pack("<i", container)))
+        kernel.ioctl(group, uapi.VFIO_GROUP_SET_CONTAINER, bytearray(struct.pack("=i", container)))
         kernel.ioctl(container, uapi.VFIO_SET_IOMMU, uapi.VFIO_TYPE1v2_IOMMU)
         fd = kernel.ioctl(group, uapi.VFIO_GROUP_GET_DEVICE_FD, b"8a1c0bd0-7e7a-4f6a-9c3e-000000000313\0")
         at = uapi.ccw_io_region.offsetof("ret_code")
-        assert kernel.pwrite(fd, struct.pack("<i", -1241513866), at) == -1241513866
+        assert kernel.pwrite(fd, struct.pack("=i", -1241513866), at) == -1241513866
         assert kernel.pwrite(fd, b"\0", 0) == -1241513866
         with pytest.raises(OSError) as e:
-            kernel.pwrite(fd, struct.pack("<i", -errno.EIO), at)
+            kernel.pwrite(fd, struct.pack("=i", -errno.EIO), at)
         assert e.value.errno == errno.EIO
 
 
@@ -581,7 +581,7 @@ def test_found_hot_reset_info_past_the_buffer_is_efault():
     the kernel's copy_to_user of the devices fails with EFAULT after the header went back."""
     with FakeKernel(pci_topology()) as kernel:
         container, group = kernel.open("/dev/vfio/vfio"), kernel.open("/dev/vfio/9")
-        kernel.ioctl(group, uapi.VFIO_GROUP_SET_CONTAINER, bytearray(struct.pack("<i", container)))
+        kernel.ioctl(group, uapi.VFIO_GROUP_SET_CONTAINER, bytearray(struct.pack("=i", container)))
         kernel.ioctl(container, uapi.VFIO_SET_IOMMU, uapi.VFIO_TYPE1v2_IOMMU)
         fd = kernel.ioctl(group, uapi.VFIO_GROUP_GET_DEVICE_FD, b"0000:01:00.0\0")
         buf = uapi.vfio_pci_hot_reset_info.pack(argsz=0x7FFFFFFF)

@@ -7,6 +7,7 @@ unmasked through SET_IRQS), through the machine's irqfd with a resample eventfd,
 on the virtual clock, and no-IOMMU mode."""
 
 import errno
+import sys
 
 import pytest
 
@@ -55,8 +56,8 @@ class FailingHost:
     def ioctl(self, fd, request, arg=0):
         if request in (uapi.VFIO_DEVICE_GET_REGION_INFO, uapi.VFIO_DEVICE_GET_IRQ_INFO,
                        uapi.VFIO_DEVICE_SET_IRQS):
-            index = int.from_bytes(bytes(arg[8:12]), "little")
-            flags = int.from_bytes(bytes(arg[4:8]), "little")
+            index = int.from_bytes(bytes(arg[8:12]), sys.byteorder)
+            flags = int.from_bytes(bytes(arg[4:8]), sys.byteorder)
             for key in ((request, index), (request, index, flags)):
                 if key in self._ioctl:
                     raise OSError(self._ioctl[key], "refused by the test")
