@@ -552,14 +552,15 @@ def test_a_chained_noop_and_tic_lead_to_read_conf_and_the_capacity(ccw):
 
 
 def test_read_conf_through_a_guest_idal(ccw):
-    """A format-2 IDAL with the capacity's 8 bytes split over two 4 KiB blocks."""
+    """A format-2 IDAL whose first IDAW starts a 4 KiB block. One that starts mid-block (data
+    split over two blocks) ends with CE+DE on Linux 6.1 and QEMU 7.2, but none of the data
+    reaches guest memory; the fake does not model that loss, so no test depends on it."""
     t = ccw("virtio-blk")
     d = t.device()
-    first, second = BUFFER - 3, BUFFER + 0x1000
-    memory(d)[DATA - RAM:DATA - RAM + 16] = first.to_bytes(8, "big") + second.to_bytes(8, "big")
+    memory(d)[DATA - RAM:DATA - RAM + 16] = BUFFER.to_bytes(8, "big") + (BUFFER + 0x2000).to_bytes(8, "big")
     cc, irb = start(d, CCW1(css.CCW_CMD_READ_CONF, css.CCW_FLAG_IDA, 8, DATA), ctrl0=FMT_PFCH | css.ORB_CTRL0_MASK_C64)
     assert irb.scsw.dstat == CE_DE
-    assert int.from_bytes(read(d, first, 3) + read(d, second, 5), "big") == t.model.capacity
+    assert int.from_bytes(read(d, BUFFER, 8), "big") == t.model.capacity
 
 
 def test_read_conf_longer_than_the_configuration_needs_sli(ccw):
