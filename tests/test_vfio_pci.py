@@ -833,9 +833,28 @@ def test_the_listener_maps_page_aligned_ram_read_only_where_asked(edu, space):
     assert container.mappings == {}
 
 
-def test_an_unaligned_section_is_an_error(edu, space):
-    with pytest.raises(VFIOError, match="unaligned region"):
-        space.machine.add_ram(0x200800, PAGE)
+def test_a_section_the_listener_rejects_is_reported_and_the_next_device_still_starts(edu, space):
+    """One unaligned section used to fail every later container set-up on the machine."""
+    with TraceRecorder() as tr:
+        unaligned = space.machine.add_ram(0x200800, PAGE)
+        space.machine.add_ram(0x300000, PAGE)
+    assert [f["message"] for f in tr.named("error")] == ["vfio_listener_region_add received unaligned region"]
+    assert edu.vbasedev.group.container.mappings == {0x300000: PAGE}
+    with TraceRecorder() as tr:
+        space.machine.remove_ram(unaligned)
+    assert [f["message"] for f in tr.named("error")] == ["vfio_listener_region_del received unaligned region"]
+    edu.exit()
+    with VFIOPCIDevice.realize(space, space.machine, host=EDU) as dev:
+        assert dev.vbasedev.group.container.mappings == {0x300000: PAGE}
+
+
+def test_a_refused_unmap_is_reported_and_the_ram_still_removed(edu, space, kernel):
+    ram = space.machine.add_ram(0x200000, 2 * PAGE)
+    with kernel.faults.inject("ioctl:VFIO_IOMMU_UNMAP_DMA,errno=EIO"), TraceRecorder() as tr:
+        space.machine.remove_ram(ram)
+    assert [f["message"] for f in tr.named("error")] == [
+        f"vfio_dma_unmap({0x200000:#x}, {2 * PAGE:#x}) = -5 (Input/output error)"]
+    assert space.machine.ram == []
 
 
 def test_an_ebusy_map_is_unmapped_and_retried(kernel, clock):
