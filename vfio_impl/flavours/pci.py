@@ -177,9 +177,8 @@ class VFIOPCIDevice(MSIXDevice):
                    x_intx_mmap_timeout_ms=x_intx_mmap_timeout_ms, x_kvm_intx=x_kvm_intx, irq_line=irq_line,
                    multifunction=multifunction)
         with ExitStack() as unwind:
-            self.vbasedev = Device.attach(space, sysfsdev, name)
+            self.vbasedev = Device.attach(space, sysfsdev, name, populate=self._get_device)
             unwind.callback(self.vbasedev.close)
-            self._get_device()
             self._copy_config()
             self._load_rom()
             self._early_setup_msix()
@@ -214,9 +213,8 @@ class VFIOPCIDevice(MSIXDevice):
     def __exit__(self, *exc) -> None:
         self.exit()
 
-    def _get_device(self) -> None:
+    def _get_device(self, dev: Device) -> None:
         """The PCI half of vfio_get_device: flags, counts, and the info of BARs, ROM and config."""
-        dev = self.vbasedev
         if not dev.flags & uapi.VFIO_DEVICE_FLAGS_PCI:
             raise VFIOError("vfio: Um, this isn't a PCI device", errno.EINVAL)
         self.reset_works = dev.reset_works
@@ -228,12 +226,13 @@ class VFIOPCIDevice(MSIXDevice):
             raise VFIOError(f"vfio: unexpected number of irqs {dev.num_irqs}", errno.EINVAL)
         for nr in range(PCI_NUM_BARS):
             self.bars.append(VFIOBAR(nr, dev.region(nr)))
-        self.rom_region = self._region_info(ROM_INDEX, "ROM")
-        self.config_region = self._region_info(CONFIG_INDEX, "config")
+        self.rom_region = self._region_info(dev, ROM_INDEX, "ROM")
+        self.config_region = self._region_info(dev, CONFIG_INDEX, "config")
 
-    def _region_info(self, index: int, what: str) -> Region:
+    @staticmethod
+    def _region_info(dev: Device, index: int, what: str) -> Region:
         try:
-            return self.vbasedev.region(index)
+            return dev.region(index)
         except VFIOError as e:
             raise VFIOError(f"vfio: Error getting {what} info", e.errno) from e
 
@@ -947,15 +946,18 @@ class VFIOPCIDevice(MSIXDevice):
         self.machine.msi_notify(address, data)
 
     def _msi_write_config(self, addr: int, size: int) -> None:
-        """Clamp the vector count to what the device offers, and deliver newly unmasked pending vectors."""
+        """With MSI on: clamp the vector count to what the device offers, and deliver newly
+        unmasked pending vectors. While it is off the count stays as the guest wrote it."""
         if not self.msi_cap or not _ranges_overlap(addr, size, self.msi_cap, self.msi_cap_size):
             return
         flags = self._msi_flags()
+        if not flags & PCI_MSI_FLAGS_ENABLE:
+            return
         log_max = (flags & PCI_MSI_FLAGS_QMASK) >> 1
         if (flags & PCI_MSI_FLAGS_QSIZE) >> 4 > log_max:
             flags = (flags & ~PCI_MSI_FLAGS_QSIZE) | (log_max << 4)
             self._set(self.msi_cap + PCI_MSI_FLAGS, 2, flags, self.config)
-        if not flags & PCI_MSI_FLAGS_ENABLE or not flags & PCI_MSI_FLAGS_MASKBIT:
+        if not flags & PCI_MSI_FLAGS_MASKBIT:
             return
         off = self._msi_mask_off()
         mask, pending = self._get(off, 4, self.config), self._get(off + 4, 4, self.config)
