@@ -7,9 +7,10 @@ import errno
 import pytest
 
 from vfio_impl import uapi
+from vfio_impl.core.trace import TraceRecorder
 from vfio_impl.flavours.pci import PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY
 
-from ..raw import assert_fast_path_back_after
+from ..raw import RefusedAccess, assert_fast_path_back_after
 
 pytestmark = pytest.mark.vfio(device="edu")
 RAISE, ACK, IDENT = 0x60, 0x64, 0x00
@@ -136,6 +137,33 @@ def test_a_refused_resample_eventfd_falls_back_to_user_space(realize):
     assert log.calls[-1] == UNMASK_IOCTL
     raise_intx(dev)
     dev.bar_write(0, ACK, 1, 4)
+
+
+def test_a_failed_trapped_read_is_all_ones_and_ends_nothing(edu):
+    """vfio_bar_read returns before its EOI when the pread fails; only a good read ends it."""
+    raise_intx(edu)
+    region = edu.bars[0].region
+    region.host = RefusedAccess(region.host)
+    with TraceRecorder() as tr:
+        assert edu.bar_read(0, IDENT, 4) == 0xFFFFFFFF and edu.bar_read(0, IDENT, 2) == 0xFFFF
+    assert edu.intx.pending and edu.intx.line.history == [True], "a failed read was taken for the EOI"
+    assert [f["message"] for f in tr.named("error")] == [
+        "vfio_bar_read(BAR0+0x0, 4) failed: Input/output error", "vfio_bar_read(BAR0+0x0, 2) failed: Input/output error"]
+    region.host = region.host._host
+    assert edu.bar_read(0, IDENT, 4) == 0x010000ED and not edu.intx.pending
+
+
+def test_a_failed_trapped_write_still_ends_the_interrupt(edu):
+    """vfio_bar_write reports the failed pwrite and goes on to the EOI."""
+    raise_intx(edu)
+    region = edu.bars[0].region
+    region.host = RefusedAccess(region.host)
+    with TraceRecorder() as tr:
+        edu.bar_write(0, ACK, 1, 4)
+    assert not edu.intx.pending and edu.intx.line.history == [True, False]
+    assert [f["message"] for f in tr.named("error")] == ["vfio_bar_write(BAR0+0x64, 0x1, 4) failed: Input/output error"]
+    region.host = region.host._host
+    assert edu.machine.run_until(lambda: edu.intx.pending, WAIT), "edu, never acked, did not fire again"
 
 
 # -- the mmap timer: virtual time only ---------------------------------------------------------

@@ -20,7 +20,7 @@ from vfio_impl.vmm.machine import Machine, VirtualClock
 
 from ..platform_models import PLATFORM_MODELS, PREFERENCE, ROLES, PlatformModel
 from ..plugin import skip_test
-from ..raw import assert_fast_path_back_after
+from ..raw import RefusedAccess, assert_fast_path_back_after
 from ..reliability import process_fds
 
 pytestmark = pytest.mark.vfio(platform=True)
@@ -437,6 +437,37 @@ def test_the_first_trapped_access_is_the_eoi(platform):
     trigger(d, pin)
     assert ident(t, d) == t.model.ident[2]
     assert d.irqs[pin].state is IRQState.INACTIVE and d.irqs[pin].line.history == [True, False]
+
+
+def test_a_failed_trapped_read_is_all_ones_and_ends_nothing(platform):
+    """vfio_region_read returns before its EOI when the pread fails; only a good access ends it."""
+    t = platform("edge")
+    pin = t.model.edge_pin
+    d = t.connect_all(t.realize())
+    trigger(d, pin)
+    region, offset, _ = t.model.ident
+    d.regions[region].host = RefusedAccess(d.regions[region].host)
+    with TraceRecorder() as rec:
+        assert d.mmio_read(region, offset, 4) == 0xFFFFFFFF and d.mmio_read(region, offset, 1) == 0xFF
+    assert d.irqs[pin].state is IRQState.ACTIVE and d.irqs[pin].line.history == [True]
+    name = d.regions[region].name
+    assert [f["message"] for f in rec.named("error")] == [
+        f"vfio_region_read({name}:{offset:#x}, 4) failed: Input/output error",
+        f"vfio_region_read({name}:{offset:#x}, 1) failed: Input/output error"]
+
+
+def test_a_failed_trapped_write_still_ends_the_irq(platform):
+    t = platform("edge")
+    pin = t.model.edge_pin
+    d = t.connect_all(t.realize())
+    trigger(d, pin)
+    region, offset, _ = t.model.ident
+    d.regions[region].host = RefusedAccess(d.regions[region].host)
+    with TraceRecorder() as rec:
+        d.mmio_write(region, offset, 0x5A, 4)
+    assert d.irqs[pin].state is IRQState.INACTIVE and d.irqs[pin].line.history == [True, False]
+    assert [f["message"] for f in rec.named("error")] == [
+        f"vfio_region_write({d.regions[region].name}:{offset:#x}, 0x5a, 4) failed: Input/output error"]
 
 
 def test_while_an_irq_is_active_the_ram_region_traps_too_and_ends_it(platform):
