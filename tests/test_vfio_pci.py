@@ -15,7 +15,7 @@ from fakekernel import pci as fpci
 from fakekernel.topology import PciDeviceSpec
 from vfio_impl import AddressSpace, Machine, VFIOError, VirtualClock, uapi
 from vfio_impl.core.trace import TraceRecorder
-from vfio_impl.flavours.pci import VFIOPCIDevice
+from vfio_impl.flavours.pci import PCI_ROM_SLOT, VFIOPCIDevice
 
 EDU = "0000:00:03.0"
 TEST = "0000:01:00.0"
@@ -484,6 +484,33 @@ def test_the_rom_is_loaded_and_emulated_behind_the_rom_bar(tdev):
     assert tdev.rom == ROM_IMAGE + b"\xff" * (0x2000 - len(ROM_IMAGE))
     tdev.config_write(fpci.PCI_ROM_ADDRESS, 0xFFFFFFFF, 4)
     assert tdev.config_read(fpci.PCI_ROM_ADDRESS, 4) == 0xFFFFE001
+
+
+def test_the_guest_reads_the_rom_through_the_rom_bar_which_is_ram(tdev, tkernel, tspace):
+    """No trap and no EOI: the seed's ROM BAR is a RAM region with the image in it."""
+    image = ROM_IMAGE + b"\xff" * (0x2000 - len(ROM_IMAGE))
+    tdev.vbasedev.trigger_irq(INTX)
+    assert poll_until(tspace.machine, lambda: tdev.intx.pending)
+    assert tdev.bar_read(PCI_ROM_SLOT, 0, 2) == 0xAA55
+    assert tdev.intx.pending, "a ROM read was taken for the EOI"
+    assert b"".join(tdev.bar_read(PCI_ROM_SLOT, off, 4).to_bytes(4, "little") for off in range(0, 0x2000, 4)) == image
+    assert tdev.bar_read(PCI_ROM_SLOT, 0x1FFF, 1) == 0xFF
+    tdev.bar_write(PCI_ROM_SLOT, 0x10, 0x12345678, 4)
+    assert tdev.bar_read(PCI_ROM_SLOT, 0x10, 2) == 0x5678 and tdev.rom[0x10:0x14] == b"\x78\x56\x34\x12"
+    assert tkernel.functions[TEST].rom[0x10:0x14] == ROM_IMAGE[0x10:0x14], "the write reached the device"
+    for addr, size in ((0x2000, 1), (0x1FFE, 4), (-1, 1)):
+        with pytest.raises(VFIOError, match="ROM BAR"):
+            tdev.bar_read(PCI_ROM_SLOT, addr, size)
+    with pytest.raises(VFIOError, match="unsupported read size"):
+        tdev.bar_read(PCI_ROM_SLOT, 0, 3)
+
+
+def test_without_a_rom_there_is_no_rom_bar_to_read(tspace):
+    with VFIOPCIDevice.realize(tspace, tspace.machine, host=TEST, rombar=0) as dev:
+        with pytest.raises(VFIOError, match="no 4-byte access at ROM BAR"):
+            dev.bar_read(PCI_ROM_SLOT, 0, 4)
+        with pytest.raises(VFIOError, match="ROM BAR"):
+            dev.bar_write(PCI_ROM_SLOT, 0, 0, 4)
 
 
 def test_rom_reads_retry_eintr_and_stop_at_a_short_end(tkernel, tspace):

@@ -40,6 +40,7 @@ from vfio_impl.vmm.machine import IRQLine, Machine, Timer
 PCI_HEADER_TYPE_MULTI_FUNCTION = 0x80
 PCI_CONFIG_HEADER_SIZE = 0x40
 PCI_CONFIG_SPACE_SIZE = 0x100
+PCI_ROM_SLOT = 6
 
 INTX, MSI, MSIX = uapi.VFIO_PCI_INTX_IRQ_INDEX, uapi.VFIO_PCI_MSI_IRQ_INDEX, uapi.VFIO_PCI_MSIX_IRQ_INDEX
 ROM_INDEX, CONFIG_INDEX = uapi.VFIO_PCI_ROM_REGION_INDEX, uapi.VFIO_PCI_CONFIG_REGION_INDEX
@@ -145,7 +146,7 @@ class VFIOPCIDevice(MSIXDevice):
         self.wmask = bytearray(PCI_CONFIG_SPACE_SIZE)
         self.config_region: Region | None = None
         self.bars: list[VFIOBAR] = []
-        self.rom: bytes | None = None
+        self.rom: bytearray | None = None
         self.rom_region: Region | None = None
         self.reset_works = False
         self.interrupt = VFIO_INT_NONE
@@ -292,7 +293,9 @@ class VFIOPCIDevice(MSIXDevice):
         return image.ljust(size, b"\xff")
 
     def _register_rom(self, rom: bytes) -> None:
-        self.rom = rom
+        """The ROM BAR is RAM holding the image (the seed's memory_region_init_ram): the guest
+        reads the option ROM there, and what it writes changes the copy, never the device."""
+        self.rom = bytearray(rom)
         self._set(PCI_ROM_ADDRESS, 4, (~(len(rom) - 1) & 0xFFFFF800) | PCI_ROM_ADDRESS_ENABLE, self.wmask)
 
     # -- BARs ---------------------------------------------------------------------------------
@@ -373,11 +376,19 @@ class VFIOPCIDevice(MSIXDevice):
         return bool(mapped) and all(b.region.mmap_enabled for b in mapped)
 
     # -- guest BAR access ---------------------------------------------------------------------
+    def _rom_span(self, addr: int, size: int) -> slice:
+        if self.rom is None or not 0 <= addr <= len(self.rom) - size:
+            raise VFIOError(f"vfio: no {size}-byte access at ROM BAR+{addr:#x}", errno.EINVAL)
+        return slice(addr, addr + size)
+
     def bar_read(self, nr: int, addr: int, size: int) -> int:
-        """The guest reads a BAR: MSI-X emulation, else the mmap, else a trapped pread and an EOI."""
-        bar = self.bars[nr]
+        """The guest reads a BAR: MSI-X emulation, else the mmap, else a trapped pread and an EOI.
+        PCI_ROM_SLOT is the ROM BAR, plain RAM: no trap, no EOI."""
         if size not in _ACCESS_MASKS:
             raise VFIOError(f"vfio: unsupported read size, {size} bytes", errno.EINVAL)
+        if nr == PCI_ROM_SLOT:
+            return int.from_bytes(self.rom[self._rom_span(addr, size)], "little")
+        bar = self.bars[nr]
         if bar.traps:
             for start, end, read, _ in bar.traps:
                 if start <= addr < end:
@@ -395,11 +406,14 @@ class VFIOPCIDevice(MSIXDevice):
 
     def bar_write(self, nr: int, addr: int, value: int, size: int) -> None:
         """The guest writes a BAR; a trapped write is an EOI even when it fails, as in the seed."""
-        bar = self.bars[nr]
         mask = _ACCESS_MASKS.get(size)
         if mask is None:
             raise VFIOError(f"vfio: unsupported write size, {size} bytes", errno.EINVAL)
         value &= mask
+        if nr == PCI_ROM_SLOT:
+            self.rom[self._rom_span(addr, size)] = value.to_bytes(size, "little")
+            return
+        bar = self.bars[nr]
         if bar.traps:
             for start, end, _, write in bar.traps:
                 if start <= addr < end:
