@@ -41,7 +41,7 @@ def nothing_left(kernel, space, kernel_before, fds_before):
     assert census(kernel) == kernel_before
     assert process_fds() == fds_before
     assert driver_refs(space) == {"groups": [], "containers": 0, "listeners": 0, "fd handlers": 0, "irqfds": 0,
-                                  "timers": False}
+                                  "msi routes": 0, "timers": False}
 
 
 def test_a_listener_replay_refused_by_map_dma_is_reported_and_the_container_kept(kernel, space):

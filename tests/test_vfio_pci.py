@@ -12,10 +12,12 @@ import pytest
 from conformance.backends import fake_kernel
 from fakekernel import FakeKernel, Topology, devices
 from fakekernel import pci as fpci
+from fakekernel.faults import Fault
 from fakekernel.topology import PciDeviceSpec
 from vfio_impl import AddressSpace, Machine, VFIOError, VirtualClock, uapi
 from vfio_impl.core.trace import TraceRecorder
 from vfio_impl.flavours.pci import PCI_ROM_SLOT, VFIOPCIDevice
+from vfio_impl.vmm.machine import MSIRoute
 
 EDU = "0000:00:03.0"
 TEST = "0000:01:00.0"
@@ -622,44 +624,125 @@ def test_a_zero_timeout_keeps_the_mmaps_off(space, clock):
         assert not dev.mmap_enabled() and dev.intx.mmap_timer.deadline is None
 
 
-def test_the_accelerated_path_unmasks_through_the_resample_eventfd(space, kernel):
-    with TraceRecorder() as tr, VFIOPCIDevice.realize(space, space.machine, host=EDU) as dev:
-        assert dev.intx.kvm_accel and dev.intx.unmask >= 0
-        assert tr.named("vfio_intx_enable_kvm")
-        raise_intx(dev, space.machine)
-        calls = []
-        dev.vbasedev.unmask_irq = lambda index: calls.append(index)
-        dev.bar_write(0, ACK, 1, 4)
-        assert not dev.intx.line.level and calls == [], "the accelerated EOI used the UNMASK ioctl"
-        assert poll_until(space.machine, lambda: not kernel.vfio_devices[EDU].intx_masked)
-        raise_intx(dev, space.machine)
+@pytest.fixture
+def kvm(kernel, clock):
+    """A machine that plays KVM's irqfd, its address space, and edu realized on it."""
+    with AddressSpace(kernel, Machine(clock, irqfd=True)) as s, VFIOPCIDevice.realize(s, s.machine, host=EDU) as dev:
+        yield dev
 
 
-def test_a_refused_resample_eventfd_falls_back_to_user_space(kernel, space):
-    broken = AddressSpace(FaultyHost(kernel, fail=failing(
-        set_irqs(INTX, uapi.VFIO_IRQ_SET_ACTION_UNMASK | uapi.VFIO_IRQ_SET_DATA_EVENTFD))), space.machine)
-    with TraceRecorder() as tr, VFIOPCIDevice.realize(broken, broken.machine, host=EDU) as dev:
-        assert not dev.intx.kvm_accel and dev.intx.unmask == -1 and dev.vbasedev.eventfds == {dev.intx.interrupt}
-        raise_intx(dev, space.machine)
-        dev.bar_write(0, ACK, 1, 4)
+def test_without_irqfd_intx_stays_in_user_space_whatever_x_kvm_intx_says(space):
+    with VFIOPCIDevice.realize(space, space.machine, host=EDU) as dev:
+        assert not dev.intx.kvm_accel and dev.intx.unmask == -1 and not space.machine.irqfds
+        assert space.machine.has_fd_handler(dev.intx.interrupt)
+
+
+def test_kvm_intx_hands_the_trigger_to_the_irqfd_and_the_resample_fd_to_vfio(kvm, kernel):
+    """vfio_enable_intx_kvm: KVM asserts the line and takes the EOI; no interrupt reaches the
+    device's code, so the BAR mmaps stay on and a BAR access ends nothing."""
+    machine, intx = kvm.space.machine, kvm.intx
+    assert intx.kvm_accel and machine.irqfds[intx.interrupt].resample == intx.unmask >= 0
+    assert machine.irqfds[intx.interrupt].gsi is intx.line and not machine.has_fd_handler(intx.interrupt)
+    kvm.config_write(fpci.PCI_COMMAND, fpci.PCI_COMMAND_MEMORY, 2)
+    unmasks = []
+    kvm.vbasedev.unmask_irq = lambda index: unmasks.append(index)
+    kvm.bar_write(0, RAISE, 1, 4)
+    assert poll_until(machine, lambda: intx.line.level), "KVM's irqfd did not assert the line"
+    assert not intx.pending and kvm.mmap_enabled() and not intx.mmap_timer.pending
+    assert kernel.vfio_devices[EDU].intx_masked
+    kvm.bar_write(0, ACK, 1, 4)
+    kvm.bar_read(0, STATUS, 4)
+    assert intx.line.level and intx.line.history == [True], "a BAR access was taken for the EOI"
+    assert machine.eoi(intx.line.name) and not intx.line.level
+    assert poll_until(machine, lambda: not kernel.vfio_devices[EDU].intx_masked), "the resample did not unmask"
+    assert unmasks == [], "the EOI went through the UNMASK ioctl"
+    kvm.bar_write(0, RAISE, 1, 4)
+    assert poll_until(machine, lambda: intx.line.history == [True, False, True])
+    kvm.bar_write(0, ACK, 1, 4)
+    machine.eoi(intx.line.name)
+
+
+def test_a_still_high_line_fires_again_at_the_kvm_eoi(kvm, kernel):
+    machine, intx = kvm.space.machine, kvm.intx
+    kvm.config_write(fpci.PCI_COMMAND, fpci.PCI_COMMAND_MEMORY, 2)
+    kvm.bar_write(0, RAISE, 1, 4)
+    assert poll_until(machine, lambda: intx.line.level)
+    machine.eoi(intx.line.name)
+    assert poll_until(machine, lambda: intx.line.history == [True, False, True]), "the resampler lost the level"
+    kvm.bar_write(0, ACK, 1, 4)
+    machine.eoi(intx.line.name)
+
+
+def test_x_kvm_intx_off_keeps_intx_in_user_space_on_an_irqfd_machine(kernel, clock):
+    with AddressSpace(kernel, Machine(clock, irqfd=True)) as s, \
+            VFIOPCIDevice.realize(s, s.machine, host=EDU, x_kvm_intx=False) as dev:
+        assert not dev.intx.kvm_accel and not s.machine.irqfds and s.machine.has_fd_handler(dev.intx.interrupt)
+
+
+KVM_INTX_FAILURES = [
+    ("resample eventfd", Fault("eventfd", nth=2, errno=errno.EMFILE), "vfio: Error: event_notifier_init failed eoi"),
+    ("unmask eventfd", Fault("ioctl", request="VFIO_DEVICE_SET_IRQS", errno=errno.EIO,
+                             when=lambda call: "UNMASK EVENTFD" in call.name),
+     "vfio: Error: Failed to setup INTx unmask fd: Input/output error"),
+]
+
+
+@pytest.mark.parametrize("fault,message", [f[1:] for f in KVM_INTX_FAILURES], ids=[f[0] for f in KVM_INTX_FAILURES])
+def test_a_failing_kvm_intx_step_leaves_intx_in_user_space(kernel, clock, fault, message):
+    """vfio_enable_intx_kvm's unwinding: the irqfd removed, the resample eventfd closed, the
+    handler back and INTx unmasked, each failure reported."""
+    with AddressSpace(kernel, Machine(clock, irqfd=True)) as space, TraceRecorder() as tr, \
+            kernel.faults.inject(fault) as (rule,), VFIOPCIDevice.realize(space, space.machine, host=EDU) as dev:
+        machine = space.machine
+        assert rule.hits == 1 and message in [f["message"] for f in tr.named("error")]
+        assert not dev.intx.kvm_accel and dev.intx.unmask == -1 and not machine.irqfds
+        assert dev.vbasedev.eventfds == {dev.intx.interrupt} and machine.has_fd_handler(dev.intx.interrupt)
         assert not kernel.vfio_devices[EDU].intx_masked
-    assert any("Failed to setup INTx unmask fd" in f["message"] for f in tr.named("warning"))
+        dev.vbasedev.trigger_irq(INTX)
+        assert poll_until(machine, lambda: dev.intx.pending), "INTx did not come back to user space"
 
 
-def test_a_route_change_tears_down_and_rebuilds_the_accelerated_path(space, kernel):
-    with TraceRecorder() as tr, VFIOPCIDevice.realize(space, space.machine, host=EDU) as dev:
-        raise_intx(dev, space.machine)
-        old = dev.intx.line
-        dev.update_irq("gsi 11")
-        assert not old.level and dev.intx.line is space.machine.irq_line("gsi 11") and dev.intx.kvm_accel
-        assert [e for e, _ in tr.events if e.startswith("vfio_intx_") and "kvm" in e] == [
-            "vfio_intx_enable_kvm", "vfio_intx_disable_kvm", "vfio_intx_enable_kvm"]
-        assert poll_until(space.machine, lambda: dev.intx.pending), "the still-high line was lost"
-        assert dev.intx.line.level
-        dev.update_irq(None)
-        assert not dev.intx.kvm_accel and dev.intx.line is space.machine.irq_line("gsi 11")
-        dev.bar_write(0, ACK, 1, 4)
-        raise_intx(dev, space.machine)
+def test_an_irqfd_kvm_refuses_is_reported_and_intx_stays_in_user_space(kernel, clock, monkeypatch):
+    machine = Machine(clock, irqfd=True)
+
+    def refuse(*args):
+        raise OSError(errno.ENOSPC, "no irqfd slots")
+    monkeypatch.setattr(machine, "add_irqfd", refuse)
+    with AddressSpace(kernel, machine) as space, TraceRecorder() as tr, \
+            VFIOPCIDevice.realize(space, machine, host=EDU) as dev:
+        assert "vfio: Error: Failed to setup resample irqfd: No space left on device" in [
+            f["message"] for f in tr.named("error")]
+        assert not dev.intx.kvm_accel and dev.intx.unmask == -1 and machine.has_fd_handler(dev.intx.interrupt)
+    machine.close()
+
+
+def test_a_route_change_tears_down_and_rebuilds_the_kvm_path(kvm):
+    machine, intx = kvm.space.machine, kvm.intx
+    kvm.config_write(fpci.PCI_COMMAND, fpci.PCI_COMMAND_MEMORY, 2)
+    kvm.bar_write(0, RAISE, 1, 4)
+    assert poll_until(machine, lambda: intx.line.level)
+    old = intx.line
+    with TraceRecorder() as tr:
+        kvm.update_irq("gsi 11")
+    assert not old.level and intx.line is machine.irq_line("gsi 11") and intx.kvm_accel
+    assert machine.irqfds[intx.interrupt].gsi is intx.line
+    assert [e for e, _ in tr.events if e.startswith("vfio_intx_") and "kvm" in e] == [
+        "vfio_intx_disable_kvm", "vfio_intx_enable_kvm"]
+    assert poll_until(machine, lambda: intx.line.level), "the still-high line was lost"
+    kvm.update_irq(None)
+    assert not intx.kvm_accel and not machine.irqfds and intx.line is machine.irq_line("gsi 11")
+    assert poll_until(machine, lambda: intx.pending), "user space did not take the still-high line"
+    kvm.bar_write(0, ACK, 1, 4)
+    assert not intx.pending and not intx.line.level
+
+
+def test_leaving_intx_for_msi_lets_go_of_the_irqfd(kvm):
+    machine = kvm.space.machine
+    enable_msi(kvm)
+    assert kvm.interrupt == "msi" and not kvm.intx.kvm_accel
+    assert all(irqfd.gsi != kvm.intx.line for irqfd in machine.irqfds.values())
+    kvm.config_write(kvm.msi_cap + 2, 0, 2)
+    assert kvm.intx.kvm_accel and machine.irqfds[kvm.intx.interrupt].gsi is kvm.intx.line
 
 
 def test_an_irq_line_name_can_be_given(space):
@@ -833,6 +916,75 @@ def test_disabling_msix_tears_everything_down_and_returns_to_intx(tdev, tkernel,
     assert len(open_fds()) == len(intx_fds) and tdev.vbasedev.eventfds == {tdev.intx.interrupt}
     tdev.vbasedev.trigger_irq(INTX)
     assert poll_until(tspace.machine, lambda: tdev.intx.pending)
+
+
+@pytest.fixture
+def kvm_tdev(tkernel, clock):
+    """The test function on a machine that plays KVM's irqfd and MSI routes."""
+    with AddressSpace(tkernel, Machine(clock, irqfd=True)) as s, VFIOPCIDevice.realize(s, s.machine, host=TEST) as dev:
+        dev.config_write(fpci.PCI_COMMAND, fpci.PCI_COMMAND_MEMORY | fpci.PCI_COMMAND_MASTER, 2)
+        yield dev
+
+
+def msi_routes(machine):
+    """Each irqfd's eventfd and the message its route sends."""
+    return {fd: (i.gsi.address, i.gsi.data) for fd, i in machine.irqfds.items() if isinstance(i.gsi, MSIRoute)}
+
+
+def test_msi_vectors_are_routed_to_kvm_where_the_machine_offers_irqfd(kvm_tdev):
+    """vfio_enable_msi's KVM path: each vector's eventfd is an irqfd on a route to its message,
+    so an interrupt reaches the guest with no handler of the device in between."""
+    machine = kvm_tdev.space.machine
+    enable_msi(kvm_tdev, data=0x4040, qsize=2)
+    vectors = kvm_tdev.msi_vectors
+    assert msi_routes(machine) == {v.fd: (0xFEE01000, 0x4040 | v.nr) for v in vectors} and len(vectors) == 4
+    assert not any(machine.has_fd_handler(v.fd) for v in vectors)
+    kvm_tdev.vbasedev.trigger_irq(MSI, 2)
+    assert poll_until(machine, lambda: machine.msi_messages == [(0xFEE01000, 0x4042)])
+    kvm_tdev.config_write(kvm_tdev.msi_cap + 2, 0, 2)
+    assert not machine.msi_routes and list(machine.irqfds) == [kvm_tdev.intx.interrupt]
+
+
+def test_msix_vectors_are_routed_to_kvm_and_masking_releases_the_route(kvm_tdev):
+    machine = kvm_tdev.space.machine
+    msix_control(kvm_tdev, 0x8000)
+    assert not machine.msi_routes, "the vector MSI-X enable uses and releases has no message to route"
+    program_vector(kvm_tdev, 1, 0xFEE00000, 0x51)
+    vector = kvm_tdev.msix_vectors[1]
+    assert vector.virq is not None and msi_routes(machine) == {vector.fd: (0xFEE00000, 0x51)}
+    assert not machine.has_fd_handler(vector.fd)
+    kvm_tdev.vbasedev.trigger_irq(MSIX, 1)
+    assert poll_until(machine, lambda: machine.msi_messages == [(0xFEE00000, 0x51)])
+    program_vector(kvm_tdev, 1, 0xFEE00000, 0x51, masked=True)
+    assert vector.virq is None and not machine.msi_routes and vector.fd == -1
+    program_vector(kvm_tdev, 1, 0xFEE00000, 0x61)
+    assert msi_routes(machine) == {vector.fd: (0xFEE00000, 0x61)}
+    msix_control(kvm_tdev, 0)
+    assert not machine.msi_routes and kvm_tdev.intx.kvm_accel
+
+
+def test_exit_with_msi_on_leaves_kvm_nothing(tkernel, clock):
+    """Leaving MSI brings INTx back, and on this machine its irqfd: exit lets go of that too."""
+    machine = Machine(clock, irqfd=True)
+    with AddressSpace(tkernel, machine) as space:
+        dev = VFIOPCIDevice.realize(space, machine, host=TEST)
+        enable_msi(dev, qsize=2)
+        dev.exit()
+        assert not machine.irqfds and not machine.msi_routes and not machine.fd_handlers
+    machine.close()
+
+
+def test_a_route_or_irqfd_kvm_refuses_leaves_the_vector_in_user_space(kvm_tdev, monkeypatch):
+    machine = kvm_tdev.space.machine
+
+    def refuse(*args):
+        raise OSError(errno.ENOSPC, "no irqfd slots")
+    monkeypatch.setattr(machine, "add_irqfd", refuse)
+    enable_msi(kvm_tdev, qsize=1)
+    assert not machine.msi_routes and all(v.virq is None and machine.has_fd_handler(v.fd)
+                                          for v in kvm_tdev.msi_vectors)
+    kvm_tdev.vbasedev.trigger_irq(MSI, 1)
+    assert poll_until(machine, lambda: machine.msi_messages == [(0xFEE01000, 0x4041)])
 
 
 # -- reset and hot reset ----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """INTx through the PCI flavour, as the guest sees it: edu asserts the guest line, a trapped BAR
-access is the EOI, the resample eventfd stands in for KVM, and the mmap timer runs on the
-machine's virtual clock."""
+access is the EOI, and the mmap timer runs on the machine's virtual clock; on a machine that
+plays KVM's irqfd the line is KVM's, and the guest's EOI there unmasks through the resample
+eventfd."""
 
 import errno
 
@@ -101,21 +102,48 @@ def test_an_eoi_with_the_line_still_up_asserts_it_again(edu):
     assert edu.intx.line.history == [True, False, True]
 
 
-def test_the_resample_eventfd_unmasks_instead_of_the_ioctl(realize):
+def test_without_irqfd_intx_stays_in_user_space(realize):
     dev = realize(x_kvm_intx=True)
-    assert dev.intx.kvm_accel and dev.intx.unmask >= 0
+    assert not dev.intx.kvm_accel and dev.intx.unmask == -1 and dev.machine.has_fd_handler(dev.intx.interrupt)
+    raise_intx(dev)
+    assert not dev.mmap_enabled()
+
+
+def test_with_irqfd_kvm_asserts_the_line_and_its_eoi_unmasks_through_the_resample_eventfd(realize):
+    """vfio_enable_intx_kvm: no interrupt reaches the device's code, so the BAR mmaps stay on and
+    a BAR access is no EOI; the guest's EOI in KVM writes the resample eventfd, which unmasks."""
+    dev = realize(irqfd=True, x_kvm_intx=True)
+    machine, intx = dev.machine, dev.intx
+    assert intx.kvm_accel and machine.irqfds[intx.interrupt].resample == intx.unmask >= 0
     log = log_set_irqs(dev)
-    raise_intx(dev)
+    dev.bar_write(0, RAISE, 1, 4)
+    assert machine.run_until(lambda: intx.line.level, WAIT), "KVM's irqfd did not assert the line"
+    assert not intx.pending and dev.mmap_enabled()
     dev.bar_write(0, ACK, 1, 4)
-    assert not dev.intx.line.level and UNMASK_IOCTL not in log.calls
-    raise_intx(dev)
-    assert dev.bar_read(0, IDENT, 4) == 0x010000ED
-    assert dev.machine.run_until(lambda: dev.intx.pending, WAIT), "the resampler did not re-fire a still-high line"
+    assert intx.line.history == [True], "a BAR access was taken for the EOI"
+    assert machine.eoi(intx.line.name) and not intx.line.level
+    dev.bar_write(0, RAISE, 1, 4)
+    assert machine.run_until(lambda: intx.line.history == [True, False, True], WAIT), \
+        "the resample eventfd did not unmask"
+    assert UNMASK_IOCTL not in log.calls, "an EOI used the UNMASK ioctl"
     dev.bar_write(0, ACK, 1, 4)
+    machine.eoi(intx.line.name)
+
+
+def test_with_irqfd_a_line_still_high_at_the_eoi_fires_again(realize):
+    dev = realize(irqfd=True, x_kvm_intx=True)
+    machine, intx = dev.machine, dev.intx
+    dev.bar_write(0, RAISE, 1, 4)
+    assert machine.run_until(lambda: intx.line.level, WAIT)
+    machine.eoi(intx.line.name)
+    assert machine.run_until(lambda: intx.line.history == [True, False, True], WAIT), \
+        "the resampler did not re-fire a still-high line"
+    dev.bar_write(0, ACK, 1, 4)
+    machine.eoi(intx.line.name)
 
 
 def test_a_route_the_router_cannot_give_kvm_keeps_intx_in_user_space(realize):
-    dev = realize(x_kvm_intx=True)
+    dev = realize(irqfd=True, x_kvm_intx=True)
     dev.update_irq(None)
     assert not dev.intx.kvm_accel and dev.intx.unmask == -1
     log = log_set_irqs(dev)
@@ -127,10 +155,14 @@ def test_a_route_the_router_cannot_give_kvm_keeps_intx_in_user_space(realize):
 
 
 def test_a_refused_resample_eventfd_falls_back_to_user_space(realize):
-    dev = realize(x_kvm_intx=True)
+    dev = realize(irqfd=True, x_kvm_intx=True)
     log = log_set_irqs(dev, refuse=(UNMASK_EVENTFD,))
-    dev.update_irq("gsi 11")
+    with TraceRecorder() as tr:
+        dev.update_irq("gsi 11")
     assert UNMASK_EVENTFD in log.calls and not dev.intx.kvm_accel and dev.intx.unmask == -1
+    assert [f["message"] for f in tr.named("error")] == [
+        "vfio: Error: Failed to setup INTx unmask fd: Invalid argument"]
+    assert not dev.machine.irqfds and dev.machine.has_fd_handler(dev.intx.interrupt)
     assert dev.intx.line is dev.machine.irq_line("gsi 11")
     raise_intx(dev)
     dev.bar_write(0, ACK, 1, 4)

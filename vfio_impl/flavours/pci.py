@@ -2,9 +2,11 @@
 
 The guest sees an emulated copy of config space for the ROM BAR and the MSI/MSI-X
 capabilities and the device itself for the rest; BARs are mmapped with a trapped slow path
-beneath them (turned on around INTx so a BAR access can serve as the EOI); the MSI-X table
-and PBA are emulated in the BAR hole, as QEMU's msix.c does. The Machine stands in for the
-rest of QEMU: its loop, virtual clock, IRQ lines and MSI delivery.
+beneath them (turned on around a user-space INTx so a BAR access can serve as the EOI); the
+MSI-X table and PBA are emulated in the BAR hole, as QEMU's msix.c does. The Machine stands in
+for the rest of QEMU: its loop, virtual clock, IRQ lines and MSI delivery, and, when it offers
+irqfd, KVM's: INTx then goes to an irqfd with a resample eventfd, and each MSI or MSI-X vector
+to an irqfd on a route to its message.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from vfio_impl.hw.pci import (
     register_bar,
 )
 from vfio_impl.uapi.pci_regs import *  # noqa: F403
-from vfio_impl.vmm.machine import IRQLine, Machine, Timer
+from vfio_impl.vmm.machine import IRQLine, Machine, MSIRoute, Timer
 
 # QEMU's words beside <linux/pci_regs.h>'s.
 PCI_HEADER_TYPE_MULTI_FUNCTION = 0x80
@@ -94,12 +96,14 @@ class VFIOINTx:
 
 @dataclass(slots=True)
 class VFIOMSIVector:
-    """One MSI/MSI-X vector; fd is -1 once released, msg the (address, data) it was set up with."""
+    """One MSI/MSI-X vector; fd is -1 once released, msg the (address, data) it was set up with,
+    virq its KVM route when the machine's irqfd sends it."""
 
     nr: int
     use: bool = False
     fd: int = -1
     msg: tuple[int, int] | None = None
+    virq: MSIRoute | None = None
 
 
 @dataclass(slots=True)
@@ -201,6 +205,9 @@ class VFIOPCIDevice(MSIXDevice):
             return
         if self.vbasedev.fd >= 0:
             self._disable_interrupts()
+            if self.interrupt == VFIO_INT_INTX:
+                # Leaving MSI or MSI-X brought INTx back, and with it perhaps KVM's irqfd.
+                self._disable_intx()
         self._free_mmap_timer()
         self._teardown_msi()
         self._unmap_bars()
@@ -615,10 +622,7 @@ class VFIOPCIDevice(MSIXDevice):
         trace("vfio_intx_eoi", name=self.name)
         intx.pending = False
         intx.line.set(False)
-        if intx.kvm_accel:
-            self.host.eventfd_write(intx.unmask, 1)
-        else:
-            self._unmask_intx()
+        self._unmask_intx()
 
     def _unmask_intx(self) -> None:
         try:
@@ -632,49 +636,59 @@ class VFIOPCIDevice(MSIXDevice):
         except VFIOError as e:
             error_report(str(e))
 
-    def _enable_intx_kvm(self) -> None:
-        """The accelerated INTx path, with the machine standing in for KVM.
+    def _free_intx_unmask(self) -> None:
+        self.vbasedev.free_eventfd(self.intx.unmask)
+        self.intx.unmask = -1
 
-        KVM would take the trigger eventfd as an irqfd and, on the guest's EOI, lower the line
-        and signal a resample eventfd that vfio-pci listens on with ACTION_UNMASK. Here the
-        machine's loop is the irqfd (the same handler raises the line) and the trapped BAR access
-        is the EOI, which writes the resample eventfd instead of calling the UNMASK ioctl. If the
-        kernel refuses the unmask eventfd, INTx stays in user space.
-        """
+    def _enable_intx_kvm(self) -> None:
+        """vfio_enable_intx_kvm, where the machine offers KVM's irqfd with resample: the trigger
+        eventfd asserts the guest line in "KVM", the guest's EOI there writes the resample eventfd,
+        and VFIO unmasks on it. No interrupt reaches this device's code, so the BAR mmaps stay on
+        and no BAR access is an EOI. Any failure leaves INTx in user space, reported."""
         intx = self.intx
-        if not self.x_kvm_intx or intx.route is None:
+        if not self.x_kvm_intx or not self.machine.irqfd_available or intx.route is None:
             return
+        self.machine.set_fd_handler(intx.interrupt, None)
         self._mask_intx()
         intx.pending = False
         intx.line.set(False)
-        try:
-            intx.unmask = self.vbasedev.new_eventfd()
-        except VFIOError:
-            error_report("vfio: Error: event_notifier_init failed eoi")
-            self._unmask_intx()
-            return
-        try:
-            self.vbasedev.set_irq_signaling(INTX, 0, uapi.VFIO_IRQ_SET_ACTION_UNMASK, intx.unmask)
-        except VFIOError as e:
-            warn(f"vfio: Error: Failed to setup INTx unmask fd: {os.strerror(e.errno)}")
-            self.vbasedev.free_eventfd(intx.unmask)
-            intx.unmask = -1
-            self._unmask_intx()
-            return
+        with ExitStack() as fail:
+            fail.callback(self._unmask_intx)
+            fail.callback(self.machine.set_fd_handler, intx.interrupt, self._intx_interrupt)
+            try:
+                intx.unmask = self.vbasedev.new_eventfd()
+            except VFIOError:
+                error_report("vfio: Error: event_notifier_init failed eoi")
+                return
+            fail.callback(self._free_intx_unmask)
+            try:
+                self.machine.add_irqfd(intx.interrupt, intx.line, intx.unmask)
+            except OSError as e:
+                error_report(f"vfio: Error: Failed to setup resample irqfd: {os.strerror(e.errno)}")
+                return
+            fail.callback(self.machine.remove_irqfd, intx.interrupt)
+            try:
+                self.vbasedev.set_irq_signaling(INTX, 0, uapi.VFIO_IRQ_SET_ACTION_UNMASK, intx.unmask)
+            except VFIOError as e:
+                error_report(f"vfio: Error: Failed to setup INTx unmask fd: {os.strerror(e.errno)}")
+                return
+            fail.pop_all()
         self._unmask_intx()
         intx.kvm_accel = True
         trace("vfio_intx_enable_kvm", name=self.name, route=intx.route)
 
     def _disable_intx_kvm(self) -> None:
-        """Back to user space: masked, line low, resample fd closed, then unmask to catch a lost edge."""
+        """Back to user space: masked, line low, KVM lets go of the trigger, the resample eventfd
+        closed (VFIO drops its unmask with it), the handler back, then unmask to catch a lost edge."""
         intx = self.intx
         if not intx.kvm_accel:
             return
         self._mask_intx()
         intx.pending = False
         intx.line.set(False)
-        self.vbasedev.free_eventfd(intx.unmask)
-        intx.unmask = -1
+        self.machine.remove_irqfd(intx.interrupt)
+        self._free_intx_unmask()
+        self.machine.set_fd_handler(intx.interrupt, self._intx_interrupt)
         intx.kvm_accel = False
         self._unmask_intx()
         trace("vfio_intx_disable_kvm", name=self.name)
@@ -783,11 +797,34 @@ class VFIOPCIDevice(MSIXDevice):
             return -(e.errno or errno.EIO)
 
     def _new_vector_fd(self, vector: VFIOMSIVector, handler: bool) -> None:
+        """The vector's eventfd goes to KVM when the machine routes its message, else to the
+        loop's handler (none for the vector MSI-X enable uses and releases at once)."""
         vector.fd = self.vbasedev.new_eventfd()
+        if vector.msg is not None and self._add_kvm_msi_virq(vector):
+            return
         if handler:
             self.machine.set_fd_handler(vector.fd, functools.partial(self._msi_interrupt, vector))
 
+    def _add_kvm_msi_virq(self, vector: VFIOMSIVector) -> bool:
+        """An MSI route for the message and an irqfd on it; False (and nothing held) when the
+        machine gives either no, as the seed then defaults to user space."""
+        try:
+            route = self.machine.add_msi_route(*vector.msg)
+        except OSError:
+            return False
+        try:
+            self.machine.add_irqfd(vector.fd, route)
+        except OSError:
+            self.machine.release_virq(route)
+            return False
+        vector.virq = route
+        return True
+
     def _free_vector_fd(self, vector: VFIOMSIVector) -> None:
+        if vector.virq is not None:
+            self.machine.remove_irqfd(vector.fd)
+            self.machine.release_virq(vector.virq)
+            vector.virq = None
         self.vbasedev.free_eventfd(vector.fd)
         vector.fd = -1
         vector.use = False
