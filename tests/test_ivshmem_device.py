@@ -574,7 +574,34 @@ def test_load_refuses_a_newer_stream_a_peer_and_another_device(machine, shm_name
 
 
 def test_a_peer_is_blocked_from_migration_until_it_exits(machine, shm_name):
+    """The peer role's migration blocker blocks: the machine's save refuses with its message."""
     dev = IVShmemState.realize(machine, shm=shm_name, role="peer")
     assert dev.migration_blocker == MIGRATION_BLOCKER
+    with pytest.raises(VFIOError) as e:
+        machine.migration.savevm()
+    assert e.value.message == MIGRATION_BLOCKER
     dev.exit()
-    assert dev.migration_blocker is None
+    assert dev.migration_blocker is None and machine.migration.savevm() == []
+
+
+def test_a_master_migrates_through_the_machine(machine, shm_name):
+    """ivshmem registers its savevm handlers at realize: the machine's stream carries its state to
+    the device of the same id on another machine, and nothing once it has exited."""
+    with IVShmemState.realize(machine, shm=shm_name, msi=False) as dev:
+        dev.bar_write(0, INTRMASK, 0x3, 4)
+        dev.bar_write(0, INTRSTATUS, 0x1, 4)
+        [section] = machine.migration.savevm()
+        assert (section.idstr, section.instance_id, section.version_id) == ("ivshmem", 0, 0)
+        target_machine = Machine(VirtualClock())
+        with IVShmemState.realize(target_machine, shm=shm_name, msi=False) as target:
+            target_machine.migration.loadvm([section])
+            assert (target.intrmask, target.intrstatus) == (0x3, 0x1) and target.irq.level
+        target_machine.close()
+    assert machine.migration.savevm() == []
+
+
+def test_a_failed_realize_of_a_peer_holds_no_blocker(machine, tmp_path):
+    with pytest.raises(VFIOError):
+        IVShmemState.realize(machine, chardev=str(tmp_path / "absent.sock"), role="peer")
+    assert machine.migration.blockers == [] and machine.migration.handlers == []
+    assert machine.migration.savevm() == []

@@ -722,11 +722,24 @@ def test_needs_reset_is_always_true_and_the_multi_device_reset_fails_silently(pl
     d = t.realize()
     with TraceRecorder() as rec:
         d.reset()
-    assert d.needs_reset and d.migratable is False
+    assert d.needs_reset
     assert not rec.named("error"), "QEMU's reset handler ignores the failed multi-device reset"
     with pytest.raises(VFIOError) as e:
         d.hot_reset_multi()
     assert e.value.errno == errno.EOPNOTSUPP and ident(t, d) == t.model.ident[2]
+
+
+def test_the_machine_refuses_to_save_while_the_device_is_there(platform):
+    """The seed's vmstate is unmigratable: QEMU's savevm refuses with the device's name, until
+    it is gone."""
+    t = platform()
+    d = t.realize()
+    migration = d.machine.migration
+    with pytest.raises(VFIOError) as e:
+        migration.savevm()
+    assert e.value.message == f"State blocked by non-migratable device '{t.model.flavour.vmsd.name}'"
+    d.exit()
+    assert migration.savevm() == []
 
 
 def test_an_option_string_sets_the_properties(vfio, platform):

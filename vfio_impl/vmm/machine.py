@@ -1,4 +1,5 @@
-"""What QEMU gives a device: an event loop, a clock, guest RAM for DMA, and interrupt lines.
+"""What QEMU gives a device: an event loop, a clock, guest RAM for DMA, interrupt lines, and
+the migration core that saves device state (or refuses to).
 
 The clock is injectable so timers (such as the 1100 ms INTx mmap timeout) are tested by
 advancing a VirtualClock, never by sleeping. A machine built with irqfd=True also plays KVM's
@@ -18,6 +19,8 @@ import selectors
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
+
+from vfio_impl.vmm.migration import Migration
 
 
 class Clock(Protocol):
@@ -163,6 +166,7 @@ class Machine:
         # The irqfds live in their own epoll set, as KVM's live in the kernel: the device's
         # own fd handlers never see (or unregister) them. While it holds any, the set's fd is
         # one reader of the loop.
+        self.migration = Migration()
         self.irqfd_available = irqfd
         self.irqfds: dict[int, IRQfd] = {}
         self.msi_routes: dict[int, MSIRoute] = {}
