@@ -109,6 +109,17 @@ def test_without_irqfd_intx_stays_in_user_space(realize):
     assert not dev.mmap_enabled()
 
 
+def raise_through_kvm(dev) -> None:
+    dev.bar_write(0, RAISE, 1, 4)
+    assert dev.machine.run_until(lambda: dev.intx.line.level, WAIT), "KVM's irqfd did not assert the line"
+
+
+def ack_and_eoi(dev) -> None:
+    """edu's ack, then the guest's EOI in KVM."""
+    dev.bar_write(0, ACK, 1, 4)
+    dev.machine.eoi(dev.intx.line.name)
+
+
 def test_with_irqfd_kvm_asserts_the_line_and_its_eoi_unmasks_through_the_resample_eventfd(realize):
     """vfio_enable_intx_kvm: no interrupt reaches the device's code, so the BAR mmaps stay on and
     a BAR access is no EOI; the guest's EOI in KVM writes the resample eventfd, which unmasks."""
@@ -116,8 +127,7 @@ def test_with_irqfd_kvm_asserts_the_line_and_its_eoi_unmasks_through_the_resampl
     machine, intx = dev.machine, dev.intx
     assert intx.kvm_accel and machine.irqfds[intx.interrupt].resample == intx.unmask >= 0
     log = log_set_irqs(dev)
-    dev.bar_write(0, RAISE, 1, 4)
-    assert machine.run_until(lambda: intx.line.level, WAIT), "KVM's irqfd did not assert the line"
+    raise_through_kvm(dev)
     assert not intx.pending and dev.mmap_enabled()
     dev.bar_write(0, ACK, 1, 4)
     assert intx.line.history == [True], "a BAR access was taken for the EOI"
@@ -126,20 +136,16 @@ def test_with_irqfd_kvm_asserts_the_line_and_its_eoi_unmasks_through_the_resampl
     assert machine.run_until(lambda: intx.line.history == [True, False, True], WAIT), \
         "the resample eventfd did not unmask"
     assert UNMASK_IOCTL not in log.calls, "an EOI used the UNMASK ioctl"
-    dev.bar_write(0, ACK, 1, 4)
-    machine.eoi(intx.line.name)
+    ack_and_eoi(dev)
 
 
 def test_with_irqfd_a_line_still_high_at_the_eoi_fires_again(realize):
     dev = realize(irqfd=True, x_kvm_intx=True)
-    machine, intx = dev.machine, dev.intx
-    dev.bar_write(0, RAISE, 1, 4)
-    assert machine.run_until(lambda: intx.line.level, WAIT)
-    machine.eoi(intx.line.name)
-    assert machine.run_until(lambda: intx.line.history == [True, False, True], WAIT), \
+    raise_through_kvm(dev)
+    dev.machine.eoi(dev.intx.line.name)
+    assert dev.machine.run_until(lambda: dev.intx.line.history == [True, False, True], WAIT), \
         "the resampler did not re-fire a still-high line"
-    dev.bar_write(0, ACK, 1, 4)
-    machine.eoi(intx.line.name)
+    ack_and_eoi(dev)
 
 
 def test_a_route_the_router_cannot_give_kvm_keeps_intx_in_user_space(realize):
@@ -171,11 +177,17 @@ def test_a_refused_resample_eventfd_falls_back_to_user_space(realize):
     dev.bar_write(0, ACK, 1, 4)
 
 
+def pending_behind_refused_access(dev):
+    """An INTx pending, and BAR0 refusing every pread and pwrite; its region, to give it back."""
+    raise_intx(dev)
+    region = dev.bars[0].region
+    region.host = RefusedAccess(region.host)
+    return region
+
+
 def test_a_failed_trapped_read_is_all_ones_and_ends_nothing(edu):
     """vfio_bar_read returns before its EOI when the pread fails; only a good read ends it."""
-    raise_intx(edu)
-    region = edu.bars[0].region
-    region.host = RefusedAccess(region.host)
+    region = pending_behind_refused_access(edu)
     with TraceRecorder() as tr:
         assert edu.bar_read(0, IDENT, 4) == 0xFFFFFFFF and edu.bar_read(0, IDENT, 2) == 0xFFFF
     assert edu.intx.pending and edu.intx.line.history == [True], "a failed read was taken for the EOI"
@@ -187,9 +199,7 @@ def test_a_failed_trapped_read_is_all_ones_and_ends_nothing(edu):
 
 def test_a_failed_trapped_write_still_ends_the_interrupt(edu):
     """vfio_bar_write reports the failed pwrite and goes on to the EOI."""
-    raise_intx(edu)
-    region = edu.bars[0].region
-    region.host = RefusedAccess(region.host)
+    region = pending_behind_refused_access(edu)
     with TraceRecorder() as tr:
         edu.bar_write(0, ACK, 1, 4)
     assert not edu.intx.pending and edu.intx.line.history == [True, False]

@@ -23,11 +23,16 @@ def quiesce(dev) -> None:
         dev.bar_write(0, reg, value, 4)
 
 
-@pytest.fixture
-def nic(vfio_pci):
-    dev = vfio_pci(x_kvm_intx=False)
+def realize_nic(vfio_pci, **options):
+    dev = vfio_pci(x_kvm_intx=False, **options)
     dev.config_write(PCI_COMMAND, PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER, 2)
     quiesce(dev)
+    return dev
+
+
+@pytest.fixture
+def nic(vfio_pci):
+    dev = realize_nic(vfio_pci)
     yield dev
     quiesce(dev)
 
@@ -97,9 +102,7 @@ def test_a_device_raised_vector_reaches_the_machine_with_the_programmed_message(
 
 def test_with_irqfd_a_vector_goes_to_a_kvm_route_until_masked(vfio_pci):
     """vfio_msix_vector_do_use's KVM path, and its release: the route goes with the mask."""
-    nic = vfio_pci(irqfd=True)
-    nic.config_write(PCI_COMMAND, PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER, 2)
-    quiesce(nic)
+    nic = realize_nic(vfio_pci, irqfd=True)
     try:
         msix_control(nic, ENABLE)
         program(nic, 1)

@@ -439,17 +439,22 @@ def test_the_first_trapped_access_is_the_eoi(platform):
     assert d.irqs[pin].state is IRQState.INACTIVE and d.irqs[pin].line.history == [True, False]
 
 
-def test_a_failed_trapped_read_is_all_ones_and_ends_nothing(platform):
-    """vfio_region_read returns before its EOI when the pread fails; only a good access ends it."""
+def active_behind_refused_access(platform):
+    """An edge IRQ ACTIVE, and the ident register's region refusing every pread and pwrite."""
     t = platform("edge")
-    pin = t.model.edge_pin
     d = t.connect_all(t.realize())
-    trigger(d, pin)
+    trigger(d, t.model.edge_pin)
     region, offset, _ = t.model.ident
     d.regions[region].host = RefusedAccess(d.regions[region].host)
+    return d, d.irqs[t.model.edge_pin], region, offset
+
+
+def test_a_failed_trapped_read_is_all_ones_and_ends_nothing(platform):
+    """vfio_region_read returns before its EOI when the pread fails; only a good access ends it."""
+    d, intp, region, offset = active_behind_refused_access(platform)
     with TraceRecorder() as rec:
         assert d.mmio_read(region, offset, 4) == 0xFFFFFFFF and d.mmio_read(region, offset, 1) == 0xFF
-    assert d.irqs[pin].state is IRQState.ACTIVE and d.irqs[pin].line.history == [True]
+    assert intp.state is IRQState.ACTIVE and intp.line.history == [True]
     name = d.regions[region].name
     assert [f["message"] for f in rec.named("error")] == [
         f"vfio_region_read({name}:{offset:#x}, 4) failed: Input/output error",
@@ -457,15 +462,10 @@ def test_a_failed_trapped_read_is_all_ones_and_ends_nothing(platform):
 
 
 def test_a_failed_trapped_write_still_ends_the_irq(platform):
-    t = platform("edge")
-    pin = t.model.edge_pin
-    d = t.connect_all(t.realize())
-    trigger(d, pin)
-    region, offset, _ = t.model.ident
-    d.regions[region].host = RefusedAccess(d.regions[region].host)
+    d, intp, region, offset = active_behind_refused_access(platform)
     with TraceRecorder() as rec:
         d.mmio_write(region, offset, 0x5A, 4)
-    assert d.irqs[pin].state is IRQState.INACTIVE and d.irqs[pin].line.history == [True, False]
+    assert intp.state is IRQState.INACTIVE and intp.line.history == [True, False]
     assert [f["message"] for f in rec.named("error")] == [
         f"vfio_region_write({d.regions[region].name}:{offset:#x}, 0x5a, 4) failed: Input/output error"]
 
