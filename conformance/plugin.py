@@ -229,7 +229,8 @@ def vfio_device(request, vfio):
 def vfio_pci(request, vfio):
     """Realizes the marker's device through vfio_impl's PCI flavour, as a VMM would: a Machine on
     a virtual clock, its address space, then `VFIOPCIDevice.realize(**options)`. A factory, so a
-    test picks the realize options; everything it realized is torn down after the test."""
+    test picks the realize options, and `irqfd=True` for a machine that plays KVM's irqfd (one
+    machine of each kind a test); everything it realized is torn down after the test."""
     from vfio_impl.core.container import AddressSpace
     from vfio_impl.flavours.pci import VFIOPCIDevice
     from vfio_impl.vmm.machine import Machine, VirtualClock
@@ -237,12 +238,14 @@ def vfio_pci(request, vfio):
     model = _requirements(request).get("device")
     if not model:
         raise pytest.UsageError("vfio_pci needs @pytest.mark.vfio(device=...)")
-    machine = Machine(VirtualClock())
-    space = AddressSpace(vfio.host, machine)
+    spaces: dict[bool, AddressSpace] = {}
     realized = []
 
-    def realize(**options):
-        dev = VFIOPCIDevice.realize(space, machine, sysfsdev=vfio.find(model).sysfs, **options)
+    def realize(irqfd: bool = False, **options):
+        if irqfd not in spaces:
+            spaces[irqfd] = AddressSpace(vfio.host, Machine(VirtualClock(), irqfd=irqfd))
+        space = spaces[irqfd]
+        dev = VFIOPCIDevice.realize(space, space.machine, sysfsdev=vfio.find(model).sysfs, **options)
         realized.append(dev)
         return dev
 
@@ -251,8 +254,9 @@ def vfio_pci(request, vfio):
     finally:
         for dev in reversed(realized):
             dev.exit()
-        space.close()
-        machine.close()
+        for space in spaces.values():
+            space.close()
+            space.machine.close()
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ closed in reverse order whatever the test did."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import struct
@@ -57,6 +58,23 @@ def assert_fast_path_back_after(dev, ms: int) -> None:
     assert not dev.mmap_enabled(), f"the fast path came back before {ms} ms"
     clock.advance(1)
     assert dev.mmap_enabled(), f"the fast path was not back after {ms} ms"
+
+
+class RefusedAccess:
+    """A region's host with every pread and pwrite refused with EIO, as a device that stopped
+    answering makes the kernel answer; sound on real too, since the kernel never sees the call."""
+
+    def __init__(self, host):
+        self._host = host
+
+    def __getattr__(self, name):
+        return getattr(self._host, name)
+
+    def pread(self, fd, n, offset):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    def pwrite(self, fd, data, offset):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
 
 
 class RawSession:

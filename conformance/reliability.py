@@ -78,11 +78,11 @@ def process_fds() -> dict[int, str]:
 
 def driver_refs(space: AddressSpace) -> dict[str, object]:
     """What vfio_impl itself holds: groups and containers of the address space, and the machine's
-    listeners, fd handlers, irqfds and armed timers."""
+    listeners, fd handlers, irqfds, MSI routes and armed timers."""
     machine = space.machine
     return {"groups": sorted(space.groups), "containers": len(space.containers), "listeners": len(machine.listeners),
             "fd handlers": len(machine.fd_handlers), "irqfds": len(machine.irqfds),
-            "timers": machine.next_deadline() is not None}
+            "msi routes": len(machine.msi_routes), "timers": machine.next_deadline() is not None}
 
 
 class Rig:
@@ -251,7 +251,9 @@ class Walk:
 
 
 def _snapshot(kernel: FakeKernel, path: SetupPath) -> dict[str, object]:
-    return {**census(kernel), "process fds": process_fds(), **path.census()}
+    """The process's fds by what they are, not by number: the fake kernel's own reference to an
+    eventfd (its dup) may come back on another number, which is no leak."""
+    return {**census(kernel), "process fds": sorted(process_fds().values()), **path.census()}
 
 
 def _calls(kernel: FakeKernel, path: SetupPath):
@@ -494,7 +496,7 @@ PATHS = [
     SetupPath("DMA listener (RAM added, then removed)", pci_topology,
               prepare=lambda rig: attach(rig, EDU), setup=add_guest_ram, undo=_remove_all_ram),
     SetupPath("vfio-pci realize: edu (INTx through the irqfd path)", pci_topology,
-              prepare=add_guest_ram, setup=lambda rig: realize_pci(rig, EDU)),
+              prepare=add_guest_ram, setup=lambda rig: realize_pci(rig, EDU), irqfd=True),
     SetupPath("vfio-pci realize: ivshmem-plain (RAM BAR)", pci_topology,
               setup=lambda rig: realize_pci(rig, IVSHMEM)),
     SetupPath("vfio-pci realize: e1000e (MSI-X, I/O BAR)", pci_topology,
@@ -505,6 +507,10 @@ PATHS = [
               prepare=lambda rig: realize_pci(rig, ROM_MSI), setup=enable_msi, undo=disable_msi),
     SetupPath("MSI-X enable (vectors 0 and 1)", pci_topology,
               prepare=lambda rig: realize_pci(rig, E1000E), setup=enable_msix, undo=disable_msix),
+    SetupPath("MSI enable (4 vectors, KVM routes)", pci_topology,
+              prepare=lambda rig: realize_pci(rig, ROM_MSI), setup=enable_msi, undo=disable_msi, irqfd=True),
+    SetupPath("MSI-X enable (vectors 0 and 1, KVM routes)", pci_topology,
+              prepare=lambda rig: realize_pci(rig, E1000E), setup=enable_msix, undo=disable_msix, irqfd=True),
     SetupPath("vfio-platform realize", lambda: Topology.named("platform"), setup=realize_platform),
     SetupPath("vfio-platform IRQ setup (user-space injection)", lambda: Topology.named("platform"),
               prepare=realize_platform, setup=connect_platform_irqs),

@@ -258,11 +258,17 @@ def test_the_irq_line_is_status_and_mask(plain):
 
 
 # -- the server backend -------------------------------------------------------------------------
-def test_ivposition_reads_minus_one_until_the_memory_is_mapped(machine, server):
-    with IVShmemState.realize(machine, chardev=server.socket_path, vectors=2) as dev:
-        assert dev.bar_read(0, IVPOSITION, 4) == U32 and dev.bar_read(2, 0, 4) == 0
-        assert machine.run_until(lambda: dev.shm is not None)
-        assert dev.bar_read(0, IVPOSITION, 4) == dev.vm_id == server.peer_ids()[0]
+def test_ivposition_reads_minus_one_until_the_memory_is_mapped(scripted):
+    """The seed answers its id only once shm_fd is set: an id that came before the memory
+    still reads -1 (checked before the id arrives, a test could not tell the two apart)."""
+    srv, dev = scripted
+    srv.send(0)
+    srv.send(3)
+    assert dev.machine.run_until(lambda: dev.vm_id == 3)
+    assert dev.bar_read(0, IVPOSITION, 4) == U32 and dev.bar_read(2, 0, 4) == 0
+    srv.send(-1, srv.memfd(4 * MiB))
+    assert dev.machine.run_until(lambda: dev.shm is not None)
+    assert dev.bar_read(0, IVPOSITION, 4) == 3
 
 
 def test_msix_has_vectors_entries_each_in_use(machine, server):
@@ -336,6 +342,16 @@ def test_doorbell_rings_a_peer_on_a_vector(served, peer):
         assert peer.wait_interrupt(2) == vector
 
 
+@pytest.mark.parametrize("high", [0x100, 0xFF00])
+def test_the_doorbell_vector_is_the_values_low_byte(served, peer, high):
+    """ivshmem_io_write takes `val & 0xff`: bits 8-15 name no vector of their own."""
+    served.bar_write(0, DOORBELL, (peer.own_id << 16) | high | 1, 4)
+    assert peer.wait_interrupt(2) == 1
+    served.bar_write(0, DOORBELL, (peer.own_id << 16) | high, 4)
+    assert peer.wait_interrupt(2) == 0
+    assert peer.wait_interrupt(0.1) is None
+
+
 def test_an_invalid_dest_or_vector_is_ignored(served, peer):
     with TraceRecorder() as tr:
         for dest, vector in ((peer.own_id, 2), (peer.own_id, 0xFF), (0xFFFF, 0), (peer.own_id + 1, 0)):
@@ -357,6 +373,22 @@ def test_ioeventfd_binds_every_peers_eventfds_to_doorbell(machine, server):
         assert len(tr.named("ivshmem_doorbell")) == 1, "a value that matches no ioeventfd reaches the device"
         assert client.wait_interrupt(2) == 1
     assert machine.run_until(lambda: sorted(dev.ioeventfds) == [] or other not in dev.peer.peers)
+
+
+def test_only_a_four_byte_doorbell_write_is_taken_by_an_ioeventfd(machine, server):
+    """memory_region_add_eventfd(DOORBELL, 4, ...): KVM matches the write's size too, so a
+    narrower write whose value matches reaches the device, which rings the same eventfd."""
+    with realized(machine, chardev=server.socket_path, vectors=2, ioeventfd=True) as dev:
+        assert dev.vm_id == 0 and machine.run_until(lambda: len(dev.ioeventfds) == 2)
+        program_msix(dev, 1)
+        for size in (4, 2, 1):
+            with TraceRecorder() as tr:
+                dev.bar_write(0, DOORBELL, 1, size)
+            taken = [e["value"] for e in tr.named("ivshmem_ioeventfd")]
+            rung = [(e["dest"], e["vector"]) for e in tr.named("ivshmem_doorbell")]
+            assert (taken, rung) == (([1], []) if size == 4 else ([], [(0, 1)])), f"a {size}-byte write"
+            assert machine.run_until(lambda: len(machine.msi_messages) == 1)
+            machine.msi_messages.clear()
 
 
 def test_a_peer_that_leaves_has_its_eventfds_closed(served, server):
@@ -574,7 +606,34 @@ def test_load_refuses_a_newer_stream_a_peer_and_another_device(machine, shm_name
 
 
 def test_a_peer_is_blocked_from_migration_until_it_exits(machine, shm_name):
+    """The peer role's migration blocker blocks: the machine's save refuses with its message."""
     dev = IVShmemState.realize(machine, shm=shm_name, role="peer")
     assert dev.migration_blocker == MIGRATION_BLOCKER
+    with pytest.raises(VFIOError) as e:
+        machine.migration.savevm()
+    assert e.value.message == MIGRATION_BLOCKER
     dev.exit()
-    assert dev.migration_blocker is None
+    assert dev.migration_blocker is None and machine.migration.savevm() == []
+
+
+def test_a_master_migrates_through_the_machine(machine, shm_name):
+    """ivshmem registers its savevm handlers at realize: the machine's stream carries its state to
+    the device of the same id on another machine, and nothing once it has exited."""
+    with IVShmemState.realize(machine, shm=shm_name, msi=False) as dev:
+        dev.bar_write(0, INTRMASK, 0x3, 4)
+        dev.bar_write(0, INTRSTATUS, 0x1, 4)
+        [section] = machine.migration.savevm()
+        assert (section.idstr, section.instance_id, section.version_id) == ("ivshmem", 0, 0)
+        target_machine = Machine(VirtualClock())
+        with IVShmemState.realize(target_machine, shm=shm_name, msi=False) as target:
+            target_machine.migration.loadvm([section])
+            assert (target.intrmask, target.intrstatus) == (0x3, 0x1) and target.irq.level
+        target_machine.close()
+    assert machine.migration.savevm() == []
+
+
+def test_a_failed_realize_of_a_peer_holds_no_blocker(machine, tmp_path):
+    with pytest.raises(VFIOError):
+        IVShmemState.realize(machine, chardev=str(tmp_path / "absent.sock"), role="peer")
+    assert machine.migration.blockers == [] and machine.migration.handlers == []
+    assert machine.migration.savevm() == []

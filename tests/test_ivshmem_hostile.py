@@ -13,6 +13,7 @@ from __future__ import annotations
 import array
 import os
 import socket
+import struct
 import threading
 import time
 
@@ -182,13 +183,18 @@ def test_death_after_every_byte_of_the_handshake(scene, ancillary):
 
 
 def test_half_closed_peers_are_dropped(scene):
-    """A peer that stops reading (SHUT_RD) or writing (SHUT_WR) is gone at the next news."""
+    """A peer that stops reading (SHUT_RD) or writing (SHUT_WR) is gone at the next news, for
+    the half-close alone: the server held it until then, and drops it while its socket is still
+    open."""
     for how in (socket.SHUT_RD, socket.SHUT_WR, socket.SHUT_RDWR):
         h = scene.hostile()
-        h.recv_exactly(handshake_bytes(2))
+        handshake = h.recv_exactly(handshake_bytes(2))
+        own_id = struct.unpack_from("<q", handshake, MESSAGE_SIZE)[0]
+        assert own_id in scene.server.peer_ids(), "the server never held the peer"
         h.sock.shutdown(how)
         scene.hostile().close()
         scene.settle()
+        assert own_id not in scene.server.peer_ids() and h.sock.fileno() >= 0
         h.close()
     scene.assert_still_serving()
 

@@ -186,6 +186,25 @@ def test_a_resampling_irqfd_holds_the_line_until_the_eoi_writes_the_resample_fd(
     m.close()
 
 
+def test_an_irqfd_on_an_msi_route_sends_its_message_and_routes_need_irqfd():
+    with pytest.raises(OSError) as e:
+        Machine().add_msi_route(0xFEE00000, 0x41)
+    assert e.value.errno == errno.ENOSYS
+    m = Machine(irqfd=True)
+    fd = os.eventfd(0, os.EFD_NONBLOCK)
+    first, route = m.add_msi_route(0xFEE00000, 0x40), m.add_msi_route(0xFEE01000, 0x41)
+    assert first.virq != route.virq and m.msi_routes == {first.virq: first, route.virq: route}
+    m.add_irqfd(fd, route)
+    os.eventfd_write(fd, 1)
+    assert m.run_until(lambda: m.msi_messages, timeout=1)
+    assert m.msi_messages == [(0xFEE01000, 0x41)] and not m.eoi("spi 5")
+    m.remove_irqfd(fd)
+    m.release_virq(route)
+    assert m.msi_routes == {first.virq: first}
+    os.close(fd)
+    m.close()
+
+
 def test_a_second_irqfd_on_one_eventfd_is_refused_and_removal_empties_the_loop():
     m = Machine(irqfd=True)
     fd = os.eventfd(0, os.EFD_NONBLOCK)

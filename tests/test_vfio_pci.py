@@ -12,10 +12,12 @@ import pytest
 from conformance.backends import fake_kernel
 from fakekernel import FakeKernel, Topology, devices
 from fakekernel import pci as fpci
+from fakekernel.faults import Fault
 from fakekernel.topology import PciDeviceSpec
 from vfio_impl import AddressSpace, Machine, VFIOError, VirtualClock, uapi
 from vfio_impl.core.trace import TraceRecorder
-from vfio_impl.flavours.pci import VFIOPCIDevice
+from vfio_impl.flavours.pci import PCI_ROM_SLOT, VFIOPCIDevice
+from vfio_impl.vmm.machine import MSIRoute
 
 EDU = "0000:00:03.0"
 TEST = "0000:01:00.0"
@@ -191,21 +193,23 @@ def _device_info_mangled(field, value):
 
 REALIZE_FAILURES = [
     ("readlink", dict(fail=failing(lambda n, a: n == "readlink")), "vfio: error no iommu_group for device"),
+    ("group number", dict(instead=lambda n, a: "../../../kernel/iommu_groups/bogus" if n == "readlink" else None),
+     "vfio: error reading /sys/bus/pci/devices/0000:01:00.0/iommu_group"),
     ("group open", dict(fail=failing(lambda n, a: n == "open" and a[0].startswith("/dev/vfio/7"))),
      "vfio: failed to get group 7: vfio: error opening /dev/vfio/7"),
     ("group status", dict(fail=failing(ioctl_is(uapi.VFIO_GROUP_GET_STATUS))), "error getting group status"),
     ("SET_IOMMU", dict(fail=failing(ioctl_is(uapi.VFIO_SET_IOMMU))), "failed to set iommu for container"),
     ("GET_DEVICE_FD", dict(fail=failing(ioctl_is(uapi.VFIO_GROUP_GET_DEVICE_FD))),
-     "vfio: error getting device 0000:01:00.0 from group 7"),
-    ("GET_INFO", dict(fail=failing(ioctl_is(uapi.VFIO_DEVICE_GET_INFO))), "vfio: error getting device info"),
+     "vfio: failed to get device 0000:01:00.0: vfio: error getting device 0000:01:00.0 from group 7"),
+    ("GET_INFO", dict(fail=failing(ioctl_is(uapi.VFIO_DEVICE_GET_INFO))), "vfio: failed to get device 0000:01:00.0: vfio: error getting device info"),
     ("not PCI", dict(after=_device_info_mangled("flags", lambda i: i.flags & ~uapi.VFIO_DEVICE_FLAGS_PCI)),
-     "vfio: Um, this isn't a PCI device"),
+     "vfio: failed to get device 0000:01:00.0: vfio: Um, this isn't a PCI device"),
     ("regions", dict(after=_device_info_mangled("num_regions", lambda i: CONFIG >> 40)),
-     "vfio: unexpected number of io regions 7"),
-    ("irqs", dict(after=_device_info_mangled("num_irqs", lambda i: MSIX)), "vfio: unexpected number of irqs 2"),
-    ("BAR3 info", dict(fail=failing(region_info(3))), "vfio: Error getting region 3 info"),
-    ("ROM info", dict(fail=failing(region_info(6))), "vfio: Error getting ROM info"),
-    ("config info", dict(fail=failing(region_info(7))), "vfio: Error getting config info"),
+     "vfio: failed to get device 0000:01:00.0: vfio: unexpected number of io regions 7"),
+    ("irqs", dict(after=_device_info_mangled("num_irqs", lambda i: MSIX)), "vfio: failed to get device 0000:01:00.0: vfio: unexpected number of irqs 2"),
+    ("BAR3 info", dict(fail=failing(region_info(3))), "vfio: failed to get device 0000:01:00.0: vfio: Error getting region 3 info"),
+    ("ROM info", dict(fail=failing(region_info(6))), "vfio: failed to get device 0000:01:00.0: vfio: Error getting ROM info"),
+    ("config info", dict(fail=failing(region_info(7))), "vfio: failed to get device 0000:01:00.0: vfio: Error getting config info"),
     ("config copy", dict(fail=failing(pread_at(CONFIG))), "vfio: Failed to read device config space"),
     ("MSI-X early", dict(fail=failing(pread_at(CONFIG + 0x72))), "vfio: failed to read PCI MSI-X capability"),
     ("MSI flags", dict(fail=failing(pread_at(CONFIG + 0x52))),
@@ -363,9 +367,12 @@ def test_edu_msi_cap_size_is_64bit_without_mask(edu):
     assert (edu.msi_cap, edu.msi_cap_size) == (0x40, 0xE)
 
 
-def test_msi_vector_count_is_clamped_to_the_devices(edu):
+def test_msi_vector_count_is_clamped_to_the_devices_only_once_msi_is_on(edu):
+    """msi_write_config returns before the clamp while ENABLE is clear, as QEMU's does."""
     edu.config_write(0x42, 0x70, 2)
-    assert edu.config_read(0x42, 2) & 0x70 == 0
+    assert edu.config_read(0x42, 2) & 0x70 == 0x70 and edu.interrupt == "intx"
+    edu.config_write(0x42, 0x71, 2)
+    assert edu.config_read(0x42, 2) & 0x71 == 0x01 and edu.nr_vectors == 1
 
 
 def test_config_access_errors_are_reported_not_raised(kernel, space):
@@ -481,6 +488,33 @@ def test_the_rom_is_loaded_and_emulated_behind_the_rom_bar(tdev):
     assert tdev.config_read(fpci.PCI_ROM_ADDRESS, 4) == 0xFFFFE001
 
 
+def test_the_guest_reads_the_rom_through_the_rom_bar_which_is_ram(tdev, tkernel, tspace):
+    """No trap and no EOI: the seed's ROM BAR is a RAM region with the image in it."""
+    image = ROM_IMAGE + b"\xff" * (0x2000 - len(ROM_IMAGE))
+    tdev.vbasedev.trigger_irq(INTX)
+    assert poll_until(tspace.machine, lambda: tdev.intx.pending)
+    assert tdev.bar_read(PCI_ROM_SLOT, 0, 2) == 0xAA55
+    assert tdev.intx.pending, "a ROM read was taken for the EOI"
+    assert b"".join(tdev.bar_read(PCI_ROM_SLOT, off, 4).to_bytes(4, "little") for off in range(0, 0x2000, 4)) == image
+    assert tdev.bar_read(PCI_ROM_SLOT, 0x1FFF, 1) == 0xFF
+    tdev.bar_write(PCI_ROM_SLOT, 0x10, 0x12345678, 4)
+    assert tdev.bar_read(PCI_ROM_SLOT, 0x10, 2) == 0x5678 and tdev.rom[0x10:0x14] == b"\x78\x56\x34\x12"
+    assert tkernel.functions[TEST].rom[0x10:0x14] == ROM_IMAGE[0x10:0x14], "the write reached the device"
+    for addr, size in ((0x2000, 1), (0x1FFE, 4), (-1, 1)):
+        with pytest.raises(VFIOError, match="ROM BAR"):
+            tdev.bar_read(PCI_ROM_SLOT, addr, size)
+    with pytest.raises(VFIOError, match="unsupported read size"):
+        tdev.bar_read(PCI_ROM_SLOT, 0, 3)
+
+
+def test_without_a_rom_there_is_no_rom_bar_to_read(tspace):
+    with VFIOPCIDevice.realize(tspace, tspace.machine, host=TEST, rombar=0) as dev:
+        with pytest.raises(VFIOError, match="no 4-byte access at ROM BAR"):
+            dev.bar_read(PCI_ROM_SLOT, 0, 4)
+        with pytest.raises(VFIOError, match="ROM BAR"):
+            dev.bar_write(PCI_ROM_SLOT, 0, 0, 4)
+
+
 def test_rom_reads_retry_eintr_and_stop_at_a_short_end(tkernel, tspace):
     state = {"eintr": 1}
 
@@ -590,44 +624,113 @@ def test_a_zero_timeout_keeps_the_mmaps_off(space, clock):
         assert not dev.mmap_enabled() and dev.intx.mmap_timer.deadline is None
 
 
-def test_the_accelerated_path_unmasks_through_the_resample_eventfd(space, kernel):
-    with TraceRecorder() as tr, VFIOPCIDevice.realize(space, space.machine, host=EDU) as dev:
-        assert dev.intx.kvm_accel and dev.intx.unmask >= 0
-        assert tr.named("vfio_intx_enable_kvm")
-        raise_intx(dev, space.machine)
-        calls = []
-        dev.vbasedev.unmask_irq = lambda index: calls.append(index)
-        dev.bar_write(0, ACK, 1, 4)
-        assert not dev.intx.line.level and calls == [], "the accelerated EOI used the UNMASK ioctl"
-        assert poll_until(space.machine, lambda: not kernel.vfio_devices[EDU].intx_masked)
-        raise_intx(dev, space.machine)
+@pytest.fixture
+def kvm(kernel, clock):
+    """A machine that plays KVM's irqfd, its address space, and edu realized on it, decoding."""
+    with AddressSpace(kernel, Machine(clock, irqfd=True)) as s, VFIOPCIDevice.realize(s, s.machine, host=EDU) as dev:
+        dev.config_write(fpci.PCI_COMMAND, fpci.PCI_COMMAND_MEMORY, 2)
+        yield dev
 
 
-def test_a_refused_resample_eventfd_falls_back_to_user_space(kernel, space):
-    broken = AddressSpace(FaultyHost(kernel, fail=failing(
-        set_irqs(INTX, uapi.VFIO_IRQ_SET_ACTION_UNMASK | uapi.VFIO_IRQ_SET_DATA_EVENTFD))), space.machine)
-    with TraceRecorder() as tr, VFIOPCIDevice.realize(broken, broken.machine, host=EDU) as dev:
-        assert not dev.intx.kvm_accel and dev.intx.unmask == -1 and dev.vbasedev.eventfds == {dev.intx.interrupt}
-        raise_intx(dev, space.machine)
-        dev.bar_write(0, ACK, 1, 4)
+def test_without_irqfd_intx_stays_in_user_space_whatever_x_kvm_intx_says(space):
+    with VFIOPCIDevice.realize(space, space.machine, host=EDU) as dev:
+        assert not dev.intx.kvm_accel and dev.intx.unmask == -1 and not space.machine.irqfds
+        assert space.machine.has_fd_handler(dev.intx.interrupt)
+
+
+def test_kvm_intx_hands_the_trigger_to_the_irqfd_and_the_resample_fd_to_vfio(kvm, kernel):
+    """vfio_enable_intx_kvm: KVM asserts the line and takes the EOI; no interrupt reaches the
+    device's code, so the BAR mmaps stay on and a BAR access ends nothing."""
+    machine, intx = kvm.space.machine, kvm.intx
+    assert intx.kvm_accel and machine.irqfds[intx.interrupt].resample == intx.unmask >= 0
+    assert machine.irqfds[intx.interrupt].gsi is intx.line and not machine.has_fd_handler(intx.interrupt)
+    unmasks = []
+    kvm.vbasedev.unmask_irq = lambda index: unmasks.append(index)
+    kvm.bar_write(0, RAISE, 1, 4)
+    assert poll_until(machine, lambda: intx.line.level), "KVM's irqfd did not assert the line"
+    assert not intx.pending and kvm.mmap_enabled() and not intx.mmap_timer.pending
+    assert kernel.vfio_devices[EDU].intx_masked
+    kvm.bar_write(0, ACK, 1, 4)
+    kvm.bar_read(0, STATUS, 4)
+    assert intx.line.level and intx.line.history == [True], "a BAR access was taken for the EOI"
+    assert machine.eoi(intx.line.name) and not intx.line.level
+    assert poll_until(machine, lambda: not kernel.vfio_devices[EDU].intx_masked), "the resample did not unmask"
+    assert unmasks == [], "the EOI went through the UNMASK ioctl"
+    kvm.bar_write(0, RAISE, 1, 4)
+    assert poll_until(machine, lambda: intx.line.history == [True, False, True])
+    kvm.bar_write(0, ACK, 1, 4)
+    machine.eoi(intx.line.name)
+
+
+def test_x_kvm_intx_off_keeps_intx_in_user_space_on_an_irqfd_machine(kernel, clock):
+    with AddressSpace(kernel, Machine(clock, irqfd=True)) as s, \
+            VFIOPCIDevice.realize(s, s.machine, host=EDU, x_kvm_intx=False) as dev:
+        assert not dev.intx.kvm_accel and not s.machine.irqfds and s.machine.has_fd_handler(dev.intx.interrupt)
+
+
+KVM_INTX_FAILURES = [
+    ("resample eventfd", Fault("eventfd", nth=2, errno=errno.EMFILE), "vfio: Error: event_notifier_init failed eoi"),
+    ("unmask eventfd", Fault("ioctl", request="VFIO_DEVICE_SET_IRQS", errno=errno.EIO,
+                             when=lambda call: "UNMASK EVENTFD" in call.name),
+     "vfio: Error: Failed to setup INTx unmask fd: Input/output error"),
+]
+
+
+@pytest.mark.parametrize("fault,message", [f[1:] for f in KVM_INTX_FAILURES], ids=[f[0] for f in KVM_INTX_FAILURES])
+def test_a_failing_kvm_intx_step_leaves_intx_in_user_space(kernel, clock, fault, message):
+    """vfio_enable_intx_kvm's unwinding: the irqfd removed, the resample eventfd closed, the
+    handler back and INTx unmasked, each failure reported."""
+    with AddressSpace(kernel, Machine(clock, irqfd=True)) as space, TraceRecorder() as tr, \
+            kernel.faults.inject(fault) as (rule,), VFIOPCIDevice.realize(space, space.machine, host=EDU) as dev:
+        machine = space.machine
+        assert rule.hits == 1 and message in [f["message"] for f in tr.named("error")]
+        assert not dev.intx.kvm_accel and dev.intx.unmask == -1 and not machine.irqfds
+        assert dev.vbasedev.eventfds == {dev.intx.interrupt} and machine.has_fd_handler(dev.intx.interrupt)
         assert not kernel.vfio_devices[EDU].intx_masked
-    assert any("Failed to setup INTx unmask fd" in f["message"] for f in tr.named("warning"))
+        dev.vbasedev.trigger_irq(INTX)
+        assert poll_until(machine, lambda: dev.intx.pending), "INTx did not come back to user space"
 
 
-def test_a_route_change_tears_down_and_rebuilds_the_accelerated_path(space, kernel):
-    with TraceRecorder() as tr, VFIOPCIDevice.realize(space, space.machine, host=EDU) as dev:
-        raise_intx(dev, space.machine)
-        old = dev.intx.line
-        dev.update_irq("gsi 11")
-        assert not old.level and dev.intx.line is space.machine.irq_line("gsi 11") and dev.intx.kvm_accel
-        assert [e for e, _ in tr.events if e.startswith("vfio_intx_") and "kvm" in e] == [
-            "vfio_intx_enable_kvm", "vfio_intx_disable_kvm", "vfio_intx_enable_kvm"]
-        assert poll_until(space.machine, lambda: dev.intx.pending), "the still-high line was lost"
-        assert dev.intx.line.level
-        dev.update_irq(None)
-        assert not dev.intx.kvm_accel and dev.intx.line is space.machine.irq_line("gsi 11")
-        dev.bar_write(0, ACK, 1, 4)
-        raise_intx(dev, space.machine)
+def test_an_irqfd_kvm_refuses_is_reported_and_intx_stays_in_user_space(kernel, clock, monkeypatch):
+    machine = Machine(clock, irqfd=True)
+
+    def refuse(*args):
+        raise OSError(errno.ENOSPC, "no irqfd slots")
+    monkeypatch.setattr(machine, "add_irqfd", refuse)
+    with AddressSpace(kernel, machine) as space, TraceRecorder() as tr, \
+            VFIOPCIDevice.realize(space, machine, host=EDU) as dev:
+        assert "vfio: Error: Failed to setup resample irqfd: No space left on device" in [
+            f["message"] for f in tr.named("error")]
+        assert not dev.intx.kvm_accel and dev.intx.unmask == -1 and machine.has_fd_handler(dev.intx.interrupt)
+    machine.close()
+
+
+def test_a_route_change_tears_down_and_rebuilds_the_kvm_path(kvm):
+    machine, intx = kvm.space.machine, kvm.intx
+    kvm.bar_write(0, RAISE, 1, 4)
+    assert poll_until(machine, lambda: intx.line.level)
+    old = intx.line
+    with TraceRecorder() as tr:
+        kvm.update_irq("gsi 11")
+    assert not old.level and intx.line is machine.irq_line("gsi 11") and intx.kvm_accel
+    assert machine.irqfds[intx.interrupt].gsi is intx.line
+    assert [e for e, _ in tr.events if e.startswith("vfio_intx_") and "kvm" in e] == [
+        "vfio_intx_disable_kvm", "vfio_intx_enable_kvm"]
+    assert poll_until(machine, lambda: intx.line.level), "the still-high line was lost"
+    kvm.update_irq(None)
+    assert not intx.kvm_accel and not machine.irqfds and intx.line is machine.irq_line("gsi 11")
+    assert poll_until(machine, lambda: intx.pending), "user space did not take the still-high line"
+    kvm.bar_write(0, ACK, 1, 4)
+    assert not intx.pending and not intx.line.level
+
+
+def test_leaving_intx_for_msi_lets_go_of_the_irqfd(kvm):
+    machine = kvm.space.machine
+    enable_msi(kvm)
+    assert kvm.interrupt == "msi" and not kvm.intx.kvm_accel
+    assert all(irqfd.gsi != kvm.intx.line for irqfd in machine.irqfds.values())
+    kvm.config_write(kvm.msi_cap + 2, 0, 2)
+    assert kvm.intx.kvm_accel and machine.irqfds[kvm.intx.interrupt].gsi is kvm.intx.line
 
 
 def test_an_irq_line_name_can_be_given(space):
@@ -760,6 +863,21 @@ def test_masking_an_msix_vector_releases_it(tdev, tkernel):
     assert tkernel.vfio_devices[TEST].msi_ctx[2].trigger is None and tdev.vbasedev.eventfds == set()
 
 
+def test_an_interrupt_signalled_before_the_mask_goes_with_the_released_vector(tdev, tspace):
+    """The seed's release unuses the vector and closes its eventfd, so an interrupt the kernel had
+    already signalled is dropped, not held in the emulated PBA for the unmask: the PBA's pending
+    delivery is msix.c's for ivshmem, and never a vfio-pci vector's."""
+    msix_control(tdev, 0x8000)
+    program_vector(tdev, 2, 0xFEE00000, 0x52)
+    tdev.vbasedev.trigger_irq(MSIX, 2)
+    tdev.bar_write(2, 0x3000 + 2 * 16 + 12, 1, 4)
+    assert not tdev.msix_is_pending(2) and tdev.bar_read(2, 0x3800, 4) == 0
+    tdev.bar_write(2, 0x3000 + 2 * 16 + 12, 0, 4)
+    assert not poll_until(tspace.machine, lambda: tspace.machine.msi_messages, 0.1)
+    tdev.vbasedev.trigger_irq(MSIX, 2)
+    assert poll_until(tspace.machine, lambda: tspace.machine.msi_messages == [(0xFEE00000, 0x52)])
+
+
 def test_maskall_releases_and_unmasking_uses_again(tdev):
     msix_control(tdev, 0x8000)
     program_vector(tdev, 0, 0xFEE00000, 0x50)
@@ -786,6 +904,75 @@ def test_disabling_msix_tears_everything_down_and_returns_to_intx(tdev, tkernel,
     assert len(open_fds()) == len(intx_fds) and tdev.vbasedev.eventfds == {tdev.intx.interrupt}
     tdev.vbasedev.trigger_irq(INTX)
     assert poll_until(tspace.machine, lambda: tdev.intx.pending)
+
+
+@pytest.fixture
+def kvm_tdev(tkernel, clock):
+    """The test function on a machine that plays KVM's irqfd and MSI routes."""
+    with AddressSpace(tkernel, Machine(clock, irqfd=True)) as s, VFIOPCIDevice.realize(s, s.machine, host=TEST) as dev:
+        dev.config_write(fpci.PCI_COMMAND, fpci.PCI_COMMAND_MEMORY | fpci.PCI_COMMAND_MASTER, 2)
+        yield dev
+
+
+def msi_routes(machine):
+    """Each irqfd's eventfd and the message its route sends."""
+    return {fd: (i.gsi.address, i.gsi.data) for fd, i in machine.irqfds.items() if isinstance(i.gsi, MSIRoute)}
+
+
+def test_msi_vectors_are_routed_to_kvm_where_the_machine_offers_irqfd(kvm_tdev):
+    """vfio_enable_msi's KVM path: each vector's eventfd is an irqfd on a route to its message,
+    so an interrupt reaches the guest with no handler of the device in between."""
+    machine = kvm_tdev.space.machine
+    enable_msi(kvm_tdev, data=0x4040, qsize=2)
+    vectors = kvm_tdev.msi_vectors
+    assert msi_routes(machine) == {v.fd: (0xFEE01000, 0x4040 | v.nr) for v in vectors} and len(vectors) == 4
+    assert not any(machine.has_fd_handler(v.fd) for v in vectors)
+    kvm_tdev.vbasedev.trigger_irq(MSI, 2)
+    assert poll_until(machine, lambda: machine.msi_messages == [(0xFEE01000, 0x4042)])
+    kvm_tdev.config_write(kvm_tdev.msi_cap + 2, 0, 2)
+    assert not machine.msi_routes and list(machine.irqfds) == [kvm_tdev.intx.interrupt]
+
+
+def test_msix_vectors_are_routed_to_kvm_and_masking_releases_the_route(kvm_tdev):
+    machine = kvm_tdev.space.machine
+    msix_control(kvm_tdev, 0x8000)
+    assert not machine.msi_routes, "the vector MSI-X enable uses and releases has no message to route"
+    program_vector(kvm_tdev, 1, 0xFEE00000, 0x51)
+    vector = kvm_tdev.msix_vectors[1]
+    assert vector.virq is not None and msi_routes(machine) == {vector.fd: (0xFEE00000, 0x51)}
+    assert not machine.has_fd_handler(vector.fd)
+    kvm_tdev.vbasedev.trigger_irq(MSIX, 1)
+    assert poll_until(machine, lambda: machine.msi_messages == [(0xFEE00000, 0x51)])
+    program_vector(kvm_tdev, 1, 0xFEE00000, 0x51, masked=True)
+    assert vector.virq is None and not machine.msi_routes and vector.fd == -1
+    program_vector(kvm_tdev, 1, 0xFEE00000, 0x61)
+    assert msi_routes(machine) == {vector.fd: (0xFEE00000, 0x61)}
+    msix_control(kvm_tdev, 0)
+    assert not machine.msi_routes and kvm_tdev.intx.kvm_accel
+
+
+def test_exit_with_msi_on_leaves_kvm_nothing(tkernel, clock):
+    """Leaving MSI brings INTx back, and on this machine its irqfd: exit lets go of that too."""
+    machine = Machine(clock, irqfd=True)
+    with AddressSpace(tkernel, machine) as space:
+        dev = VFIOPCIDevice.realize(space, machine, host=TEST)
+        enable_msi(dev, qsize=2)
+        dev.exit()
+        assert not machine.irqfds and not machine.msi_routes and not machine.fd_handlers
+    machine.close()
+
+
+def test_a_route_or_irqfd_kvm_refuses_leaves_the_vector_in_user_space(kvm_tdev, monkeypatch):
+    machine = kvm_tdev.space.machine
+
+    def refuse(*args):
+        raise OSError(errno.ENOSPC, "no irqfd slots")
+    monkeypatch.setattr(machine, "add_irqfd", refuse)
+    enable_msi(kvm_tdev, qsize=1)
+    assert not machine.msi_routes and all(v.virq is None and machine.has_fd_handler(v.fd)
+                                          for v in kvm_tdev.msi_vectors)
+    kvm_tdev.vbasedev.trigger_irq(MSI, 1)
+    assert poll_until(machine, lambda: machine.msi_messages == [(0xFEE01000, 0x4041)])
 
 
 # -- reset and hot reset ----------------------------------------------------------------------------
@@ -833,9 +1020,28 @@ def test_the_listener_maps_page_aligned_ram_read_only_where_asked(edu, space):
     assert container.mappings == {}
 
 
-def test_an_unaligned_section_is_an_error(edu, space):
-    with pytest.raises(VFIOError, match="unaligned region"):
-        space.machine.add_ram(0x200800, PAGE)
+def test_a_section_the_listener_rejects_is_reported_and_the_next_device_still_starts(edu, space):
+    """One unaligned section used to fail every later container set-up on the machine."""
+    with TraceRecorder() as tr:
+        unaligned = space.machine.add_ram(0x200800, PAGE)
+        space.machine.add_ram(0x300000, PAGE)
+    assert [f["message"] for f in tr.named("error")] == ["vfio_listener_region_add received unaligned region"]
+    assert edu.vbasedev.group.container.mappings == {0x300000: PAGE}
+    with TraceRecorder() as tr:
+        space.machine.remove_ram(unaligned)
+    assert [f["message"] for f in tr.named("error")] == ["vfio_listener_region_del received unaligned region"]
+    edu.exit()
+    with VFIOPCIDevice.realize(space, space.machine, host=EDU) as dev:
+        assert dev.vbasedev.group.container.mappings == {0x300000: PAGE}
+
+
+def test_a_refused_unmap_is_reported_and_the_ram_still_removed(edu, space, kernel):
+    ram = space.machine.add_ram(0x200000, 2 * PAGE)
+    with kernel.faults.inject("ioctl:VFIO_IOMMU_UNMAP_DMA,errno=EIO"), TraceRecorder() as tr:
+        space.machine.remove_ram(ram)
+    assert [f["message"] for f in tr.named("error")] == [
+        f"vfio_dma_unmap({0x200000:#x}, {2 * PAGE:#x}) = -5 (Input/output error)"]
+    assert space.machine.ram == []
 
 
 def test_an_ebusy_map_is_unmapped_and_retried(kernel, clock):

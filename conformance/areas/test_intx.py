@@ -1,15 +1,17 @@
 """INTx through the PCI flavour, as the guest sees it: edu asserts the guest line, a trapped BAR
-access is the EOI, the resample eventfd stands in for KVM, and the mmap timer runs on the
-machine's virtual clock."""
+access is the EOI, and the mmap timer runs on the machine's virtual clock; on a machine that
+plays KVM's irqfd the line is KVM's, and the guest's EOI there unmasks through the resample
+eventfd."""
 
 import errno
 
 import pytest
 
 from vfio_impl import uapi
+from vfio_impl.core.trace import TraceRecorder
 from vfio_impl.flavours.pci import PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY
 
-from ..raw import assert_fast_path_back_after
+from ..raw import RefusedAccess, assert_fast_path_back_after
 
 pytestmark = pytest.mark.vfio(device="edu")
 RAISE, ACK, IDENT = 0x60, 0x64, 0x00
@@ -100,21 +102,54 @@ def test_an_eoi_with_the_line_still_up_asserts_it_again(edu):
     assert edu.intx.line.history == [True, False, True]
 
 
-def test_the_resample_eventfd_unmasks_instead_of_the_ioctl(realize):
+def test_without_irqfd_intx_stays_in_user_space(realize):
     dev = realize(x_kvm_intx=True)
-    assert dev.intx.kvm_accel and dev.intx.unmask >= 0
+    assert not dev.intx.kvm_accel and dev.intx.unmask == -1 and dev.machine.has_fd_handler(dev.intx.interrupt)
+    raise_intx(dev)
+    assert not dev.mmap_enabled()
+
+
+def raise_through_kvm(dev) -> None:
+    dev.bar_write(0, RAISE, 1, 4)
+    assert dev.machine.run_until(lambda: dev.intx.line.level, WAIT), "KVM's irqfd did not assert the line"
+
+
+def ack_and_eoi(dev) -> None:
+    """edu's ack, then the guest's EOI in KVM."""
+    dev.bar_write(0, ACK, 1, 4)
+    dev.machine.eoi(dev.intx.line.name)
+
+
+def test_with_irqfd_kvm_asserts_the_line_and_its_eoi_unmasks_through_the_resample_eventfd(realize):
+    """vfio_enable_intx_kvm: no interrupt reaches the device's code, so the BAR mmaps stay on and
+    a BAR access is no EOI; the guest's EOI in KVM writes the resample eventfd, which unmasks."""
+    dev = realize(irqfd=True, x_kvm_intx=True)
+    machine, intx = dev.machine, dev.intx
+    assert intx.kvm_accel and machine.irqfds[intx.interrupt].resample == intx.unmask >= 0
     log = log_set_irqs(dev)
-    raise_intx(dev)
+    raise_through_kvm(dev)
+    assert not intx.pending and dev.mmap_enabled()
     dev.bar_write(0, ACK, 1, 4)
-    assert not dev.intx.line.level and UNMASK_IOCTL not in log.calls
-    raise_intx(dev)
-    assert dev.bar_read(0, IDENT, 4) == 0x010000ED
-    assert dev.machine.run_until(lambda: dev.intx.pending, WAIT), "the resampler did not re-fire a still-high line"
-    dev.bar_write(0, ACK, 1, 4)
+    assert intx.line.history == [True], "a BAR access was taken for the EOI"
+    assert machine.eoi(intx.line.name) and not intx.line.level
+    dev.bar_write(0, RAISE, 1, 4)
+    assert machine.run_until(lambda: intx.line.history == [True, False, True], WAIT), \
+        "the resample eventfd did not unmask"
+    assert UNMASK_IOCTL not in log.calls, "an EOI used the UNMASK ioctl"
+    ack_and_eoi(dev)
+
+
+def test_with_irqfd_a_line_still_high_at_the_eoi_fires_again(realize):
+    dev = realize(irqfd=True, x_kvm_intx=True)
+    raise_through_kvm(dev)
+    dev.machine.eoi(dev.intx.line.name)
+    assert dev.machine.run_until(lambda: dev.intx.line.history == [True, False, True], WAIT), \
+        "the resampler did not re-fire a still-high line"
+    ack_and_eoi(dev)
 
 
 def test_a_route_the_router_cannot_give_kvm_keeps_intx_in_user_space(realize):
-    dev = realize(x_kvm_intx=True)
+    dev = realize(irqfd=True, x_kvm_intx=True)
     dev.update_irq(None)
     assert not dev.intx.kvm_accel and dev.intx.unmask == -1
     log = log_set_irqs(dev)
@@ -126,16 +161,51 @@ def test_a_route_the_router_cannot_give_kvm_keeps_intx_in_user_space(realize):
 
 
 def test_a_refused_resample_eventfd_falls_back_to_user_space(realize):
-    dev = realize(x_kvm_intx=True)
+    dev = realize(irqfd=True, x_kvm_intx=True)
     log = log_set_irqs(dev, refuse=(UNMASK_EVENTFD,))
-    dev.update_irq("gsi 11")
+    with TraceRecorder() as tr:
+        dev.update_irq("gsi 11")
     assert UNMASK_EVENTFD in log.calls and not dev.intx.kvm_accel and dev.intx.unmask == -1
+    assert [f["message"] for f in tr.named("error")] == [
+        "vfio: Error: Failed to setup INTx unmask fd: Invalid argument"]
+    assert not dev.machine.irqfds and dev.machine.has_fd_handler(dev.intx.interrupt)
     assert dev.intx.line is dev.machine.irq_line("gsi 11")
     raise_intx(dev)
     dev.bar_write(0, ACK, 1, 4)
     assert log.calls[-1] == UNMASK_IOCTL
     raise_intx(dev)
     dev.bar_write(0, ACK, 1, 4)
+
+
+def pending_behind_refused_access(dev):
+    """An INTx pending, and BAR0 refusing every pread and pwrite; its region, to give it back."""
+    raise_intx(dev)
+    region = dev.bars[0].region
+    region.host = RefusedAccess(region.host)
+    return region
+
+
+def test_a_failed_trapped_read_is_all_ones_and_ends_nothing(edu):
+    """vfio_bar_read returns before its EOI when the pread fails; only a good read ends it."""
+    region = pending_behind_refused_access(edu)
+    with TraceRecorder() as tr:
+        assert edu.bar_read(0, IDENT, 4) == 0xFFFFFFFF and edu.bar_read(0, IDENT, 2) == 0xFFFF
+    assert edu.intx.pending and edu.intx.line.history == [True], "a failed read was taken for the EOI"
+    assert [f["message"] for f in tr.named("error")] == [
+        "vfio_bar_read(BAR0+0x0, 4) failed: Input/output error", "vfio_bar_read(BAR0+0x0, 2) failed: Input/output error"]
+    region.host = region.host._host
+    assert edu.bar_read(0, IDENT, 4) == 0x010000ED and not edu.intx.pending
+
+
+def test_a_failed_trapped_write_still_ends_the_interrupt(edu):
+    """vfio_bar_write reports the failed pwrite and goes on to the EOI."""
+    region = pending_behind_refused_access(edu)
+    with TraceRecorder() as tr:
+        edu.bar_write(0, ACK, 1, 4)
+    assert not edu.intx.pending and edu.intx.line.history == [True, False]
+    assert [f["message"] for f in tr.named("error")] == ["vfio_bar_write(BAR0+0x64, 0x1, 4) failed: Input/output error"]
+    region.host = region.host._host
+    assert edu.machine.run_until(lambda: edu.intx.pending, WAIT), "edu, never acked, did not fire again"
 
 
 # -- the mmap timer: virtual time only ---------------------------------------------------------

@@ -167,10 +167,15 @@ def test_a_doorbell_write_reaches_the_peer_on_that_vector(raw, dev, ivshmem_peer
     assert not any(ivshmem_peer.wait_doorbell(v, 0) for v in range(VECTORS))
 
 
-def test_the_vector_is_the_doorbells_low_byte(raw, dev, ivshmem_peer):
-    ring_device(raw, dev, ivshmem_peer.id, 0x100 | 1)
+@pytest.mark.parametrize("high", [0x100, 0xFF00])
+def test_the_vector_is_the_doorbells_low_byte(raw, dev, ivshmem_peer, high):
+    """ivshmem_io_write's `val & 0xff`: bits 8-15 name no vector of their own."""
+    ring_device(raw, dev, ivshmem_peer.id, high | 1)
     assert ivshmem_peer.wait_doorbell(1)
     assert not ivshmem_peer.wait_doorbell(0, 0)
+    ring_device(raw, dev, ivshmem_peer.id, high)
+    assert ivshmem_peer.wait_doorbell(0)
+    assert not ivshmem_peer.wait_doorbell(1, QUIET)
 
 
 def test_a_doorbell_to_an_unknown_peer_or_vector_is_ignored(raw, dev, ivshmem_peer):

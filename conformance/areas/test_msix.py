@@ -23,11 +23,16 @@ def quiesce(dev) -> None:
         dev.bar_write(0, reg, value, 4)
 
 
-@pytest.fixture
-def nic(vfio_pci):
-    dev = vfio_pci(x_kvm_intx=False)
+def realize_nic(vfio_pci, **options):
+    dev = vfio_pci(x_kvm_intx=False, **options)
     dev.config_write(PCI_COMMAND, PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER, 2)
     quiesce(dev)
+    return dev
+
+
+@pytest.fixture
+def nic(vfio_pci):
+    dev = realize_nic(vfio_pci)
     yield dev
     quiesce(dev)
 
@@ -93,6 +98,23 @@ def test_a_device_raised_vector_reaches_the_machine_with_the_programmed_message(
     raise_cause(nic, rxq0_to(0), RXQ0)
     assert messages(nic, 1) == [(ADDRESS, DATA)]
     assert not nic.intx.line.history
+
+
+def test_with_irqfd_a_vector_goes_to_a_kvm_route_until_masked(vfio_pci):
+    """vfio_msix_vector_do_use's KVM path, and its release: the route goes with the mask."""
+    nic = realize_nic(vfio_pci, irqfd=True)
+    try:
+        msix_control(nic, ENABLE)
+        program(nic, 1)
+        vector = nic.msix_vectors[1]
+        irqfd = nic.machine.irqfds[vector.fd]
+        assert (irqfd.gsi.address, irqfd.gsi.data) == (ADDRESS, DATA + 1) and not nic.machine.has_fd_handler(vector.fd)
+        raise_cause(nic, rxq0_to(1), RXQ0)
+        assert messages(nic, 1) == [(ADDRESS, DATA + 1)]
+        program(nic, 1, masked=True)
+        assert vector.virq is None and not nic.machine.msi_routes and kernel_vectors(nic) == set()
+    finally:
+        quiesce(nic)
 
 
 def test_vectors_grow_one_index_at_a_time(nic):

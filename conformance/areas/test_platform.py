@@ -21,7 +21,7 @@ from vfio_impl.vmm.machine import Machine, VirtualClock
 
 from ..platform_models import PLATFORM_MODELS, PREFERENCE, ROLES, PlatformModel
 from ..plugin import skip_test
-from ..raw import assert_fast_path_back_after
+from ..raw import RefusedAccess, assert_fast_path_back_after
 from ..reliability import process_fds
 
 pytestmark = pytest.mark.vfio(platform=True)
@@ -440,6 +440,37 @@ def test_the_first_trapped_access_is_the_eoi(platform):
     assert d.irqs[pin].state is IRQState.INACTIVE and d.irqs[pin].line.history == [True, False]
 
 
+def active_behind_refused_access(platform):
+    """An edge IRQ ACTIVE, and the ident register's region refusing every pread and pwrite."""
+    t = platform("edge")
+    d = t.connect_all(t.realize())
+    trigger(d, t.model.edge_pin)
+    region, offset, _ = t.model.ident
+    d.regions[region].host = RefusedAccess(d.regions[region].host)
+    return d, d.irqs[t.model.edge_pin], region, offset
+
+
+def test_a_failed_trapped_read_is_all_ones_and_ends_nothing(platform):
+    """vfio_region_read returns before its EOI when the pread fails; only a good access ends it."""
+    d, intp, region, offset = active_behind_refused_access(platform)
+    with TraceRecorder() as rec:
+        assert d.mmio_read(region, offset, 4) == 0xFFFFFFFF and d.mmio_read(region, offset, 1) == 0xFF
+    assert intp.state is IRQState.ACTIVE and intp.line.history == [True]
+    name = d.regions[region].name
+    assert [f["message"] for f in rec.named("error")] == [
+        f"vfio_region_read({name}:{offset:#x}, 4) failed: Input/output error",
+        f"vfio_region_read({name}:{offset:#x}, 1) failed: Input/output error"]
+
+
+def test_a_failed_trapped_write_still_ends_the_irq(platform):
+    d, intp, region, offset = active_behind_refused_access(platform)
+    with TraceRecorder() as rec:
+        d.mmio_write(region, offset, 0x5A, 4)
+    assert intp.state is IRQState.INACTIVE and intp.line.history == [True, False]
+    assert [f["message"] for f in rec.named("error")] == [
+        f"vfio_region_write({d.regions[region].name}:{offset:#x}, 0x5a, 4) failed: Input/output error"]
+
+
 def test_while_an_irq_is_active_the_ram_region_traps_too_and_ends_it(platform):
     t = platform("ram")
     d = t.connect_all(t.realize())
@@ -692,11 +723,24 @@ def test_needs_reset_is_always_true_and_the_multi_device_reset_fails_silently(pl
     d = t.realize()
     with TraceRecorder() as rec:
         d.reset()
-    assert d.needs_reset and d.migratable is False
+    assert d.needs_reset
     assert not rec.named("error"), "QEMU's reset handler ignores the failed multi-device reset"
     with pytest.raises(VFIOError) as e:
         d.hot_reset_multi()
     assert e.value.errno == errno.EOPNOTSUPP and ident(t, d) == t.model.ident[2]
+
+
+def test_the_machine_refuses_to_save_while_the_device_is_there(platform):
+    """The seed's vmstate is unmigratable: QEMU's savevm refuses with the device's name, until
+    it is gone."""
+    t = platform()
+    d = t.realize()
+    migration = d.machine.migration
+    with pytest.raises(VFIOError) as e:
+        migration.savevm()
+    assert e.value.message == f"State blocked by non-migratable device '{t.model.flavour.vmsd.name}'"
+    d.exit()
+    assert migration.savevm() == []
 
 
 def test_an_option_string_sets_the_properties(vfio, platform):

@@ -7,6 +7,7 @@ import pytest
 
 from vfio_impl import VFIOError, uapi
 from vfio_impl.core.trace import TraceRecorder
+from vfio_impl.flavours.pci import PCI_ROM_SLOT
 
 from ..models import device_config, each
 from ..raw import errno_of
@@ -53,6 +54,8 @@ def test_a_romfile_is_emulated_behind_the_rom_bar(model, vfio_pci, tmp_path):
     assert dev.rom == IMAGE.ljust(4096, b"\xff")
     assert sized_rom_bar(dev) == 0xFFFFF001
     assert device_config(dev, ROM_BAR, 4) == 0
+    assert dev.bar_read(PCI_ROM_SLOT, 0, 2) == 0xAA55 and dev.bar_read(PCI_ROM_SLOT, 0xFFC, 4) == 0xFFFFFFFF
+    assert dev.bar_read(PCI_ROM_SLOT, 2 + 0x41, 1) == 0x41, "the guest does not read the image in the ROM BAR"
 
 
 @each("edu")

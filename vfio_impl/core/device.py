@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 from vfio_impl import uapi
 from vfio_impl.core import irq
@@ -46,16 +47,20 @@ class Device:
 
     @classmethod
     def attach(cls, space: AddressSpace, sysfsdev: str, name: str | None = None, *, groupid: int | None = None,
-               devname: str | None = None, already_attached: str | None = None) -> "Device":
+               devname: str | None = None, already_attached: str | None = None,
+               populate: Callable[["Device"], None] | None = None) -> "Device":
         """vfio_device_attach, the one way a flavour gets a device. A flavour that found the IOMMU
         group itself passes `groupid`, and its words for a second attach; without them the group
-        is found, and its failures worded, as vfio-pci's seed does. `devname` is the kernel's name
-        for the device when the flavour calls it something else (a ccw mdev, by its subchannel)."""
+        is found, and its failures and the device's worded, as vfio-pci's seed does. `devname` is
+        the kernel's name for the device when the flavour calls it something else (a ccw mdev, by
+        its subchannel). `populate` reads what the flavour needs of the new device as part of
+        getting it, as the seed's vfio_get_device reads the PCI regions."""
         name = name or os.path.basename(sysfsdev.rstrip("/"))
         devname = devname or name
         already_attached = already_attached or f"vfio: error: device {name} is already attached"
         if groupid is not None:
-            return cls._attach(space, sysfsdev, name, devname, groupid, already_attached)
+            cls._refuse_second_attach(space, name, already_attached)
+            return cls._get(space, sysfsdev, name, devname, groupid, populate)
         if not space.host.exists(sysfsdev):
             raise VFIOError(f"vfio: error: no such host device: {sysfsdev}", errno.ENOENT)
         try:
@@ -63,24 +68,32 @@ class Device:
         except IOMMUGroupError as e:
             raise VFIOError("vfio: error no iommu_group for device", e.errno) from e
         except VFIOError as e:
-            raise VFIOError(f"vfio: failed to read {sysfsdev}/iommu_group", e.errno) from e
+            raise VFIOError(f"vfio: error reading {sysfsdev}/iommu_group", e.errno) from e
+        cls._refuse_second_attach(space, name, already_attached)
         try:
-            return cls._attach(space, sysfsdev, name, devname, groupid, already_attached)
+            return cls._get(space, sysfsdev, name, devname, groupid, populate)
         except IOMMUGroupError as e:
             raise VFIOError(f"vfio: failed to get group {groupid}: {e.message}", e.errno) from e
+        except VFIOError as e:
+            raise VFIOError(f"vfio: failed to get device {name}: {e.message}", e.errno) from e
+
+    @staticmethod
+    def _refuse_second_attach(space: AddressSpace, name: str, message: str) -> None:
+        if any(d.name == name for d in space.devices):
+            raise VFIOError(message, errno.EBUSY)
 
     @classmethod
-    def _attach(cls, space: AddressSpace, sysfsdev: str, name: str, devname: str, groupid: int,
-                already_attached: str) -> "Device":
-        """Refuse a second attach, have the space's backend give the device its fd, read its info;
-        a failure closes what was got."""
-        if any(d.name == name for d in space.devices):
-            raise VFIOError(already_attached, errno.EBUSY)
+    def _get(cls, space: AddressSpace, sysfsdev: str, name: str, devname: str, groupid: int,
+             populate: Callable[["Device"], None] | None) -> "Device":
+        """Have the space's backend give the device its fd, read its info, let the flavour populate
+        it; a failure closes what was got."""
         device = cls(space, name, sysfsdev)
         space.iommu.attach_device(space, device, devname, groupid)
         space.devices.append(device)
         try:
             device._get_info()
+            if populate:
+                populate(device)
         except BaseException:
             device.close()
             raise

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from vfio_impl.core.errors import VFIOError
 from vfio_impl.core.host import Host
-from vfio_impl.core.trace import trace
+from vfio_impl.core.trace import error_report, trace
 
 if TYPE_CHECKING:
     from vfio_impl.core.container import AddressSpace
@@ -94,19 +94,35 @@ class IOMMUBackend(ABC):
 
     # -- memory listener ----------------------------------------------------------------------
     def region_add(self, area: RAMArea) -> None:
-        """Map guest RAM for DMA, page aligned; a misaligned section is an error, not a crash."""
+        """Map guest RAM for DMA, whole pages only. A section that cannot be mapped is reported
+        and skipped, as the seed's listener does: the machine and later containers go on."""
         if area.gpa % PAGE_SIZE != area.vaddr % PAGE_SIZE:
-            trace("error", message="vfio_listener_region_add received unaligned region")
-            raise VFIOError("vfio_listener_region_add received unaligned region", errno.EINVAL)
+            error_report("vfio_listener_region_add received unaligned region")
+            return
         iova, end = _page_range(area)
         if iova >= end:
             return
-        self.map_dma(iova, end - iova, area.vaddr + (iova - area.gpa), area.readonly)
+        try:
+            self.map_dma(iova, end - iova, area.vaddr + (iova - area.gpa), area.readonly)
+        except VFIOError as e:
+            _report_failed(e)
 
     def region_del(self, area: RAMArea) -> None:
+        if area.gpa % PAGE_SIZE != area.vaddr % PAGE_SIZE:
+            error_report("vfio_listener_region_del received unaligned region")
+            return
         iova, end = _page_range(area)
-        if iova < end:
+        if iova >= end:
+            return
+        try:
             self.unmap_dma(iova, end - iova)
+        except VFIOError as e:
+            _report_failed(e)
+
+
+def _report_failed(e: VFIOError) -> None:
+    """The listener's report of a refused map or unmap: the call, then -errno and its text."""
+    error_report(f"{e.message} = {-e.errno} ({os.strerror(e.errno)})")
 
 
 def _page_range(area: RAMArea) -> tuple[int, int]:

@@ -2,9 +2,11 @@
 
 The guest sees an emulated copy of config space for the ROM BAR and the MSI/MSI-X
 capabilities and the device itself for the rest; BARs are mmapped with a trapped slow path
-beneath them (turned on around INTx so a BAR access can serve as the EOI); the MSI-X table
-and PBA are emulated in the BAR hole, as QEMU's msix.c does. The Machine stands in for the
-rest of QEMU: its loop, virtual clock, IRQ lines and MSI delivery.
+beneath them (turned on around a user-space INTx so a BAR access can serve as the EOI); the
+MSI-X table and PBA are emulated in the BAR hole, as QEMU's msix.c does. The Machine stands in
+for the rest of QEMU: its loop, virtual clock, IRQ lines and MSI delivery, and, when it offers
+irqfd, KVM's: INTx then goes to an irqfd with a resample eventfd, and each MSI or MSI-X vector
+to an irqfd on a route to its message.
 """
 
 from __future__ import annotations
@@ -34,12 +36,13 @@ from vfio_impl.hw.pci import (
     register_bar,
 )
 from vfio_impl.uapi.pci_regs import *  # noqa: F403
-from vfio_impl.vmm.machine import IRQLine, Machine, Timer
+from vfio_impl.vmm.machine import IRQLine, Machine, MSIRoute, Timer
 
 # QEMU's words beside <linux/pci_regs.h>'s.
 PCI_HEADER_TYPE_MULTI_FUNCTION = 0x80
 PCI_CONFIG_HEADER_SIZE = 0x40
 PCI_CONFIG_SPACE_SIZE = 0x100
+PCI_ROM_SLOT = 6
 
 INTX, MSI, MSIX = uapi.VFIO_PCI_INTX_IRQ_INDEX, uapi.VFIO_PCI_MSI_IRQ_INDEX, uapi.VFIO_PCI_MSIX_IRQ_INDEX
 ROM_INDEX, CONFIG_INDEX = uapi.VFIO_PCI_ROM_REGION_INDEX, uapi.VFIO_PCI_CONFIG_REGION_INDEX
@@ -93,12 +96,14 @@ class VFIOINTx:
 
 @dataclass(slots=True)
 class VFIOMSIVector:
-    """One MSI/MSI-X vector; fd is -1 once released, msg the (address, data) it was set up with."""
+    """One MSI/MSI-X vector; fd is -1 once released, msg the (address, data) it was set up with,
+    virq its KVM route when the machine's irqfd sends it."""
 
     nr: int
     use: bool = False
     fd: int = -1
     msg: tuple[int, int] | None = None
+    virq: MSIRoute | None = None
 
 
 @dataclass(slots=True)
@@ -145,7 +150,7 @@ class VFIOPCIDevice(MSIXDevice):
         self.wmask = bytearray(PCI_CONFIG_SPACE_SIZE)
         self.config_region: Region | None = None
         self.bars: list[VFIOBAR] = []
-        self.rom: bytes | None = None
+        self.rom: bytearray | None = None
         self.rom_region: Region | None = None
         self.reset_works = False
         self.interrupt = VFIO_INT_NONE
@@ -177,9 +182,8 @@ class VFIOPCIDevice(MSIXDevice):
                    x_intx_mmap_timeout_ms=x_intx_mmap_timeout_ms, x_kvm_intx=x_kvm_intx, irq_line=irq_line,
                    multifunction=multifunction)
         with ExitStack() as unwind:
-            self.vbasedev = Device.attach(space, sysfsdev, name)
+            self.vbasedev = Device.attach(space, sysfsdev, name, populate=self._get_device)
             unwind.callback(self.vbasedev.close)
-            self._get_device()
             self._copy_config()
             self._load_rom()
             self._early_setup_msix()
@@ -201,6 +205,9 @@ class VFIOPCIDevice(MSIXDevice):
             return
         if self.vbasedev.fd >= 0:
             self._disable_interrupts()
+            if self.interrupt == VFIO_INT_INTX:
+                # Leaving MSI or MSI-X brought INTx back, and with it perhaps KVM's irqfd.
+                self._disable_intx()
         self._free_mmap_timer()
         self._teardown_msi()
         self._unmap_bars()
@@ -214,9 +221,8 @@ class VFIOPCIDevice(MSIXDevice):
     def __exit__(self, *exc) -> None:
         self.exit()
 
-    def _get_device(self) -> None:
+    def _get_device(self, dev: Device) -> None:
         """The PCI half of vfio_get_device: flags, counts, and the info of BARs, ROM and config."""
-        dev = self.vbasedev
         if not dev.flags & uapi.VFIO_DEVICE_FLAGS_PCI:
             raise VFIOError("vfio: Um, this isn't a PCI device", errno.EINVAL)
         self.reset_works = dev.reset_works
@@ -228,12 +234,13 @@ class VFIOPCIDevice(MSIXDevice):
             raise VFIOError(f"vfio: unexpected number of irqs {dev.num_irqs}", errno.EINVAL)
         for nr in range(PCI_NUM_BARS):
             self.bars.append(VFIOBAR(nr, dev.region(nr)))
-        self.rom_region = self._region_info(ROM_INDEX, "ROM")
-        self.config_region = self._region_info(CONFIG_INDEX, "config")
+        self.rom_region = self._region_info(dev, ROM_INDEX, "ROM")
+        self.config_region = self._region_info(dev, CONFIG_INDEX, "config")
 
-    def _region_info(self, index: int, what: str) -> Region:
+    @staticmethod
+    def _region_info(dev: Device, index: int, what: str) -> Region:
         try:
-            return self.vbasedev.region(index)
+            return dev.region(index)
         except VFIOError as e:
             raise VFIOError(f"vfio: Error getting {what} info", e.errno) from e
 
@@ -293,7 +300,9 @@ class VFIOPCIDevice(MSIXDevice):
         return image.ljust(size, b"\xff")
 
     def _register_rom(self, rom: bytes) -> None:
-        self.rom = rom
+        """The ROM BAR is RAM holding the image (the seed's memory_region_init_ram): the guest
+        reads the option ROM there, and what it writes changes the copy, never the device."""
+        self.rom = bytearray(rom)
         self._set(PCI_ROM_ADDRESS, 4, (~(len(rom) - 1) & 0xFFFFF800) | PCI_ROM_ADDRESS_ENABLE, self.wmask)
 
     # -- BARs ---------------------------------------------------------------------------------
@@ -374,11 +383,19 @@ class VFIOPCIDevice(MSIXDevice):
         return bool(mapped) and all(b.region.mmap_enabled for b in mapped)
 
     # -- guest BAR access ---------------------------------------------------------------------
+    def _rom_span(self, addr: int, size: int) -> slice:
+        if self.rom is None or not 0 <= addr <= len(self.rom) - size:
+            raise VFIOError(f"vfio: no {size}-byte access at ROM BAR+{addr:#x}", errno.EINVAL)
+        return slice(addr, addr + size)
+
     def bar_read(self, nr: int, addr: int, size: int) -> int:
-        """The guest reads a BAR: MSI-X emulation, else the mmap, else a trapped pread and an EOI."""
-        bar = self.bars[nr]
+        """The guest reads a BAR: MSI-X emulation, else the mmap, else a trapped pread and an EOI.
+        PCI_ROM_SLOT is the ROM BAR, plain RAM: no trap, no EOI."""
         if size not in _ACCESS_MASKS:
             raise VFIOError(f"vfio: unsupported read size, {size} bytes", errno.EINVAL)
+        if nr == PCI_ROM_SLOT:
+            return int.from_bytes(self.rom[self._rom_span(addr, size)], "little")
+        bar = self.bars[nr]
         if bar.traps:
             for start, end, read, _ in bar.traps:
                 if start <= addr < end:
@@ -396,11 +413,14 @@ class VFIOPCIDevice(MSIXDevice):
 
     def bar_write(self, nr: int, addr: int, value: int, size: int) -> None:
         """The guest writes a BAR; a trapped write is an EOI even when it fails, as in the seed."""
-        bar = self.bars[nr]
         mask = _ACCESS_MASKS.get(size)
         if mask is None:
             raise VFIOError(f"vfio: unsupported write size, {size} bytes", errno.EINVAL)
         value &= mask
+        if nr == PCI_ROM_SLOT:
+            self.rom[self._rom_span(addr, size)] = value.to_bytes(size, "little")
+            return
+        bar = self.bars[nr]
         if bar.traps:
             for start, end, _, write in bar.traps:
                 if start <= addr < end:
@@ -602,10 +622,7 @@ class VFIOPCIDevice(MSIXDevice):
         trace("vfio_intx_eoi", name=self.name)
         intx.pending = False
         intx.line.set(False)
-        if intx.kvm_accel:
-            self.host.eventfd_write(intx.unmask, 1)
-        else:
-            self._unmask_intx()
+        self._unmask_intx()
 
     def _unmask_intx(self) -> None:
         try:
@@ -619,49 +636,59 @@ class VFIOPCIDevice(MSIXDevice):
         except VFIOError as e:
             error_report(str(e))
 
-    def _enable_intx_kvm(self) -> None:
-        """The accelerated INTx path, with the machine standing in for KVM.
+    def _free_intx_unmask(self) -> None:
+        self.vbasedev.free_eventfd(self.intx.unmask)
+        self.intx.unmask = -1
 
-        KVM would take the trigger eventfd as an irqfd and, on the guest's EOI, lower the line
-        and signal a resample eventfd that vfio-pci listens on with ACTION_UNMASK. Here the
-        machine's loop is the irqfd (the same handler raises the line) and the trapped BAR access
-        is the EOI, which writes the resample eventfd instead of calling the UNMASK ioctl. If the
-        kernel refuses the unmask eventfd, INTx stays in user space.
-        """
+    def _enable_intx_kvm(self) -> None:
+        """vfio_enable_intx_kvm, where the machine offers KVM's irqfd with resample: the trigger
+        eventfd asserts the guest line in "KVM", the guest's EOI there writes the resample eventfd,
+        and VFIO unmasks on it. No interrupt reaches this device's code, so the BAR mmaps stay on
+        and no BAR access is an EOI. Any failure leaves INTx in user space, reported."""
         intx = self.intx
-        if not self.x_kvm_intx or intx.route is None:
+        if not self.x_kvm_intx or not self.machine.irqfd_available or intx.route is None:
             return
+        self.machine.set_fd_handler(intx.interrupt, None)
         self._mask_intx()
         intx.pending = False
         intx.line.set(False)
-        try:
-            intx.unmask = self.vbasedev.new_eventfd()
-        except VFIOError:
-            error_report("vfio: Error: event_notifier_init failed eoi")
-            self._unmask_intx()
-            return
-        try:
-            self.vbasedev.set_irq_signaling(INTX, 0, uapi.VFIO_IRQ_SET_ACTION_UNMASK, intx.unmask)
-        except VFIOError as e:
-            warn(f"vfio: Error: Failed to setup INTx unmask fd: {os.strerror(e.errno)}")
-            self.vbasedev.free_eventfd(intx.unmask)
-            intx.unmask = -1
-            self._unmask_intx()
-            return
+        with ExitStack() as fail:
+            fail.callback(self._unmask_intx)
+            fail.callback(self.machine.set_fd_handler, intx.interrupt, self._intx_interrupt)
+            try:
+                intx.unmask = self.vbasedev.new_eventfd()
+            except VFIOError:
+                error_report("vfio: Error: event_notifier_init failed eoi")
+                return
+            fail.callback(self._free_intx_unmask)
+            try:
+                self.machine.add_irqfd(intx.interrupt, intx.line, intx.unmask)
+            except OSError as e:
+                error_report(f"vfio: Error: Failed to setup resample irqfd: {os.strerror(e.errno)}")
+                return
+            fail.callback(self.machine.remove_irqfd, intx.interrupt)
+            try:
+                self.vbasedev.set_irq_signaling(INTX, 0, uapi.VFIO_IRQ_SET_ACTION_UNMASK, intx.unmask)
+            except VFIOError as e:
+                error_report(f"vfio: Error: Failed to setup INTx unmask fd: {os.strerror(e.errno)}")
+                return
+            fail.pop_all()
         self._unmask_intx()
         intx.kvm_accel = True
         trace("vfio_intx_enable_kvm", name=self.name, route=intx.route)
 
     def _disable_intx_kvm(self) -> None:
-        """Back to user space: masked, line low, resample fd closed, then unmask to catch a lost edge."""
+        """Back to user space: masked, line low, KVM lets go of the trigger, the resample eventfd
+        closed (VFIO drops its unmask with it), the handler back, then unmask to catch a lost edge."""
         intx = self.intx
         if not intx.kvm_accel:
             return
         self._mask_intx()
         intx.pending = False
         intx.line.set(False)
-        self.vbasedev.free_eventfd(intx.unmask)
-        intx.unmask = -1
+        self.machine.remove_irqfd(intx.interrupt)
+        self._free_intx_unmask()
+        self.machine.set_fd_handler(intx.interrupt, self._intx_interrupt)
         intx.kvm_accel = False
         self._unmask_intx()
         trace("vfio_intx_disable_kvm", name=self.name)
@@ -770,11 +797,34 @@ class VFIOPCIDevice(MSIXDevice):
             return -(e.errno or errno.EIO)
 
     def _new_vector_fd(self, vector: VFIOMSIVector, handler: bool) -> None:
+        """The vector's eventfd goes to KVM when the machine routes its message, else to the
+        loop's handler (none for the vector MSI-X enable uses and releases at once)."""
         vector.fd = self.vbasedev.new_eventfd()
+        if vector.msg is not None and self._add_kvm_msi_virq(vector):
+            return
         if handler:
             self.machine.set_fd_handler(vector.fd, functools.partial(self._msi_interrupt, vector))
 
+    def _add_kvm_msi_virq(self, vector: VFIOMSIVector) -> bool:
+        """An MSI route for the message and an irqfd on it; False (and nothing held) when the
+        machine gives either no, as the seed then defaults to user space."""
+        try:
+            route = self.machine.add_msi_route(*vector.msg)
+        except OSError:
+            return False
+        try:
+            self.machine.add_irqfd(vector.fd, route)
+        except OSError:
+            self.machine.release_virq(route)
+            return False
+        vector.virq = route
+        return True
+
     def _free_vector_fd(self, vector: VFIOMSIVector) -> None:
+        if vector.virq is not None:
+            self.machine.remove_irqfd(vector.fd)
+            self.machine.release_virq(vector.virq)
+            vector.virq = None
         self.vbasedev.free_eventfd(vector.fd)
         vector.fd = -1
         vector.use = False
@@ -947,15 +997,18 @@ class VFIOPCIDevice(MSIXDevice):
         self.machine.msi_notify(address, data)
 
     def _msi_write_config(self, addr: int, size: int) -> None:
-        """Clamp the vector count to what the device offers, and deliver newly unmasked pending vectors."""
+        """With MSI on: clamp the vector count to what the device offers, and deliver newly
+        unmasked pending vectors. While it is off the count stays as the guest wrote it."""
         if not self.msi_cap or not _ranges_overlap(addr, size, self.msi_cap, self.msi_cap_size):
             return
         flags = self._msi_flags()
+        if not flags & PCI_MSI_FLAGS_ENABLE:
+            return
         log_max = (flags & PCI_MSI_FLAGS_QMASK) >> 1
         if (flags & PCI_MSI_FLAGS_QSIZE) >> 4 > log_max:
             flags = (flags & ~PCI_MSI_FLAGS_QSIZE) | (log_max << 4)
             self._set(self.msi_cap + PCI_MSI_FLAGS, 2, flags, self.config)
-        if not flags & PCI_MSI_FLAGS_ENABLE or not flags & PCI_MSI_FLAGS_MASKBIT:
+        if not flags & PCI_MSI_FLAGS_MASKBIT:
             return
         off = self._msi_mask_off()
         mask, pending = self._get(off, 4, self.config), self._get(off + 4, 4, self.config)

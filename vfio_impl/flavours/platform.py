@@ -27,6 +27,7 @@ from vfio_impl.core.iommu import iommu_group
 from vfio_impl.core.region import Region
 from vfio_impl.core.trace import error_report, trace, warn
 from vfio_impl.vmm.machine import IRQLine, Machine
+from vfio_impl.vmm.migration import VMStateDescription
 
 PLATFORM_DEVICES = "/sys/bus/platform/devices"
 AMBA_DEVICES = "/sys/bus/amba/devices"
@@ -66,7 +67,8 @@ def count_compat(compat: str) -> int:
 class VFIOPlatformDevice:
     """A realized vfio-platform device: its regions, its IRQs and their injection."""
 
-    migratable = False
+    # QEMU's vfio_platform_vmstate: nothing of the device can be migrated, so no VM holding one can.
+    vmsd = VMStateDescription("vfio-platform", unmigratable=True)
     # The bus: where `host` names a device, and the flag the kernel's driver for that bus reports.
     type_name = "vfio-platform"
     bus_devices = PLATFORM_DEVICES
@@ -393,6 +395,7 @@ class VFIOPlatformDevice:
                 if not self.no_mmap:
                     self._map_regions()
                 unwind.pop_all()
+            machine.migration.vmstate_register(self.vmsd, self)
         except VFIOError as e:
             prefix = f"vfio {self.name}: " if self.name else "vfio error: "
             raise VFIOError(prefix + e.message, e.errno) from e
@@ -423,6 +426,7 @@ class VFIOPlatformDevice:
         """The reverse of realize: timer, irqfds and eventfds, mappings, then the device and group."""
         if self.vbasedev is None:
             return
+        self.machine.migration.unregister_savevm(self)
         self._free_mmap_timer()
         self._free_intps()
         self._free_regions()
@@ -442,6 +446,7 @@ class VFIOAmbaDevice(VFIOPlatformDevice):
     with VFIO_DEVICE_FLAGS_AMBA. QEMU has no such device; its vfio-platform refuses the flag. The
     device's regions and IRQs are vfio-platform's, so only the bus differs."""
 
+    vmsd = VMStateDescription("vfio-amba", unmigratable=True)
     type_name = "vfio-amba"
     bus_devices = AMBA_DEVICES
     bus_flag = uapi.VFIO_DEVICE_FLAGS_AMBA

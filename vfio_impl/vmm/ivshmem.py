@@ -146,9 +146,12 @@ class IVShmemState(MSIXDevice):
         if role not in (None, IVSHMEM_PEER, IVSHMEM_MASTER):
             raise VFIOError("'role' must be 'peer' or 'master'")
         with ExitStack() as unwind:
+            machine.migration.register_savevm("ivshmem", 0, self.save, self.load, self)
+            unwind.callback(machine.migration.unregister_savevm, self)
             if role == IVSHMEM_PEER:
                 self.migration_blocker = MIGRATION_BLOCKER
-                unwind.callback(setattr, self, "migration_blocker", None)
+                machine.migration.migrate_add_blocker(self.migration_blocker)
+                unwind.callback(self._del_migration_blocker)
             self._init_config()
             attr = PCI_BASE_ADDRESS_MEM_PREFETCH | (PCI_BASE_ADDRESS_MEM_TYPE_64 if use64 else 0)
             if chardev is not None:
@@ -268,9 +271,15 @@ class IVShmemState(MSIXDevice):
         self.incoming.close()
         self.ioeventfds.clear()
 
+    def _del_migration_blocker(self) -> None:
+        if self.migration_blocker is not None:
+            self.machine.migration.migrate_del_blocker(self.migration_blocker)
+            self.migration_blocker = None
+
     def exit(self) -> None:
         """pci_ivshmem_exit, and the fds the seed leaves open: socket, eventfds and shared memory."""
-        self.migration_blocker = None
+        self._del_migration_blocker()
+        self.machine.migration.unregister_savevm(self)
         self._close_server()
         if self.shm is not None:
             os.close(self.shm_fd)
@@ -513,7 +522,8 @@ class IVShmemState(MSIXDevice):
         self._use_msix()
 
     def save(self) -> bytes:
-        """ivshmem_save: config space, then the MSI-X table and PBA with msi, else INTRSTATUS and INTRMASK."""
+        """ivshmem_save, the savevm handler Machine.migration.savevm calls (unless a blocker
+        refuses): config space, then the MSI-X table and PBA with msi, else INTRSTATUS and INTRMASK."""
         if self.msi:
             return bytes(self.config) + self.msix_save()
         return bytes(self.config) + VMSTATE_CONFIG.pack(self.intrstatus, self.intrmask)

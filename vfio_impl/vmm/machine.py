@@ -1,8 +1,10 @@
-"""What QEMU gives a device: an event loop, a clock, guest RAM for DMA, and interrupt lines.
+"""What QEMU gives a device: an event loop, a clock, guest RAM for DMA, interrupt lines, and
+the migration core that saves device state (or refuses to).
 
 The clock is injectable so timers (such as the 1100 ms INTx mmap timeout) are tested by
 advancing a VirtualClock, never by sleeping. A machine built with irqfd=True also plays KVM's
-irqfd and resamplefd, so a device can hand its trigger eventfd to "the hypervisor".
+irqfd and resamplefd, and its MSI routes, so a device can hand its trigger eventfds to "the
+hypervisor": an INTx to a guest line, an MSI or MSI-X vector to the message it sends.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import selectors
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
+
+from vfio_impl.vmm.migration import Migration
 
 
 class Clock(Protocol):
@@ -113,16 +117,26 @@ class RAMArea:
         return ctypes.addressof(ctypes.c_char.from_buffer(self.memory))
 
 
+@dataclass(slots=True, frozen=True)
+class MSIRoute:
+    """A GSI that KVM routes to an MSI message (kvm_irqchip_add_msi_route): its virq number."""
+
+    virq: int
+    address: int
+    data: int
+
+
 @dataclass(slots=True)
 class IRQfd:
-    """KVM's irqfd: a signalled trigger asserts the line with no device code in between.
+    """KVM's irqfd: a signalled trigger raises its GSI with no device code in between.
 
-    Without a resample eventfd the interrupt is an edge (asserted and lowered at once); with
-    one the line stays up until the guest's EOI, which lowers it and writes the resample fd.
+    A guest line without a resample eventfd takes an edge (asserted and lowered at once); with
+    one the line stays up until the guest's EOI, which lowers it and writes the resample fd. An
+    MSI route sends its message.
     """
 
     trigger: int
-    line: IRQLine
+    gsi: IRQLine | MSIRoute
     resample: int | None = None
 
 
@@ -152,8 +166,11 @@ class Machine:
         # The irqfds live in their own epoll set, as KVM's live in the kernel: the device's
         # own fd handlers never see (or unregister) them. While it holds any, the set's fd is
         # one reader of the loop.
+        self.migration = Migration()
         self.irqfd_available = irqfd
         self.irqfds: dict[int, IRQfd] = {}
+        self.msi_routes: dict[int, MSIRoute] = {}
+        self._virqs = itertools.count()
         self._kvm = selectors.DefaultSelector()
 
     # -- loop ---------------------------------------------------------------------------------
@@ -241,14 +258,27 @@ class Machine:
         for handler in self.msi_handlers:
             handler(address, data)
 
-    # -- KVM's irqfd and resamplefd -------------------------------------------------------------
-    def add_irqfd(self, trigger: int, line: IRQLine, resample: int | None = None) -> IRQfd:
+    # -- KVM's irqfd, resamplefd and MSI routes -----------------------------------------------
+    def add_msi_route(self, address: int, data: int) -> MSIRoute:
+        """kvm_irqchip_add_msi_route; OSError ENOSYS on a machine without irqfd, which has no
+        GSI routing either."""
+        if not self.irqfd_available:
+            raise OSError(errno.ENOSYS, "this machine has no irqfd")
+        route = MSIRoute(next(self._virqs), address, data)
+        self.msi_routes[route.virq] = route
+        return route
+
+    def release_virq(self, route: MSIRoute) -> None:
+        """kvm_irqchip_release_virq, once no irqfd uses the route."""
+        self.msi_routes.pop(route.virq, None)
+
+    def add_irqfd(self, trigger: int, gsi: IRQLine | MSIRoute, resample: int | None = None) -> IRQfd:
         """kvm_irqchip_add_irqfd_notifier; OSError as KVM answers: ENOSYS without irqfd, EBUSY twice."""
         if not self.irqfd_available:
             raise OSError(errno.ENOSYS, "this machine has no irqfd")
         if trigger in self.irqfds:
             raise OSError(errno.EBUSY, f"eventfd {trigger} is already an irqfd")
-        irqfd = IRQfd(trigger, line, resample)
+        irqfd = IRQfd(trigger, gsi, resample)
         self._kvm.register(trigger, selectors.EVENT_READ, irqfd)
         if not self.irqfds:
             self.set_fd_handler(self._kvm.fileno(), self._kvm_run)
@@ -269,17 +299,20 @@ class Machine:
                 os.eventfd_read(irqfd.trigger)
             except BlockingIOError:
                 continue
-            irqfd.line.set(True)
+            if isinstance(irqfd.gsi, MSIRoute):
+                self.msi_notify(irqfd.gsi.address, irqfd.gsi.data)
+                continue
+            irqfd.gsi.set(True)
             if irqfd.resample is None:
-                irqfd.line.set(False)
+                irqfd.gsi.set(False)
 
     def eoi(self, name: str) -> bool:
         """The guest's EOI on a line: a resampling irqfd on it lowers it and writes its resample
         eventfd. Returns whether one did; a line with no irqfd is the device model's business."""
         done = False
         for irqfd in list(self.irqfds.values()):
-            if irqfd.line.name == name and irqfd.resample is not None:
-                irqfd.line.set(False)
+            if irqfd.resample is not None and irqfd.gsi.name == name:
+                irqfd.gsi.set(False)
                 os.eventfd_write(irqfd.resample, 1)
                 done = True
         return done
