@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import mmap as _mmap
+import sys
 import weakref
 from dataclasses import dataclass, field
 
@@ -19,6 +20,8 @@ from vfio_impl.core.trace import trace, tracing
 _PAGE = _mmap.PAGESIZE
 # Native formats of each access size; VFIO regions are little-endian, as the hosts this runs on.
 _WORD_FORMATS = {1: "B", 2: "H", 4: "I", 8: "Q"}
+# A typed memoryview loads and stores in the host's byte order; VFIO regions are little-endian.
+LITTLE_ENDIAN_HOST = sys.byteorder == "little"
 # A narrow load from MMIO can come back with the register's other bytes above it: QEMU 7.2's TCG
 # does not zero-extend a 1- or 2-byte MMIO load from a device that implements 4-byte registers
 # (e1000e), and CPython trusts the CPU's zero extension. The trapped path never sees this.
@@ -105,9 +108,11 @@ class Region:
                 mem = self.host.mmap(self.device.fd, size, self.info.offset + off, prot)
                 try:
                     view = memoryview(mem)
-                    words = {n: view.cast(f) for n, f in _WORD_FORMATS.items()}
                 except TypeError:
                     view, words = mem, {}
+                else:
+                    words = {n: view.cast(f) for n, f in _WORD_FORMATS.items()} if LITTLE_ENDIAN_HOST else {}
+                    view = view if LITTLE_ENDIAN_HOST else LittleEndianView(view)
                 done.append(MmapArea(off, size, mem, view, words))
                 trace("vfio_region_mmap", name=self.name, offset=off, size=size)
         except OSError as e:
@@ -251,9 +256,29 @@ class Register:
         return f"<Register {self.region.name}+{self.addr:#x}/{self.size} {'mapped' if self.mapped else 'trapped'}>"
 
 
+class LittleEndianView:
+    """A mapping's words as the little-endian values a VFIO region holds, on a big-endian host,
+    where a typed memoryview would load and store them in the host's order (the trapped path
+    already converts, so both paths must agree)."""
+
+    __slots__ = ("bytes",)
+
+    def __init__(self, view: memoryview):
+        self.bytes = view
+
+    def read(self, offset: int, size: int) -> int:
+        return int.from_bytes(self.bytes[offset:offset + size], "little")
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.bytes[offset:offset + size] = value.to_bytes(size, "little")
+
+    def release(self) -> None:
+        self.bytes.release()
+
+
 def _close_area(area: MmapArea) -> None:
     for words in area.words.values():
         words.release()
-    if isinstance(area.view, memoryview):
+    if isinstance(area.view, (memoryview, LittleEndianView)):
         area.view.release()
     area.mem.close()
