@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno as _errno
 import fnmatch
 import os
+import sys
 import threading
 import weakref
 from contextlib import contextmanager
@@ -382,7 +383,7 @@ def _ioctl_detail(target: str, request: int, arg) -> str:
     buf = bytes(arg)
     if target == "device" and request in (uapi.VFIO_DEVICE_GET_REGION_INFO, uapi.VFIO_DEVICE_GET_IRQ_INFO) \
             and len(buf) >= 12:
-        return f"index={int.from_bytes(buf[8:12], 'little')}"
+        return f"index={int.from_bytes(buf[8:12], sys.byteorder)}"
     if target == "device" and request == uapi.VFIO_DEVICE_SET_IRQS and len(buf) >= uapi.vfio_irq_set.size:
         s = uapi.vfio_irq_set.unpack(buf)
         action = "|".join(n for bit, n in _SET_IRQS_ACTIONS.items() if s.flags & bit)
