@@ -111,8 +111,8 @@ class Region:
                 except TypeError:
                     view, words = mem, {}
                 else:
-                    words = {n: view.cast(f) for n, f in _WORD_FORMATS.items()} if LITTLE_ENDIAN_HOST else {}
-                    view = view if LITTLE_ENDIAN_HOST else LittleEndianView(view)
+                    words = {n: view.cast(f) if LITTLE_ENDIAN_HOST else LittleEndianWords(view, n)
+                             for n, f in _WORD_FORMATS.items()}
                 done.append(MmapArea(off, size, mem, view, words))
                 trace("vfio_region_mmap", name=self.name, offset=off, size=size)
         except OSError as e:
@@ -256,29 +256,31 @@ class Register:
         return f"<Register {self.region.name}+{self.addr:#x}/{self.size} {'mapped' if self.mapped else 'trapped'}>"
 
 
-class LittleEndianView:
-    """A mapping's words as the little-endian values a VFIO region holds, on a big-endian host,
-    where a typed memoryview would load and store them in the host's order (the trapped path
-    already converts, so both paths must agree)."""
+class LittleEndianWords:
+    """A mapping as an array of little-endian words of one size, the values a VFIO region holds,
+    for a big-endian host, where memoryview.cast would load and store them in the host's order
+    (the trapped path converts, so both paths must agree). It indexes as a typed view does."""
 
-    __slots__ = ("bytes",)
+    __slots__ = ("view", "size")
 
-    def __init__(self, view: memoryview):
-        self.bytes = view
+    def __init__(self, view: memoryview, size: int):
+        self.view, self.size = view, size
 
-    def read(self, offset: int, size: int) -> int:
-        return int.from_bytes(self.bytes[offset:offset + size], "little")
+    def __getitem__(self, index: int) -> int:
+        at = index * self.size
+        return int.from_bytes(self.view[at:at + self.size], "little")
 
-    def write(self, offset: int, size: int, value: int) -> None:
-        self.bytes[offset:offset + size] = value.to_bytes(size, "little")
+    def __setitem__(self, index: int, value: int) -> None:
+        at = index * self.size
+        self.view[at:at + self.size] = value.to_bytes(self.size, "little")
 
     def release(self) -> None:
-        self.bytes.release()
+        """The view is the area's, released with it."""
 
 
 def _close_area(area: MmapArea) -> None:
     for words in area.words.values():
         words.release()
-    if isinstance(area.view, (memoryview, LittleEndianView)):
+    if isinstance(area.view, memoryview):
         area.view.release()
     area.mem.close()
