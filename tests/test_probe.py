@@ -1,6 +1,7 @@
 """Every probe recording in conformance/recordings/, each made on a real kernel in a CI guest (the
 x86 VM's vfio-pci devices: linux-PROFILE.json; the arm64 guest's vfio-platform and vfio-amba
-devices: linux-arm64-PROFILE.json), replayed on the fake with that kernel's profile: every
+devices: linux-arm64-PROFILE.json; the s390x guest's vfio-ccw mdev: linux-s390x-PROFILE.json),
+replayed on the fake with that kernel's profile: every
 answer must agree."""
 
 import json
@@ -22,7 +23,7 @@ def recording(request):
 
 
 def test_the_recordings_are_there():
-    assert {"linux-6.1.json", "linux-arm64-6.12.json"} <= {path.name for path in RECORDINGS}
+    assert {"linux-6.1.json", "linux-arm64-6.12.json", "linux-s390x-6.1.json"} <= {path.name for path in RECORDINGS}
 
 
 # What each guest's recording must cover: its devices, and enough answers under each prefix.
@@ -32,6 +33,7 @@ GUESTS = {
     "arm64-": ({"pl031", "pl061", "virtio-mmio"},
                ("platform container.", "container.CHECK_EXTENSION", "9010000.pl031 SET_IRQS ",
                 "a000000.virtio_mmio SET_IRQS ", "9010000.pl031 PL031 "), 150),
+    "s390x-": ({"vfio_ccw-io"}, ("ccw ", "container.", "8a1c0bd0-7e7a-4f6a-9c3e-000000000001 "), 100),
 }
 
 
