@@ -1,7 +1,7 @@
 #!/bin/bash
 # Run a command against real VFIO devices, in a QEMU VM booting a Linux kernel:
 #
-#   ci/real-vm.sh [--arch amd64|arm64] [--kernel 6.1|6.12|FILE.deb|IMAGE [--modules DIR]]
+#   ci/real-vm.sh [--arch amd64|arm64|s390x] [--kernel 6.1|6.12|FILE.deb|IMAGE [--modules DIR]]
 #                 [--timeout SECONDS] [--results DIR] [--env NAME=VALUE]... [--] [COMMAND ...]
 #
 # --arch amd64 (the default, ci/vm/amd64.sh): Debian bookworm's 6.1 or 6.12, or a kernel you
@@ -13,19 +13,23 @@
 # Debian's source; the PL031, the PL061 and a virtio-mmio slot bound to them in no-IOMMU
 # groups; COMMAND runs in a chroot of Debian's arm64 Python with the project's dependencies,
 # this clone at its path.
+# --arch s390x (ci/vm/s390x.sh): a kernel built from Debian's linux-source 6.1 (the default) or
+# 6.12 with vfio-ccw on QEMU's s390-ccw-virtio machine under TCG; the virtio-blk-ccw disk's
+# subchannel bound to vfio_ccw, an mdev of it made; COMMAND runs as on arm64, in Debian's s390x
+# Python.
 #
 # --kernel: 6.1 or 6.12, fetched with apt; for amd64 also a linux-image .deb, or a bzImage or
 # ELF vmlinux, with --modules its lib/modules/RELEASE, an INSTALL_MOD_PATH or its build tree
 # (none if vfio-pci, virtio-pci and 9p are built in). Results: --results, default
 # results/real-6.1/, results/real-6.12/, results/real-RELEASE/ for a kernel file;
-# results/real-arm64-6.12/, results/real-arm64-6.1/.
+# results/real-arm64-6.12/, results/real-arm64-6.1/, results/real-s390x-6.1/, ...
 #
 # Exit status: the guest command's. 124 on timeout; 125 when the VM ended without reporting
 # a status (see RESULTS/console.log); 2 for a bad argument; 241-250 when the guest's set-up
 # failed (RESULTS/exit-reason says how). See ci/README.md.
 #
 # Environment: VFIO_CI_WORK (cache dir, default ~/.cache/vfio-harness/ci), VFIO_CI_ACCEL
-# (auto|kvm|tcg, default auto; arm64 runs under TCG), VFIO_CI_MEM (default 1G), VFIO_CI_APPEND
+# (auto|kvm|tcg, default auto; arm64 and s390x run under TCG), VFIO_CI_MEM (default 1G), VFIO_CI_APPEND
 # (extra guest kernel arguments).
 set -euo pipefail
 

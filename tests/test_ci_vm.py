@@ -1,13 +1,15 @@
 """ci/vm/lib.sh, the host-side logic of ci/real-vm.sh, called with fake inputs: what --arch and --kernel
-name, a kernel's module directory and load order, the vmlinux inside a bzImage, the arm64 Image, the
-guest kernel command line, the auto-mode choice of accelerator and its memo, the arm64 guest's private
-apt state and package lists, and reading a boot's console; and ci/vm/guest_wheels.py. No VM boots;
-one test runs the tiny KVM probe guest under TCG when QEMU and binutils are here."""
+name, a kernel's module directory and load order, the vmlinux inside a bzImage, the arm64 Image, what a
+kernel build's config lost, the guest kernel command line, the auto-mode choice of accelerator and its
+memo, the foreign guests' private apt state and package lists, and reading a boot's console; and
+ci/vm/guest_wheels.py. No VM boots; one test runs the tiny KVM probe guest under TCG when QEMU and
+binutils are here."""
 
 from __future__ import annotations
 
 import gzip
 import lzma
+import re
 import shlex
 import struct
 import subprocess
@@ -119,6 +121,7 @@ def spec(work: Path, *args: str, arch: str = "amd64") -> dict[str, str]:
 @pytest.mark.parametrize("arch, track, meta", [
     ("amd64", "6.1", "linux-image-amd64"), ("amd64", "6.12", "linux-image-6.12-amd64"),
     ("arm64", "6.1", "linux-image-arm64"), ("arm64", "6.12", "linux-image-6.12-arm64"),
+    ("s390x", "6.1", "linux-source-6.1"), ("s390x", "6.12", "linux-source-6.12"),  # what its kernel is built from
 ])
 def test_a_track_names_its_metapackage(tmp_path, arch, track, meta):
     assert spec(tmp_path, track, arch=arch) == {"rc": "0", "kernel_kind": "track", "kernel_meta": meta,
@@ -126,17 +129,19 @@ def test_a_track_names_its_metapackage(tmp_path, arch, track, meta):
 
 
 def test_each_arch_has_a_default_track(tmp_path):
-    r = bash('echo "${default_kernel[amd64]} ${default_kernel[arm64]}"', tmp_path)
-    assert r.stdout == "6.1 6.12\n"
+    r = bash('echo "${default_kernel[amd64]} ${default_kernel[arm64]} ${default_kernel[s390x]}"', tmp_path)
+    assert r.stdout == "6.1 6.12 6.1\n"
 
 
 @pytest.mark.parametrize("arch, args, error", [
-    ("sparc", ["6.1"], "--arch wants amd64 or arm64, not 'sparc'"),
+    ("sparc", ["6.1"], "--arch wants amd64, arm64 or s390x, not 'sparc'"),
     ("arm64", ["6.13"], "--kernel wants 6.1 or 6.12 with --arch arm64, not '6.13'"),
     ("arm64", ["vmlinux"], "--kernel wants 6.1 or 6.12 with --arch arm64, not 'vmlinux'"),  # no kernel files
     ("arm64", ["6.12", "mods"], "--modules goes with a bzImage or vmlinux; --kernel 6.12 brings its own"),
+    ("s390x", ["vmlinux"], "--kernel wants 6.1 or 6.12 with --arch s390x, not 'vmlinux'"),
+    ("s390x", ["6.1", "mods"], "--modules goes with a bzImage or vmlinux; --kernel 6.1 brings its own"),
 ])
-def test_arm64_takes_only_its_tracks(tmp_path, arch, args, error):
+def test_the_foreign_guests_take_only_their_tracks(tmp_path, arch, args, error):
     (tmp_path / "vmlinux").write_bytes(VMLINUX)
     (tmp_path / "mods").mkdir()
     got = spec(tmp_path, *args, arch=arch)
@@ -178,7 +183,8 @@ def test_a_bad_kernel_argument_is_said_in_one_line(tmp_path, args, error):
 @pytest.mark.parametrize("args", [["--kernel", "/nonexistent/bzImage"], ["--kernel", "6.13"],
                                   ["--kernel", "/etc/hostname"], ["--kernel", "6.12", "--modules", "/"],
                                   ["--arch", "sparc"], ["--arch", "arm64", "--kernel", "6.13"],
-                                  ["--arch", "arm64", "--kernel", "/etc/hostname"], ["--timeout", "0"]])
+                                  ["--arch", "arm64", "--kernel", "/etc/hostname"], ["--timeout", "0"],
+                                  ["--arch", "s390x", "--kernel", "6.13"]])
 def test_real_vm_refuses_a_bad_argument_with_one_line_and_status_2_before_doing_anything(tmp_path, args):
     work = tmp_path / "work"
     r = subprocess.run(["bash", str(CI / "real-vm.sh"), *args, "--", "true"], capture_output=True, text=True,
@@ -188,13 +194,14 @@ def test_real_vm_refuses_a_bad_argument_with_one_line_and_status_2_before_doing_
     assert not work.exists()
 
 
-def test_the_arm64_guest_refuses_kvm_before_doing_anything(tmp_path):
+@pytest.mark.parametrize("arch", ["arm64", "s390x"])
+def test_a_foreign_guest_refuses_kvm_before_doing_anything(tmp_path, arch):
     work = tmp_path / "work"
-    r = subprocess.run(["bash", str(CI / "real-vm.sh"), "--arch", "arm64", "--", "true"], capture_output=True,
+    r = subprocess.run(["bash", str(CI / "real-vm.sh"), "--arch", arch, "--", "true"], capture_output=True,
                        text=True, env={"PATH": "/usr/bin:/bin", "VFIO_CI_WORK": str(work), "VFIO_CI_ACCEL": "kvm"},
                        timeout=60)
     assert (r.returncode, r.stdout) == (2, "")
-    assert r.stderr == "real-vm: VFIO_CI_ACCEL=kvm: the arm64 guest runs under TCG (auto or tcg)\n"
+    assert r.stderr == f"real-vm: VFIO_CI_ACCEL=kvm: the {arch} guest runs under TCG (auto or tcg)\n"
     assert not work.exists()
 
 
@@ -433,6 +440,11 @@ def test_the_arm64_cmdline_keeps_the_pl061_gpio_driver_off_and_appends_vfio_ci_a
     assert line == "console=ttyAMA0 panic=-1 quiet initcall_blacklist=pl061_gpio_driver_init loglevel=7\n"
 
 
+def test_the_s390x_cmdline_has_the_sclp_console_and_appends_vfio_ci_append_last(tmp_path):
+    line = bash("guest_cmdline s390x", tmp_path, env={"VFIO_CI_APPEND": "loglevel=7"}).stdout
+    assert line == "console=ttysclp0 panic=-1 quiet loglevel=7\n"
+
+
 def test_an_arm64_image_is_told_by_its_magic(tmp_path):
     image = bytearray(0x40)
     image[0x38:0x3c] = b"ARMd"
@@ -569,10 +581,58 @@ def test_the_real_probe_guest_reaches_its_end_under_tcg(tmp_path, debian_package
     assert bash("probe_image", tmp_path).stdout == f"{elf}\n"  # cached
 
 
-# --- the arm64 guest's packages ----------------------------------------------------------------
+# --- the s390x guest's kernel config ----------------------------------------------------------
+
+FRAGMENT = ("# a comment naming CONFIG_FOO\nCONFIG_VFIO=y\nCONFIG_LOCALVERSION=\"-s390x\"\n\n"
+            "# CONFIG_KVM is not set\nCONFIG_VFIO_CCW=y\n")
+
+
+def lost(tmp_path: Path, config: str, *fragments: str) -> tuple[int, str]:
+    names = []
+    for i, text in enumerate(fragments or [FRAGMENT]):
+        (tmp_path / f"fragment{i}").write_text(text)
+        names.append(f"fragment{i}")
+    (tmp_path / ".config").write_text(config)
+    r = bash(f"config_lost .config {' '.join(names)}", tmp_path)
+    return r.returncode, r.stdout
+
+
+def test_config_lost_is_nothing_when_every_option_line_resolved_as_asked(tmp_path):
+    config = ("#\n# Automatically generated file\n#\nCONFIG_LOCALVERSION=\"-s390x\"\nCONFIG_VFIO=y\n"
+              "# CONFIG_KVM is not set\nCONFIG_VFIO_CCW=y\nCONFIG_VFIO_MDEV=y\n")
+    assert lost(tmp_path, config) == (0, "")
+
+
+def test_config_lost_names_each_option_dropped_or_selected_anyway(tmp_path):
+    # VFIO_CCW dropped (its dependency off: not even a "not set" line), KVM on though asked off.
+    config = "CONFIG_LOCALVERSION=\"-s390x\"\nCONFIG_VFIO=y\nCONFIG_KVM=y\n"
+    assert lost(tmp_path, config) == (1, "# CONFIG_KVM is not set\nCONFIG_VFIO_CCW=y\n")
+    assert lost(tmp_path, "CONFIG_VFIO=m\n", "CONFIG_VFIO=y\n") == (1, "CONFIG_VFIO=y\n")
+
+
+def test_config_lost_reads_every_fragment_given(tmp_path):
+    # 6.12 has no S390_CCW_IOMMU: the 6.1 fragment's line is lost there.
+    config = "CONFIG_VFIO=y\nCONFIG_VFIO_CCW=y\n"
+    assert lost(tmp_path, config, "CONFIG_VFIO=y\n", "CONFIG_VFIO_CCW=y\n") == (0, "")
+    assert lost(tmp_path, config, "CONFIG_VFIO=y\n", "CONFIG_S390_CCW_IOMMU=y\n") == (1, "CONFIG_S390_CCW_IOMMU=y\n")
+
+
+@pytest.mark.parametrize("track, extra", [("6.1", ["S390_CCW_IOMMU"]), ("6.12", [])])
+def test_the_s390x_fragments_ask_for_vfio_ccw_and_all_it_boots_with_built_in(tmp_path, track, extra):
+    files = [CI / "vm" / "s390x.config", CI / "vm" / f"s390x-{track}.config"]
+    lines = [line for f in files if f.exists() for line in f.read_text().splitlines()]
+    options = [line for line in lines if line and not line.startswith("# ") or line.endswith(" is not set")]
+    assert all(re.fullmatch(r"CONFIG_\w+=\S+|# CONFIG_\w+ is not set", o) for o in options), options
+    for name in ["VFIO", "VFIO_MDEV", "VFIO_CCW", "S390_GUEST", "VIRTIO_BLK", "NET_9P_VIRTIO", "9P_FS",
+                 "SCLP_VT220_CONSOLE", "BLK_DEV_INITRD", "DEVTMPFS", "TMPFS", *extra]:
+        assert f"CONFIG_{name}=y" in options
+    assert not any(o.endswith("=m") for o in options)
+
+
+# --- the foreign guests' packages ----------------------------------------------------------------
 
 def test_the_private_apt_state_lives_under_its_directory_with_arm64_native(tmp_path):
-    r = bash('private_apt_opts /state amd64\nprintf "%s\\n" "${apt_opts[@]}"', tmp_path)
+    r = bash('private_apt_opts /state arm64 amd64\nprintf "%s\\n" "${apt_opts[@]}"', tmp_path)
     opts = r.stdout.splitlines()
     values = [o for o in opts if o != "-o"]
     assert len(opts) == 2 * len(values)
@@ -582,6 +642,12 @@ def test_the_private_apt_state_lives_under_its_directory_with_arm64_native(tmp_p
                     "Dir::Cache": "/state/cache"}
     assert values.index("APT::Architecture=arm64") < values.index("APT::Architectures::=arm64")
     assert "APT::Architectures::=amd64" in values
+
+
+def test_the_private_apt_state_takes_the_architectures_it_is_given(tmp_path):
+    r = bash('private_apt_opts /state s390x\nprintf "%s\\n" "${apt_opts[@]}"', tmp_path)
+    archs = [o for o in r.stdout.splitlines() if o.startswith("APT::Architecture")]
+    assert archs == ["APT::Architecture=s390x", "APT::Architectures::=s390x"]
 
 
 def test_apt_memo_remembers_an_answer_until_the_lists_change(tmp_path):
@@ -624,10 +690,10 @@ def test_wheel_platforms_are_every_manylinux_the_glibc_runs(tmp_path):
     assert len(got) == 36 - 17 + 2
 
 
-def guest_wheels(tmp_path: Path, pyproject: str) -> list[str]:
+def guest_wheels(tmp_path: Path, pyproject: str, machine: str = "aarch64") -> list[str]:
     (tmp_path / "pyproject.toml").write_text(pyproject)
     r = subprocess.run([sys.executable, str(CI / "vm" / "guest_wheels.py"), str(tmp_path / "pyproject.toml"),
-                        "3.11.2"], capture_output=True, text=True, timeout=60)
+                        "3.11.2", machine], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     return r.stdout.splitlines()
 
@@ -646,6 +712,13 @@ def test_guest_wheels_follows_the_guests_markers_and_leaves_the_unknown_to_pip(t
                                  '"no-such-dist-here>=1.0; platform_machine == \'aarch64\'",'
                                  '"iniconfig; platform_machine == \'x86_64\'"]\n')
     assert got == ["no-such-dist-here>=1.0"]
+
+
+def test_guest_wheels_evaluates_the_machine_it_is_given(tmp_path):
+    pyproject = ('[project]\nname = "x"\ndependencies = ["a-dist-here>=1; platform_machine == \'s390x\'",'
+                 '"another-dist>=2; platform_machine == \'aarch64\'"]\n')
+    assert guest_wheels(tmp_path, pyproject, "s390x") == ["a-dist-here>=1"]
+    assert guest_wheels(tmp_path, pyproject, "aarch64") == ["another-dist>=2"]
 
 
 # --- one boot's console ---------------------------------------------------------------------

@@ -2,9 +2,9 @@
 # Host-side helpers of ci/real-vm.sh, sourced by it, by ci/vm/build-initramfs.sh and by
 # tests/test_ci_vm.py (which calls them with fake inputs): what --arch and --kernel name, a
 # kernel's module directory and module load order, the vmlinux inside a bzImage, the arm64
-# Image, the guest kernel command line, QEMU's accelerator options, the auto-mode choice of
-# accelerator, the private apt state of another architecture's packages, and reading one
-# boot's console. Reads $work, the cache directory (VFIO_CI_WORK); sets accel, accel_why,
+# Image, the options a kernel build's config lost, the guest kernel command line, QEMU's
+# accelerator options, the auto-mode choice of accelerator, the private apt state of another
+# architecture's packages, and reading one boot's console. Reads $work, the cache directory (VFIO_CI_WORK); sets accel, accel_why,
 # accel_args and probe_why for the caller, and the other outputs each function names.
 # shellcheck disable=SC2034,SC2054,SC2154  # outputs and inputs as said; QEMU options have commas
 
@@ -12,26 +12,28 @@ vm_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 
 # --- the guest kernel -----------------------------------------------------------
 # --kernel names one of Debian bookworm's two kernel tracks of the guest's architecture,
-# which ci/real-vm.sh fetches with apt, or (amd64 only) a kernel file: a linux-image .deb,
-# or a bzImage or ELF vmlinux (with --modules DIR, or none when vfio-pci, virtio-pci and 9p
-# are built in).
+# which ci/real-vm.sh fetches with apt (for s390x: its source, which ci/vm/s390x.sh builds),
+# or (amd64 only) a kernel file: a linux-image .deb, or a bzImage or ELF vmlinux (with
+# --modules DIR, or none when vfio-pci, virtio-pci and 9p are built in).
 
-# The tracks: ARCH:NAME -> the metapackage whose dependency is that kernel's package.
+# The tracks: ARCH:NAME -> the metapackage whose dependency is that kernel's package; for
+# s390x, whose Debian kernels have no vfio-ccw, the source package our kernel is built from.
 declare -A kernel_tracks=([amd64:6.1]=linux-image-amd64 [amd64:6.12]=linux-image-6.12-amd64
-                          [arm64:6.1]=linux-image-arm64 [arm64:6.12]=linux-image-6.12-arm64)
+                          [arm64:6.1]=linux-image-arm64 [arm64:6.12]=linux-image-6.12-arm64
+                          [s390x:6.1]=linux-source-6.1 [s390x:6.12]=linux-source-6.12)
 # arm64 defaults to 6.12: its vfio-platform binds as Debian's source has it, where 6.1's
-# needs a fix (ci/vm/patches/6.1/).
-declare -A default_kernel=([amd64]=6.1 [arm64]=6.12)
+# needs a fix (ci/vm/patches/6.1/). s390x to 6.1: see ci/README.md.
+declare -A default_kernel=([amd64]=6.1 [arm64]=6.12 [s390x]=6.1)
 
 # kernel_spec ARCH SPEC [MODULES]: what --arch ARCH, --kernel SPEC and --modules MODULES
-# name. Sets kernel_kind: track (kernel_meta: its metapackage), deb, bzimage or elf
+# name. Sets kernel_kind: track (kernel_meta: its package, as above), deb, bzimage or elf
 # (kernel_file: the file, absolute); and kernel_modules (the --modules directory as given,
 # or empty). Fails with kernel_error, one line.
 kernel_spec() {
     local arch=$1 spec=$2 mods=${3:-}
     kernel_kind='' kernel_file='' kernel_meta='' kernel_modules=$mods kernel_error=''
     if [ -z "${default_kernel[$arch]:-}" ]; then
-        kernel_error="--arch wants amd64 or arm64, not '$arch'"
+        kernel_error="--arch wants amd64, arm64 or s390x, not '$arch'"
         return 1
     elif [ -n "$spec" ] && [ -n "${kernel_tracks[$arch:$spec]:-}" ]; then
         kernel_kind=track kernel_meta=${kernel_tracks[$arch:$spec]}
@@ -215,13 +217,31 @@ kernel_release_of() { # kernel_release_of BZIMAGE|VMLINUX: the release it report
 # Interrupt-remapped IO-APIC").
 # arm64: the PL061's GPIO driver is kept from binding at boot: once it has held the IRQ,
 # vfio-amba cannot request it (SET_IRQS fails with EINVAL).
+# s390x: the console is the SCLP's VT220 line (QEMU's sclpconsole).
 guest_cmdline() {
     local base
     case ${1:-amd64} in
         amd64) base="console=ttyS0 intel_iommu=on iommu=pt panic=-1 no_timer_check quiet" ;;
         arm64) base="console=ttyAMA0 panic=-1 quiet initcall_blacklist=pl061_gpio_driver_init" ;;
+        s390x) base="console=ttysclp0 panic=-1 quiet" ;;
     esac
     echo "$base${VFIO_CI_APPEND:+ $VFIO_CI_APPEND}"
+}
+
+config_options() { # config_options FRAGMENT...: their option lines (CONFIG_X=VALUE, "# CONFIG_X is not set")
+    grep -hE '^(CONFIG_[A-Za-z0-9_]+=|# CONFIG_[A-Za-z0-9_]+ is not set$)' "$@"
+}
+
+# config_lost CONFIG FRAGMENT...: the option lines of the config fragments that the resolved
+# .config CONFIG does not have as they are: options `make olddefconfig` dropped, their
+# dependencies being off (or unknown to that kernel), or that something selects. One a line;
+# fails if there are any.
+config_lost() {
+    local config=$1 lost
+    shift
+    lost=$(config_options "$@" | grep -vxF -f "$config") || return 0
+    echo "$lost"
+    return 1
 }
 
 arm64_image() { # arm64_image FILE: true if FILE is an uncompressed arm64 Image ("ARMd" at 0x38)
@@ -358,17 +378,19 @@ apt_memo() {
     echo "$out"
 }
 
-# private_apt_opts DIR HOST_ARCH: sets apt_opts, the options that point apt-get and apt-cache
-# at the sources, lists, cache and (empty) dpkg status under DIR, with arm64 native and the
-# host's architecture (for the cross build's tools) beside it. The host's apt.conf.d (a proxy)
-# and keyrings still apply. The binary cache the host turns off (docker-clean) is turned on
-# again there: without it every apt-cache call reads all the lists.
+# private_apt_opts DIR ARCH [ARCH...]: sets apt_opts, the options that point apt-get and apt-cache
+# at the sources, lists, cache and (empty) dpkg status under DIR, with the first ARCH native and
+# the others beside it (arm64's cross build takes its tools from the host's architecture). The
+# host's apt.conf.d (a proxy) and keyrings still apply. The binary cache the host turns off
+# (docker-clean) is turned on again there: without it every apt-cache call reads all the lists.
 private_apt_opts() {
-    apt_opts=(-o "Dir::Etc::SourceList=$1/sources.list" -o "Dir::Etc::SourceParts=$1/sources.list.d"
-              -o "Dir::State::Lists=$1/lists" -o "Dir::State::status=$1/status" -o "Dir::Cache=$1/cache"
+    local dir=$1 a
+    shift
+    apt_opts=(-o "Dir::Etc::SourceList=$dir/sources.list" -o "Dir::Etc::SourceParts=$dir/sources.list.d"
+              -o "Dir::State::Lists=$dir/lists" -o "Dir::State::status=$dir/status" -o "Dir::Cache=$dir/cache"
               -o Dir::Cache::pkgcache=pkgcache.bin -o Dir::Cache::srcpkgcache=srcpkgcache.bin
-              -o APT::Architecture=arm64 -o APT::Architectures::=arm64 -o "APT::Architectures::=$2"
-              -o APT::Sandbox::User=root)
+              -o "APT::Architecture=$1" -o APT::Sandbox::User=root)
+    for a in "$@"; do apt_opts+=(-o "APT::Architectures::=$a"); done
 }
 
 simulated_installs() { # the "PACKAGE=VERSION" of each Inst line of `apt-get -s install` (stdin)
