@@ -74,9 +74,14 @@ class Backend:
     def find(self, model: str) -> DeviceInfo | None:
         """The first device of a model; what a test finds is what it ran on, for the report."""
         found = next((d for d in self.devices if d.model == model), None)
-        if found and found.bdf not in self.used:
-            self.used.append(found.bdf)
+        if found:
+            self.use(found)
         return found
+
+    def use(self, device: DeviceInfo) -> None:
+        """Records that the test ran on `device`, for the report."""
+        if device.bdf not in self.used:
+            self.used.append(device.bdf)
 
 
 def device_sysfs(host: Host, name: str) -> str:
@@ -155,10 +160,7 @@ def _compatible(host: Host, sysfs: str) -> list[str]:
 
 
 def _mdev_type(host: Host, sysfs: str) -> str:
-    try:
-        return host.readlink(f"{sysfs}/mdev_type").rsplit("/", 1)[-1]
-    except OSError:
-        return "unknown"
+    return _link_name(host, f"{sysfs}/mdev_type") or "unknown"
 
 
 def _mdev_api(host: Host, sysfs: str) -> str | None:
@@ -174,8 +176,13 @@ def subchannel_of(host: Host, sysfs: str) -> str:
 
 
 def driver_of(host: Host, sysfs: str) -> str | None:
+    return _link_name(host, f"{sysfs}/driver")
+
+
+def _link_name(host: Host, link: str) -> str | None:
+    """The last component of a sysfs link's target (a driver, an mdev type); None if there is none."""
     try:
-        return host.readlink(f"{sysfs}/driver").rsplit("/", 1)[-1]
+        return host.readlink(link).rsplit("/", 1)[-1]
     except OSError:
         return None
 

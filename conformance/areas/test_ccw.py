@@ -31,6 +31,7 @@ from vfio_impl.vmm.machine import Machine, VirtualClock
 
 from ..backends import subchannel_of
 from ..ccw_models import PREFERENCE, ROLES, model_of
+from ..leaks import fds_opened_since, report
 from ..plugin import skip_test
 from ..raw import RawSession, errno_of
 from ..reliability import process_fds
@@ -211,7 +212,7 @@ def ccw(request, vfio):
     Everything realized is unrealized after the test and must have put its group and subchannel
     back; on a real backend the test must leave no fd open."""
     made = []
-    before = set(process_fds())
+    before = process_fds()
     identities = request.config.stash.setdefault(IDENTITIES, {})
     # An identity holds for a device as long as nothing changes what it answers: the fake's
     # topology and the faults armed on it are part of the key.
@@ -232,8 +233,7 @@ def ccw(request, vfio):
             skip_test(request, kind, f"{vfio.kind} backend: no {what}"
                       + ("" if kind == "device" else " (telling one needs a SENSE ID, which DMAs)"))
         info, model = min(found, key=lambda f: (PREFERENCE.index(f[1] and f[1].name), f[0].bdf))
-        if info.bdf not in vfio.used:
-            vfio.used.append(info.bdf)
+        vfio.use(info)
         return Target(info, model, vfio, request, made)
 
     yield pick
@@ -246,8 +246,8 @@ def ccw(request, vfio):
         space.machine.close()
     # The fake's own check (conformance.leaks) knows which fds are its kernel's; on real, any fd
     # this process gained is one the flavour left.
-    left = set(process_fds()) - before if vfio.kind == "real" else set()
-    assert not left, f"fds left open: {sorted(left)}"
+    left = fds_opened_since(before) if vfio.kind == "real" else []
+    assert not left, report(left)
 
 
 @pytest.fixture

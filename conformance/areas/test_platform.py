@@ -22,6 +22,7 @@ from vfio_impl.vmm.machine import Machine, VirtualClock
 from ..platform_models import PLATFORM_MODELS, PREFERENCE, ROLES, PlatformModel
 from ..plugin import skip_test
 from ..raw import RefusedAccess, assert_fast_path_back_after
+from ..leaks import fds_opened_since, report
 from ..reliability import process_fds
 
 pytestmark = pytest.mark.vfio(platform=True)
@@ -125,7 +126,7 @@ def platform(request, vfio):
     `platform(model=NAME)`: its device of that model), or the test skips naming what is missing. Everything realized is torn down after the test (each
     board line lowered first), must have put its group back, and must leave no fd open."""
     made = []
-    before = set(process_fds())
+    before = process_fds()
 
     def pick(role: str = "any", model: str | None = None) -> Target:
         what, fits = (f"{model} device", lambda m: m.name == model) if model else ROLES[role]
@@ -134,8 +135,7 @@ def platform(request, vfio):
         if not found:
             skip_test(request, "device", f"{vfio.kind} backend: no {what}")
         info, model = min(found, key=lambda f: PREFERENCE.index(f[1].name))
-        if info.bdf not in vfio.used:
-            vfio.used.append(info.bdf)
+        vfio.use(info)
         return Target(info, model, vfio, made)
 
     yield pick
@@ -148,8 +148,8 @@ def platform(request, vfio):
         space.machine.close()
     # The fake's own check (conformance.leaks) knows which fds are its kernel's; on real, any fd
     # this process gained is one the flavour left.
-    left = set(process_fds()) - before if vfio.kind == "real" else set()
-    assert not left, f"fds left open: {sorted(left)}"
+    left = fds_opened_since(before) if vfio.kind == "real" else []
+    assert not left, report(left)
 
 
 @pytest.fixture
@@ -763,7 +763,7 @@ def test_an_option_string_sets_the_properties(vfio, platform):
 
 def test_exit_releases_every_fd_the_irqfds_and_the_group(vfio, platform):
     t = platform("level")
-    before = set(process_fds())
+    before = process_fds()
     d = t.realize(irqfd=True)
     t.connect_all(d)
     t.model.level.raise_(d)
@@ -771,7 +771,7 @@ def test_exit_releases_every_fd_the_irqfds_and_the_group(vfio, platform):
     d.exit()
     assert not d.machine.irqfds and not d.machine.fd_handlers and not d.space.groups and d.vbasedev is None
     d.space.machine.close()
-    assert vfio.kind == "fake" or set(process_fds()) <= before
+    assert vfio.kind == "fake" or not fds_opened_since(before)
     d.exit()
 
 
